@@ -1,0 +1,45 @@
+"""What an ablated neuron is set to: zero, or its mean activation over a neutral reference text set."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from attribution.masking import recording
+from attribution.models import SiteModel
+
+ABLATIONS = ("zero", "mean")
+REFERENCE_TEXT = Path(__file__).resolve().parent.parent / "configs" / "reference" / "neutral.txt"
+
+
+def read_reference_texts(path: str | Path = REFERENCE_TEXT) -> list[str]:
+    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+@torch.no_grad()
+def reference_means(model: SiteModel, texts: list[str]) -> Tensor:  # [n_layers, d_mlp]
+    """Mean activation of every neuron over all non-special token positions of the texts."""
+    total = torch.zeros(model.n_layers, model.d_mlp, dtype=torch.float64, device=model.device)
+    count = 0
+    for text in texts:
+        enc = model.tokenizer(text, return_tensors="pt", return_special_tokens_mask=True)
+        keep = (enc["special_tokens_mask"][0] == 0).to(model.device)  # [pos]
+        with recording(model, range(model.n_layers)) as acts:
+            model.hf(input_ids=enc["input_ids"].to(model.device),
+                     attention_mask=enc["attention_mask"].to(model.device))
+        for layer in range(model.n_layers):
+            total[layer] += acts[layer][0][keep].double().sum(dim=0)
+        count += int(keep.sum())
+    return (total / count).float()
+
+
+def ablation_values(model: SiteModel, mode: str, reference: Tensor | None = None) -> Tensor:  # [n_layers, d_mlp]
+    if mode == "zero":
+        return torch.zeros(model.n_layers, model.d_mlp, device=model.device)
+    if mode == "mean":
+        if reference is None:
+            raise ValueError("mean ablation needs the reference means (reference_means)")
+        return reference
+    raise ValueError(f"ablation {mode!r} is not one of {', '.join(ABLATIONS)}")

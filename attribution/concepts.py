@@ -1,0 +1,135 @@
+"""Concept files (YAML) and target words -> target token ids, with errors that name the input.
+
+Format (DESIGN.md section 2b): a top-level `concepts:` list of {name, examples, targets, negatives?,
+description?}. Target token of word w: the first token of encode(" " + w) that is not a bare
+word-boundary piece (SentencePiece may emit a lone "▁" first); deduplicated across words.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from attribution.errors import ConceptError
+
+CONCEPT_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+CONCEPT_KEYS = {"name": str, "description": str, "examples": list, "targets": list, "negatives": list}
+REQUIRED_KEYS = ("name", "examples", "targets")
+BOUNDARY_PIECES = {"▁", "Ġ", " ", ""}
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str
+    examples: tuple[str, ...]  # sentences that express the concept
+    targets: tuple[str, ...]  # words whose probability the concept should raise
+    negatives: tuple[str, ...] = ()  # sentences that do not express it
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TargetTokens:
+    """A concept's target words resolved against one tokenizer."""
+
+    ids: tuple[int, ...]
+    strings: tuple[str, ...]  # the tokens as the tokenizer spells them, aligned with ids
+    words: tuple[str, ...]  # the word each id came from (the first word, when words share a token)
+    warnings: tuple[str, ...] = field(default=())
+
+
+def load_concept_file(path: str | Path) -> list[Concept]:
+    """Parse and validate a concept file; every problem names the file, the concept and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConceptError(f"concept file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConceptError(f"concept file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict) or set(data) != {"concepts"}:
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ConceptError(f"concept file {str(path)!r}: expected one top-level key 'concepts', found {keys}")
+    entries = data["concepts"]
+    if not isinstance(entries, list) or not entries:
+        raise ConceptError(
+            f"concept file {str(path)!r}: 'concepts' must be a non-empty list, got {type(entries).__name__}"
+        )
+    concepts = [_parse_concept(entry, i, path) for i, entry in enumerate(entries)]
+    seen: set[str] = set()
+    for concept in concepts:
+        if concept.name in seen:
+            raise ConceptError(f"concept file {str(path)!r}: duplicate concept name {concept.name!r}")
+        seen.add(concept.name)
+    return concepts
+
+
+def _parse_concept(entry: object, index: int, path: Path) -> Concept:
+    where = f"concept file {str(path)!r}, concepts[{index}]"
+    if not isinstance(entry, dict):
+        raise ConceptError(f"{where}: expected a mapping with keys name, examples, targets, got {entry!r}")
+    if isinstance(entry.get("name"), str):
+        where = f"concept file {str(path)!r}, concept {entry['name']!r}"
+    for key in entry:
+        if key not in CONCEPT_KEYS:
+            raise ConceptError(f"{where}: unknown key {key!r} (expected one of {', '.join(CONCEPT_KEYS)})")
+    for key in REQUIRED_KEYS:
+        if key not in entry:
+            raise ConceptError(f"{where}: missing required key {key!r}")
+    for key, value in entry.items():
+        if not isinstance(value, CONCEPT_KEYS[key]):
+            raise ConceptError(
+                f"{where}: key {key!r} must be a {CONCEPT_KEYS[key].__name__}, got {type(value).__name__} {value!r}"
+            )
+    name = entry["name"]
+    if not CONCEPT_SLUG.match(name):
+        raise ConceptError(
+            f"{where}: name {name!r} is not a slug: expected lower-case letters, digits, '_' or '-' "
+            f"(pattern {CONCEPT_SLUG.pattern})"
+        )
+    lists = {}
+    for key in ("examples", "targets", "negatives"):
+        values = entry.get(key, [])
+        for j, value in enumerate(values):
+            if not isinstance(value, str) or not value.strip():
+                raise ConceptError(f"{where}: {key}[{j}] must be a non-empty string, got {value!r}")
+        lists[key] = tuple(v.strip() for v in values)
+    for key in ("examples", "targets"):
+        if not lists[key]:
+            raise ConceptError(f"{where}: {key!r} is empty: a concept needs at least one")
+    return Concept(name=name, examples=lists["examples"], targets=lists["targets"],
+                   negatives=lists["negatives"], description=entry.get("description", "").strip())
+
+
+def resolve_targets(tokenizer, concept: Concept) -> TargetTokens:
+    """Target words -> first real token of " " + word, deduplicated (DESIGN.md section 4)."""
+    ids: list[int] = []
+    strings: list[str] = []
+    words: list[str] = []
+    warnings: list[str] = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for word in concept.targets:
+        tokens = tokenizer.encode(" " + word, add_special_tokens=False)
+        pieces = tokenizer.convert_ids_to_tokens(tokens)
+        real = [(t, p) for t, p in zip(tokens, pieces) if p not in BOUNDARY_PIECES]
+        if not real or real[0][0] == unk:
+            raise ConceptError(
+                f"concept {concept.name!r}: target word {word!r} cannot be encoded by the model's tokenizer "
+                f"(tokens {pieces})"
+            )
+        token_id, piece = real[0]
+        if len(real) > 1:
+            warnings.append(
+                f"concept {concept.name!r}: target {word!r} splits into {[p for _, p in real]}; using its first token {piece!r}"
+            )
+        if token_id in ids:
+            other = words[ids.index(token_id)]
+            warnings.append(
+                f"concept {concept.name!r}: targets {other!r} and {word!r} share their first token {piece!r}; counted once"
+            )
+            continue
+        ids.append(token_id)
+        strings.append(piece)
+        words.append(word)
+    return TargetTokens(ids=tuple(ids), strings=tuple(strings), words=tuple(words), warnings=tuple(warnings))

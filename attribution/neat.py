@@ -1,0 +1,127 @@
+"""NEAT (arXiv 2508.15875, DESIGN.md section 4): ablate each neuron, measure the change of log p(targets).
+
+The concept vector c (mean last-layer hidden state over the concept's examples) is fed as a
+one-position input. effect_i = log p(T | neuron i ablated) - log p(T); score_i = |effect_i|.
+
+`neat_effects` is the fast exact engine (DESIGN.md section 5, tricks 1-3): ablation rows are
+batched, only the blocks after the ablated layer are recomputed, and the ablated layer itself is
+a rank-1 update of its clean output. `neat_effects_naive` is the one-forward-per-neuron reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attribution.errors import ConceptError
+from attribution.masking import NeuronMask, masked, recording
+from attribution.models import SiteModel
+
+
+@dataclass(frozen=True)
+class CleanPass:
+    """Everything the engine needs from the unablated forward of one concept vector."""
+
+    vector: Tensor  # [d_model] the concept vector c
+    resid: tuple[Tensor, ...]  # per layer L: residual stream after block L, [d_model]
+    acts: Tensor  # [n_layers, d_mlp] clean neuron activations
+    log_p: float  # log p(T) of the unablated model (float32 log-softmax)
+
+
+def log_p_targets(logits: Tensor, target_ids: Tensor) -> Tensor:  # [rows, vocab] -> [rows]
+    """Mean over targets of the float32 log-softmax, without materialising the whole log-softmax."""
+    logits = logits.float()
+    return (logits[:, target_ids] - torch.logsumexp(logits, dim=-1, keepdim=True)).mean(dim=-1)
+
+
+@torch.no_grad()
+def concept_vector(model: SiteModel, examples: tuple[str, ...] | list[str], *, concept: str = "") -> Tensor:
+    """c = mean over examples of (mean over non-special positions of hidden_states[-1]): [d_model]."""
+    per_example = []
+    for text in examples:
+        enc = model.tokenizer(text, return_tensors="pt", return_special_tokens_mask=True)
+        keep = enc["special_tokens_mask"][0] == 0  # [pos]
+        if not bool(keep.any()):
+            raise ConceptError(f"concept {concept!r}: example {text!r} has no tokens besides special tokens")
+        out = model.hf(input_ids=enc["input_ids"].to(model.device),
+                       attention_mask=enc["attention_mask"].to(model.device), output_hidden_states=True)
+        hidden = out.hidden_states[-1][0]  # [pos, d_model]
+        per_example.append(hidden[keep.to(model.device)].float().mean(dim=0))
+    return torch.stack(per_example).mean(dim=0)
+
+
+@torch.no_grad()
+def clean_pass(model: SiteModel, vector: Tensor, target_ids: tuple[int, ...]) -> CleanPass:
+    """One full forward of c as inputs_embeds [1, 1, d_model], keeping every block's output."""
+    resid: dict[int, Tensor] = {}
+    handles = []
+
+    def keep_output(layer: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output  # [1, 1, d_model]
+            resid[layer] = hidden[0, -1].detach().clone()
+        return hook
+
+    try:
+        for layer, block in enumerate(model.blocks):
+            handles.append(block.register_forward_hook(keep_output(layer)))
+        with recording(model, range(model.n_layers)) as acts:
+            logits = model.hf(inputs_embeds=vector.view(1, 1, -1).to(model.device, model.dtype)).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    targets = torch.tensor(target_ids, device=model.device)
+    return CleanPass(
+        vector=vector,
+        resid=tuple(resid[layer] for layer in range(model.n_layers)),
+        acts=torch.stack([acts[layer][0, -1] for layer in range(model.n_layers)]),  # [n_layers, d_mlp]
+        log_p=float(log_p_targets(logits[:, -1], targets)[0]),
+    )
+
+
+@torch.no_grad()
+def run_suffix(model: SiteModel, resid: Tensor, after_layer: int) -> Tensor:
+    """Blocks after_layer+1 .. last, final norm and head, at one position: [rows, d_model] -> logits."""
+    for layer in range(after_layer + 1, model.n_layers):
+        resid = model.arch.step(model.blocks[layer], resid)
+    return model.head(resid)
+
+
+@torch.no_grad()
+def neat_effects(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...], layer: int,
+                 neurons: range, ablate_to: Tensor, *, batch_rows: int = 512) -> Tensor:
+    """Exact NEAT effects of `neurons` of `layer`: [len(neurons)] float32.
+
+    ablate_to: [d_mlp] the value each neuron is set to (zeros, or reference means).
+    Row 0 of every batch is the clean row, so each effect is a difference of two rows computed by
+    the same kernels; rows 1.. carry resid_L + (ablate_to_i - a_i) * W_out[:, i] (trick 3).
+    """
+    if batch_rows < 2:
+        raise ValueError(f"batch_rows must be at least 2 (one clean row plus ablations), got {batch_rows}")
+    targets = torch.tensor(target_ids, device=model.device)
+    w_out = model.w_out(layer)  # [d_model, d_mlp]
+    index = torch.arange(neurons.start, neurons.stop, device=model.device)
+    delta = ablate_to.to(model.device)[index] - clean.acts[layer][index]  # [n]
+    effects = []
+    for chunk in range(0, len(index), batch_rows - 1):
+        rows = index[chunk:chunk + batch_rows - 1]
+        resid = clean.resid[layer].expand(len(rows) + 1, -1).clone()  # [1 + rows, d_model]
+        resid[1:] += delta[chunk:chunk + len(rows), None] * w_out[:, rows].T
+        log_p = log_p_targets(run_suffix(model, resid, layer), targets)  # [1 + rows]
+        effects.append(log_p[1:] - log_p[0])
+    return torch.cat(effects).float().cpu()
+
+
+@torch.no_grad()
+def neat_effects_naive(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...], layer: int,
+                       neurons: range, ablate_to: Tensor) -> Tensor:
+    """Reference: one full hooked forward per neuron. [len(neurons)] float32. Slow by design."""
+    targets = torch.tensor(target_ids, device=model.device)
+    embeds = clean.vector.view(1, 1, -1).to(model.device, model.dtype)
+    effects = []
+    for neuron in neurons:
+        with masked(model, NeuronMask(layer, (neuron,), (float(ablate_to[neuron]),))):
+            logits = model.hf(inputs_embeds=embeds).logits[:, -1]  # [1, vocab]
+        effects.append(float(log_p_targets(logits, targets)[0]) - clean.log_p)
+    return torch.tensor(effects, dtype=torch.float32)

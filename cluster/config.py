@@ -1,0 +1,216 @@
+"""Job configs: YAML in, a typed and validated JobConfig out. Configs are inert data (no I/O beyond
+reading the file itself); checking them against the model happens in `cluster.plan.resolve_job`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
+METHODS = ("neat",)
+ABLATIONS = ("zero", "mean")
+DTYPES = ("float32",)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the file, key and value."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    actors: int = 2
+    cpus_per_actor: int = 1  # also the actor's torch thread count: fixes float summation order
+    gpus_per_actor: float = 0
+    address: str | None = None  # a running Ray cluster ("auto", "ray://..."); None starts local Ray
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: str
+    concepts: str  # path of a concept file, absolute
+    atlas: str  # directory (absolute) or fsspec URL
+    layers: tuple[int, ...] | None = None  # None = all layers
+    methods: tuple[str, ...] = ("neat",)
+    ablation: tuple[str, ...] = ("zero",)
+    dtype: str = "float32"
+    device: str = "auto"
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    run_id: str | None = None  # None: derived at resolve time from time and config
+    batch_rows: int = 512  # rows per forward (one clean row + ablations)
+    shard_neurons: int = 512  # shard size, in neurons of the most expensive layer (layer 0)
+    source: str = "<flags>"  # the config file, for error messages
+
+    def snapshot(self) -> dict[str, Any]:
+        """The config as plain data, for the run's metadata."""
+        data = asdict(self)
+        data["layers"] = "all" if self.layers is None else list(self.layers)
+        return data
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fail(source: str, key: str, value: object, expected: str) -> ConfigError:
+    return ConfigError(f"config {source}: key {key!r} has value {value!r}: expected {expected}")
+
+
+def _one_or_list(source: str, key: str, value: object, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise _fail(source, key, value, f"one of {', '.join(allowed)} or a list of them")
+    for v in values:
+        if v not in allowed:
+            raise _fail(source, key, v, f"one of {', '.join(allowed)}")
+    return tuple(dict.fromkeys(values))
+
+
+def parse_layers(source: str, value: object) -> tuple[int, ...] | None:
+    if value == "all" or value is None:
+        return None
+    if isinstance(value, str):  # "0,5,29" from the command line
+        try:
+            value = [int(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise _fail(source, "layers", value, "'all' or comma-separated layer numbers like 0,5,29") from None
+    if _is_int(value):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(_is_int(v) for v in value):
+        raise _fail(source, "layers", value, "'all' or a non-empty list of layer numbers")
+    for v in value:
+        if v < 0:
+            raise _fail(source, "layers", v, "a layer number >= 0")
+    return tuple(sorted(set(value)))
+
+
+def _parse_cluster(source: str, value: object) -> ClusterConfig:
+    if not isinstance(value, dict):
+        raise _fail(source, "cluster", value, "a mapping with keys actors, cpus_per_actor, gpus_per_actor, address")
+    known = ClusterConfig.__dataclass_fields__
+    for key in value:
+        if key not in known:
+            raise ConfigError(f"config {source}: unknown key 'cluster.{key}' (expected one of {', '.join(known)})")
+    out = {}
+    for key in ("actors", "cpus_per_actor"):
+        if key in value:
+            if not _is_int(value[key]) or value[key] < 1:
+                raise _fail(source, f"cluster.{key}", value[key], "an integer >= 1")
+            out[key] = value[key]
+    if "gpus_per_actor" in value:
+        v = value["gpus_per_actor"]
+        if not (_is_int(v) or isinstance(v, float)) or isinstance(v, bool) or v < 0:
+            raise _fail(source, "cluster.gpus_per_actor", v, "a number >= 0")
+        out["gpus_per_actor"] = v
+    if "address" in value:
+        if value["address"] is not None and not isinstance(value["address"], str):
+            raise _fail(source, "cluster.address", value["address"], "a Ray address string")
+        out["address"] = value["address"]
+    return ClusterConfig(**out)
+
+
+def _resolve_path(base: Path, value: str) -> str:
+    if "://" in value:
+        return value
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
+    """Validate a config mapping; relative paths are relative to `base_dir` (the config's folder)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {source}: expected a mapping of keys, got {type(data).__name__}")
+    known = set(JobConfig.__dataclass_fields__) - {"source"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"config {source}: unknown key {key!r} (expected one of {', '.join(sorted(known))})")
+    for key in ("model", "concepts", "atlas"):
+        if key not in data:
+            raise ConfigError(f"config {source}: missing required key {key!r}")
+        if not isinstance(data[key], str) or not data[key].strip():
+            raise _fail(source, key, data[key], "a non-empty string")
+    out: dict[str, Any] = {
+        "model": data["model"].strip(),
+        "concepts": _resolve_path(base_dir, data["concepts"]),
+        "atlas": _resolve_path(base_dir, data["atlas"]),
+        "layers": parse_layers(source, data.get("layers", "all")),
+        "source": source,
+    }
+    # A model given as a relative directory is relative to the config too, when that directory exists.
+    if not os.path.isabs(out["model"]) and (base_dir / out["model"]).is_dir() and "/" in out["model"].lstrip("./"):
+        out["model"] = str((base_dir / out["model"]).resolve())
+    if "methods" in data:
+        out["methods"] = _one_or_list(source, "methods", data["methods"], METHODS)
+    if "ablation" in data:
+        out["ablation"] = _one_or_list(source, "ablation", data["ablation"], ABLATIONS)
+    for key, allowed in (("dtype", DTYPES), ("device", DEVICES)):
+        if key in data:
+            value = data[key]
+            ok = isinstance(value, str) and (value in allowed or (key == "device" and re.fullmatch(r"cuda:\d+", value)))
+            if not ok:
+                hint = " (bf16 difference propagation is not implemented yet)" if value == "bf16" else ""
+                raise _fail(source, key, value, f"one of {', '.join(allowed)}{hint}")
+            out[key] = value
+    if "cluster" in data:
+        out["cluster"] = _parse_cluster(source, data["cluster"])
+    if "run_id" in data and data["run_id"] is not None:
+        out["run_id"] = check_run_id(source, data["run_id"])
+    for key, minimum in (("batch_rows", 2), ("shard_neurons", 1)):
+        if key in data:
+            if not _is_int(data[key]) or data[key] < minimum:
+                raise _fail(source, key, data[key], f"an integer >= {minimum}")
+            out[key] = data[key]
+    return JobConfig(**out)
+
+
+def check_run_id(source: str, value: object) -> str:
+    if not isinstance(value, str) or not RUN_ID.match(value):
+        raise _fail(source, "run_id", value, f"a slug matching {RUN_ID.pattern}")
+    return value
+
+
+def load_job_config(path: str | Path) -> JobConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path}: not valid YAML: {err}") from None
+    return config_from_dict(data, source=str(path), base_dir=path.resolve().parent)
+
+
+def apply_overrides(config: JobConfig, **flags: Any) -> JobConfig:
+    """Command-line flags override config keys; None means "not given". Values are validated too."""
+    source = f"{config.source} (command line)"
+    changes: dict[str, Any] = {}
+    if flags.get("model"):
+        changes["model"] = flags["model"]
+    if flags.get("concepts"):
+        changes["concepts"] = str(Path(flags["concepts"]).expanduser().resolve())
+    if flags.get("atlas"):
+        atlas = flags["atlas"]
+        changes["atlas"] = atlas if "://" in atlas else str(Path(atlas).expanduser().resolve())
+    if flags.get("layers") is not None:
+        changes["layers"] = parse_layers(source, flags["layers"])
+    if flags.get("methods"):
+        changes["methods"] = _one_or_list(source, "methods", list(flags["methods"]), METHODS)
+    if flags.get("ablation"):
+        changes["ablation"] = _one_or_list(source, "ablation", list(flags["ablation"]), ABLATIONS)
+    if flags.get("run_id"):
+        changes["run_id"] = check_run_id(source, flags["run_id"])
+    for key, allowed in (("dtype", DTYPES), ("device", DEVICES)):
+        if flags.get(key):
+            probe = config_from_dict({"model": "m", "concepts": "c", "atlas": "a", key: flags[key]},
+                                     source=source, base_dir=Path("."))
+            changes[key] = getattr(probe, key)
+    if flags.get("actors") is not None:
+        if flags["actors"] < 1:
+            raise _fail(source, "cluster.actors", flags["actors"], "an integer >= 1")
+        changes["cluster"] = replace(changes.get("cluster", config.cluster), actors=flags["actors"])
+    return replace(config, **changes)

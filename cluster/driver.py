@@ -1,0 +1,226 @@
+"""The Ray driver: start the actor pool, score the shards that are not staged yet, commit the run.
+
+Protocol (DESIGN.md section 7): actors stage one Parquet file per shard at a deterministic name;
+when every planned shard is staged and whole, the driver commits all rows as one atlas version.
+An interrupted run leaves only staged files: re-running the same run id recomputes the rest.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from cluster.plan import JobPlan, Shard
+from cluster.progress import Progress, format_seconds
+from cluster.scorer import ScorerSpec, ShardResult, ShardScorer
+from storage.commit import commit_run, run_committed
+from storage.staging import delete_staging, read_staged, staged_shards
+
+IN_FLIGHT_PER_ACTOR = 2  # one computing, one queued: no idle gap between shards
+
+
+class RunError(RuntimeError):
+    """The run failed; the atlas is unchanged. The message names the shard or step."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    atlas: str
+    version: int
+    rows: int
+    neurons: int
+    shards: int
+    shards_resumed: int
+    seconds: float
+    neuron_scores_per_second: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def todo_shards(plan: JobPlan) -> tuple[list[Shard], int]:
+    """Shards without a whole staged file of the planned row count (resume), and how many are done."""
+    staged = staged_shards(plan.config.atlas, run_id=plan.run_id)
+    todo = [s for s in plan.shards if staged.get(s.shard_id) != plan.shard_rows(s)]
+    return todo, len(plan.shards) - len(todo)
+
+
+def _connect_ray(plan: JobPlan) -> bool:
+    """Connect to the configured cluster or start a local one; True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    cluster = plan.config.cluster
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **_forwarded_env()}}
+    if cluster.address:
+        ray.init(address=cluster.address, runtime_env=env, logging_level="WARNING", log_to_driver=False)
+    else:
+        cpus = max(os.cpu_count() or 1, cluster.actors * cluster.cpus_per_actor)
+        ray.init(num_cpus=cpus, num_gpus=None, object_store_memory=256 * 1024**2, include_dashboard=False,
+                 runtime_env=env, logging_level="WARNING", log_to_driver=False)
+    return True
+
+
+def _forwarded_env() -> dict[str, str]:
+    names = ("NEURON_ATLAS_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
+def _start_actors(plan: JobPlan, count: int):
+    import ray
+
+    cluster = plan.config.cluster
+    spec = ScorerSpec.from_plan(plan)
+    remote_cls = ray.remote(
+        num_cpus=cluster.cpus_per_actor, num_gpus=cluster.gpus_per_actor, max_restarts=2, max_task_retries=2,
+    )(ShardScorer)
+    return [remote_cls.remote(spec) for _ in range(count)]
+
+
+def _score_all(actors, shards: list[Shard], progress: Progress) -> list[ShardResult]:
+    """Keep IN_FLIGHT_PER_ACTOR shards queued on every actor until all are scored."""
+    import ray
+
+    pending = list(reversed(shards))
+    in_flight: dict = {}
+    results: list[ShardResult] = []
+
+    def submit(actor) -> None:
+        if pending:
+            shard = pending.pop()
+            in_flight[actor.score.remote(shard)] = (actor, shard)
+
+    for actor in actors:
+        for _ in range(IN_FLIGHT_PER_ACTOR):
+            submit(actor)
+    while in_flight:
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        actor, shard = in_flight.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except Exception as err:  # the task raised, or its actor died more often than max_restarts
+            raise RunError(f"shard {shard.shard_id} failed: {type(err).__name__}: {_first_line(err)}") from err
+        results.append(result)
+        progress.update(result.rows)
+        submit(actor)
+    return results
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[-1] if text else ""
+
+
+def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
+    """Score every planned shard on the actor pool and commit the run as one atlas version."""
+    import ray
+
+    cfg = plan.config
+    if run_committed(cfg.atlas, plan.run_id):
+        raise RunError(f"run {plan.run_id!r} is already committed in atlas {cfg.atlas}: choose another --run-id")
+    started = time.perf_counter()
+    todo, resumed = todo_shards(plan)
+    progress = Progress(shards=len(todo), neurons=sum(plan.shard_rows(s) for s in todo), stream=progress_stream)
+    actor_count = max(1, min(cfg.cluster.actors, len(todo)))
+    progress.message(
+        f"run {plan.run_id}: {plan.model.name}, {len(plan.layers)} layers, {len(plan.concepts)} concepts, "
+        f"{len(plan.shards)} shards ({resumed} already staged), {actor_count} actors"
+    )
+    started_ray = _connect_ray(plan)
+    actors = []
+    try:
+        actors = _start_actors(plan, actor_count)
+        infos = ray.get([a.describe.remote() for a in actors])
+        results = _score_all(actors, todo, progress)
+        progress.close()
+        rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards])
+        if rows.num_rows != plan.total_rows:
+            raise RunError(f"run {plan.run_id}: staged {rows.num_rows} rows, planned {plan.total_rows}")
+        wall = time.perf_counter() - started
+        metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall)
+        version = commit_run(cfg.atlas, rows, run_id=plan.run_id, metadata=metadata)
+        delete_staging(cfg.atlas, run_id=plan.run_id)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started_ray:
+            ray.shutdown()
+    seconds = time.perf_counter() - started
+    computed = sum(r.rows for r in results)
+    return RunSummary(run_id=plan.run_id, atlas=cfg.atlas, version=version, rows=plan.total_rows,
+                      neurons=sum(len(s.neurons) for s in plan.shards), shards=len(plan.shards),
+                      shards_resumed=resumed, seconds=round(seconds, 2),
+                      neuron_scores_per_second=round(computed / seconds, 1) if seconds else 0.0)
+
+
+def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: int, wall_seconds: float) -> dict:
+    """What the atlas records with the run: config, targets, base log p, versions, device, timings."""
+    info, concepts = infos[0]
+    per_actor: dict[str, dict] = {}
+    for result in results:
+        entry = per_actor.setdefault(result.actor, {"shards": 0, "rows": 0, "seconds": 0.0})
+        entry["shards"] += 1
+        entry["rows"] += result.rows
+        entry["seconds"] += result.seconds
+    for actor_info, _ in infos:
+        entry = per_actor.setdefault(actor_info.actor, {"shards": 0, "rows": 0, "seconds": 0.0})
+        entry.update(load_seconds=round(actor_info.load_seconds, 3),
+                     prepare_seconds=round(actor_info.prepare_seconds, 3))
+        if entry["seconds"]:
+            entry["neuron_scores_per_second"] = round(entry["rows"] / entry["seconds"], 1)
+    return {
+        "run_id": plan.run_id,
+        "config": plan.config.snapshot(),
+        "model": {"name": plan.model.name, "revision": plan.model.revision, "model_type": plan.model_type,
+                  "n_layers": plan.n_layers, "d_mlp": plan.d_mlp},
+        "layers": list(plan.layers),
+        "concepts": [
+            {"name": c.name, "target_ids": list(c.target_ids), "target_tokens": list(c.target_tokens),
+             "target_words": list(c.target_words), "base_log_p": c.base_log_p}
+            for c in concepts
+        ],
+        "methods": list(plan.config.methods),
+        "ablations": list(plan.config.ablation),
+        "device": info.device,
+        "dtype": info.dtype,
+        "threads_per_actor": info.threads,
+        "versions": info.versions,
+        "shards": {"planned": len(plan.shards), "resumed": resumed, "computed": len(results)},
+        "timings": {"wall_seconds": round(wall_seconds, 2),
+                    "compute_seconds": round(sum(r.seconds for r in results), 2),
+                    "actors": per_actor},
+        "warnings": list(plan.warnings),
+    }
+
+
+def describe_plan(plan: JobPlan, *, flops_per_second: float = 60e9) -> str:
+    """The resolved plan as a person reads it (--dry-run)."""
+    cfg = plan.config
+    layers = plan.layers
+    layer_text = f"all {plan.n_layers}" if len(layers) == plan.n_layers else ", ".join(map(str, layers))
+    workers = cfg.cluster.actors * cfg.cluster.cpus_per_actor
+    estimate = plan.estimated_flops() / (flops_per_second * max(1, workers))
+    lines = [
+        f"run id      {plan.run_id}",
+        f"model       {plan.model.name} ({plan.model_type}, revision {plan.model.revision}, {plan.model.path})",
+        f"layers      {layer_text} of {plan.n_layers}; {plan.d_mlp} neurons each",
+        f"methods     {', '.join(cfg.methods)}; ablation {', '.join(cfg.ablation)}; dtype {cfg.dtype}; device {cfg.device}",
+        f"atlas       {cfg.atlas}",
+        f"concepts    {len(plan.concepts)} from {cfg.concepts}",
+    ]
+    for rc in plan.concepts:
+        tokens = ", ".join(f"{w}->{t!r}({i})" for w, t, i in zip(rc.targets.words, rc.targets.strings, rc.targets.ids))
+        lines.append(f"  {rc.concept.name:<20} {len(rc.concept.examples)} examples; targets {tokens}")
+    sizes = sorted({len(s.neurons) for s in plan.shards})
+    lines += [
+        f"shards      {len(plan.shards)} ({sizes[0]}..{sizes[-1]} neurons, balanced by cost), "
+        f"{plan.total_rows:,} rows",
+        f"cluster     {cfg.cluster.actors} actors x {cfg.cluster.cpus_per_actor} CPU, "
+        f"{cfg.cluster.gpus_per_actor} GPU; {cfg.batch_rows} rows per forward",
+        f"estimate    {plan.estimated_flops() / 1e12:.1f} TFLOP, about {format_seconds(estimate)} "
+        f"at {flops_per_second / 1e9:.0f} GFLOP/s per CPU core (float32)",
+    ]
+    lines += [f"warning     {w}" for w in plan.warnings]
+    return "\n".join(lines)

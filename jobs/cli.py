@@ -1,0 +1,217 @@
+"""`neuron-atlas`: the command line. Thin: parse flags, load the config, call cluster/ or storage/.
+
+Data goes to stdout (tables, JSON, CSV); progress and messages go to stderr. Exit status: 0 ok,
+1 a run failed, 2 bad input (config, concept file, model, query), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+# Quiet, offline library defaults for a command-line tool: no hub calls, no progress bars.
+for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                      ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                      ("RAY_DEDUP_LOGS", "0")):
+    os.environ.setdefault(_name, _value)
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+BUILTIN_CONCEPTS = REPO_CONFIGS / "concepts" / "builtin.yaml"
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad input on the command line; printed without a traceback, exit status 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from attribution.errors import AttributionError
+    from cluster.config import ConfigError
+    from storage.errors import AtlasError
+
+    return (AttributionError, ConfigError, AtlasError, UsageError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuron-atlas", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="score every neuron of the configured layers and commit one atlas version")
+    run.add_argument("config", help="job config YAML (see configs/demo.yaml)")
+    run.add_argument("--model", help="alias, local HF directory, or cached hub id")
+    run.add_argument("--concepts", help="concept file (replaces the config's concepts)")
+    run.add_argument("--layers", help="comma-separated layers, e.g. 0,5,29, or 'all'")
+    run.add_argument("--actors", type=int, help="number of actors (model replicas)")
+    run.add_argument("--atlas", help="atlas directory or fsspec URL")
+    run.add_argument("--run-id", help="run id (slug); re-using an unfinished run's id resumes it")
+    run.add_argument("--method", dest="methods", action="append", help="scoring method (repeatable): neat")
+    run.add_argument("--ablation", action="append", help="zero | mean (repeatable)")
+    run.add_argument("--device", help="auto | cpu | cuda")
+    run.add_argument("--dtype", help="float32")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved plan and run nothing")
+
+    query = sub.add_parser("query", help="top neurons of a concept from the latest committed run")
+    query.add_argument("--atlas", required=True)
+    query.add_argument("--concept", required=True)
+    query.add_argument("--model")
+    query.add_argument("--method", default="neat")
+    query.add_argument("--ablation", help="zero | mean (default: all in the run)")
+    query.add_argument("--run", dest="run_id", help="a specific run id instead of the latest")
+    query.add_argument("--top", type=int, default=20)
+    query.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    sql = sub.add_parser("sql", help="read-only SQL over the views neurons, latest, runs (DuckDB)")
+    sql.add_argument("--atlas", required=True)
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    runs = sub.add_parser("runs", help="committed runs of an atlas, newest first")
+    runs.add_argument("--atlas", required=True)
+    runs.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    listing = sub.add_parser("list", help="built-in model aliases or concepts")
+    listing.add_argument("what", choices=("models", "concepts"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"run": cmd_run, "query": cmd_query, "sql": cmd_sql, "runs": cmd_runs, "list": cmd_list}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was committed", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _user_errors() as err:
+        print(f"neuron-atlas {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cluster.config import apply_overrides, load_job_config
+    from cluster.driver import RunError, describe_plan, run_job
+    from cluster.plan import resolve_job
+
+    config = apply_overrides(
+        load_job_config(args.config), model=args.model, concepts=args.concepts, layers=args.layers,
+        actors=args.actors, atlas=args.atlas, run_id=args.run_id, methods=args.methods,
+        ablation=args.ablation, device=args.device, dtype=args.dtype,
+    )
+    plan = resolve_job(config)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        print(describe_plan(plan))
+        return 0
+    try:
+        summary = run_job(plan)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run {plan.run_id} was not committed; staged shards are kept, "
+              f"re-run with --run-id {plan.run_id} to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RunError as err:
+        print(f"neuron-atlas run: failed: {err}; the atlas is unchanged", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"committed run {summary.run_id} as atlas version {summary.version}: {summary.rows:,} rows, "
+          f"{summary.seconds:.1f} s, {summary.neuron_scores_per_second:,.0f} neuron scores/s, "
+          f"atlas {summary.atlas}", file=sys.stderr)
+    print(json.dumps(summary.as_dict()))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from storage.read import top_neurons
+
+    if args.top < 1:
+        raise UsageError(f"--top {args.top}: expected a positive number of neurons")
+    table = top_neurons(args.atlas, concept=args.concept, model=args.model, method=args.method,
+                        ablation=args.ablation, run_id=args.run_id, top=args.top)
+    write_table(table, args.format)
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from storage.read import sql_query
+
+    write_table(sql_query(args.atlas, args.query), args.format)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from storage.read import list_runs
+
+    table = list_runs(args.atlas)
+    if args.format == "table" and "metadata_json" in table.column_names:
+        table = table.drop_columns(["metadata_json"])
+    write_table(table, args.format)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "models":
+        from attribution.models import ALIASES
+
+        for name, alias in ALIASES.items():
+            print(f"{name:<16} {alias.description}")
+        print("(or a local Hugging Face directory, or a hub id already in the local cache)", file=sys.stderr)
+        return 0
+    from attribution.concepts import load_concept_file
+
+    for concept in load_concept_file(BUILTIN_CONCEPTS):
+        print(f"{concept.name:<20} {len(concept.examples):>3} examples  targets: {', '.join(concept.targets)}")
+    print(f"(from {BUILTIN_CONCEPTS})", file=sys.stderr)
+    return 0
+
+
+def _jsonable(value):
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def write_table(table, fmt: str, stream=None) -> None:
+    """An Arrow table to stdout as an aligned table, a JSON array of row objects, or CSV."""
+    stream = stream or sys.stdout
+    rows = table.to_pylist()
+    if fmt == "json":
+        json.dump([{k: _jsonable(v) for k, v in row.items()} for row in rows], stream)
+        stream.write("\n")
+        return
+    if fmt == "csv":
+        writer = csv.DictWriter(stream, fieldnames=table.column_names, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: _jsonable(v) for k, v in row.items()} for row in rows)
+        return
+    cells = [[_format_cell(row[name]) for name in table.column_names] for row in rows]
+    widths = [max([len(name)] + [len(r[i]) for r in cells]) for i, name in enumerate(table.column_names)]
+    out = io.StringIO()
+    out.write("  ".join(n.ljust(w) for n, w in zip(table.column_names, widths)).rstrip() + "\n")
+    for r in cells:
+        out.write("  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+    stream.write(out.getvalue())
+    if not rows:
+        print("(no rows)", file=sys.stderr)
+
+
+def _format_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if hasattr(value, "isoformat"):
+        return value.isoformat(timespec="seconds")
+    return "" if value is None else str(value)
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -108,15 +108,15 @@ def resolve_targets(tokenizer, concept: Concept) -> TargetTokens:
     strings: list[str] = []
     words: list[str] = []
     warnings: list[str] = []
-    unk = getattr(tokenizer, "unk_token_id", None)
     for word in concept.targets:
         tokens = tokenizer.encode(" " + word, add_special_tokens=False)
         pieces = tokenizer.convert_ids_to_tokens(tokens)
         real = [(t, p) for t, p in zip(tokens, pieces) if p not in BOUNDARY_PIECES]
-        if not real or real[0][0] == unk:
+        problem = _first_token_problem(tokenizer, real[0][0] if real else None)
+        if problem:
             raise ConceptError(
-                f"concept {concept.name!r}: target word {word!r} cannot be encoded by the model's tokenizer "
-                f"(tokens {pieces})"
+                f"concept {concept.name!r}: target word {word!r} cannot be encoded by the model's tokenizer: "
+                f"{problem} (tokens {pieces})"
             )
         token_id, piece = real[0]
         if len(real) > 1:
@@ -133,3 +133,15 @@ def resolve_targets(tokenizer, concept: Concept) -> TargetTokens:
         strings.append(piece)
         words.append(word)
     return TargetTokens(ids=tuple(ids), strings=tuple(strings), words=tuple(words), warnings=tuple(warnings))
+
+
+def _first_token_problem(tokenizer, token_id: int | None) -> str:
+    """Why a word's first token cannot stand for it ("" when it can)."""
+    if token_id is None:
+        return "it encodes to no token"
+    if token_id in set(tokenizer.all_special_ids) or token_id == getattr(tokenizer, "unk_token_id", None):
+        return "it encodes to a special or unknown token"
+    text = tokenizer.decode([token_id])
+    if not text.strip() or "\ufffd" in text:
+        return "its first token is a byte fragment, not text"
+    return ""

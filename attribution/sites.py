@@ -47,6 +47,28 @@ class Architecture:
     w_out: Callable[[nn.Module], Tensor]  # block -> [d_model, d_mlp]: column i is neuron i's write
     final_norm: Callable[[nn.Module], nn.Module]
     step: Callable[[nn.Module, Tensor], Tensor]
+    block_macs: Callable[[object], int]  # transformers config -> multiply-adds of `step` for one row
+
+
+def head_macs(config) -> int:
+    """Multiply-adds of the LM head for one row: the whole vocabulary, needed for the exact log-softmax."""
+    return config.vocab_size * _d_model(config)
+
+
+def _d_model(config) -> int:
+    return getattr(config, "hidden_size", None) or config.n_embd
+
+
+def _llama_macs(config) -> int:
+    d, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return d * kv_heads * head_dim + heads * head_dim * d + 3 * d * config.intermediate_size
+
+
+def _gpt2_macs(config) -> int:
+    d_mlp = config.n_inner or 4 * config.n_embd
+    return 2 * config.n_embd * config.n_embd + 2 * config.n_embd * d_mlp
 
 
 LLAMA = Architecture(
@@ -57,6 +79,7 @@ LLAMA = Architecture(
     w_out=lambda block: block.mlp.down_proj.weight,  # nn.Linear: [d_model, d_mlp]
     final_norm=lambda model: model.model.norm,
     step=_llama_step,
+    block_macs=_llama_macs,
 )
 
 GPT2 = Architecture(
@@ -67,6 +90,7 @@ GPT2 = Architecture(
     w_out=lambda block: block.mlp.c_proj.weight.T,  # Conv1D weight is [d_mlp, d_model]
     final_norm=lambda model: model.transformer.ln_f,
     step=_gpt2_step,
+    block_macs=_gpt2_macs,
 )
 
 ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2)

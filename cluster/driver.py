@@ -55,11 +55,11 @@ def _connect_ray(plan: JobPlan) -> bool:
     cluster = plan.config.cluster
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **_forwarded_env()}}
     if cluster.address:
-        ray.init(address=cluster.address, runtime_env=env, logging_level="WARNING", log_to_driver=False)
+        ray.init(address=cluster.address, runtime_env=env, logging_level="ERROR", log_to_driver=False)
     else:
         cpus = max(os.cpu_count() or 1, cluster.actors * cluster.cpus_per_actor)
         ray.init(num_cpus=cpus, num_gpus=None, object_store_memory=256 * 1024**2, include_dashboard=False,
-                 runtime_env=env, logging_level="WARNING", log_to_driver=False)
+                 runtime_env=env, logging_level="ERROR", log_to_driver=False)
     return True
 
 
@@ -133,6 +133,7 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
     try:
         actors = _start_actors(plan, actor_count)
         infos = ray.get([a.describe.remote() for a in actors])
+        progress.restart()  # rates count scoring time, not Ray start-up and model loading
         results = _score_all(actors, todo, progress)
         progress.close()
         rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards])

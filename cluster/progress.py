@@ -27,6 +27,9 @@ class Progress:
         self.started = time.perf_counter()
         self.last_print = 0.0
 
+    def restart(self) -> None:
+        self.started = time.perf_counter()
+
     def message(self, text: str) -> None:
         self._end_line()
         print(text, file=self.stream, flush=True)

@@ -198,6 +198,8 @@ def write_table(table, fmt: str, stream=None) -> None:
 
 
 def _format_cell(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
     if isinstance(value, float):
         return f"{value:.6g}"
     if hasattr(value, "isoformat"):

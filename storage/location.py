@@ -1,0 +1,85 @@
+"""Where the atlas lives: `<uri>/neurons`, `<uri>/runs` (Delta tables), `<uri>/_staging/<run>/<shard>.parquet`.
+
+`uri` is a local directory or an fsspec URL (s3://bucket/prefix). `storage_options` are delta-rs
+(object_store) options such as AWS_ENDPOINT_URL; `atlas_filesystem` translates the S3 ones for s3fs.
+"""
+from __future__ import annotations
+
+import os
+
+import fsspec
+from fsspec.utils import get_protocol
+
+NEURONS = "neurons"
+RUNS = "runs"
+STAGING = "_staging"
+
+# delta-rs (object_store) S3 option -> s3fs argument. Keys are matched case-insensitively; the rest
+# (AWS_ALLOW_HTTP, AWS_CONDITIONAL_PUT, ...) only concern delta-rs and are not passed to s3fs.
+_S3FS_OPTIONS = {
+    "aws_access_key_id": "key",
+    "access_key_id": "key",
+    "aws_secret_access_key": "secret",
+    "secret_access_key": "secret",
+    "aws_session_token": "token",
+    "session_token": "token",
+    "aws_endpoint_url": "endpoint_url",
+    "aws_endpoint": "endpoint_url",
+    "endpoint_url": "endpoint_url",
+    "endpoint": "endpoint_url",
+}
+_S3FS_REGION = ("aws_region", "region", "aws_default_region")
+_TRUE = ("true", "1", "yes")
+
+
+def normalize_uri(uri: str | os.PathLike) -> str:
+    """The atlas URI without a trailing "/"; local paths made absolute (delta-rs needs that)."""
+    text = os.fspath(uri)
+    if get_protocol(text) == "file":
+        text = text.removeprefix("file://")
+        return os.path.abspath(os.path.expanduser(text))
+    return text.rstrip("/")
+
+
+def table_uri(uri: str | os.PathLike, name: str) -> str:
+    """URI of one of the atlas's Delta tables (`NEURONS` or `RUNS`), as delta-rs takes it."""
+    return f"{normalize_uri(uri)}/{name}"
+
+
+def delta_options(storage_options: dict | None) -> dict[str, str] | None:
+    """`storage_options` as delta-rs wants them: string values, None when empty."""
+    if not storage_options:
+        return None
+    return {str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in storage_options.items()}
+
+
+def _fsspec_options(protocol: str, storage_options: dict | None) -> dict:
+    if not storage_options:
+        return {}
+    if protocol not in ("s3", "s3a"):
+        return dict(storage_options)
+    options: dict = {}
+    for key, value in storage_options.items():
+        low = key.lower()
+        if low in _S3FS_OPTIONS:
+            options[_S3FS_OPTIONS[low]] = value
+        elif low in _S3FS_REGION:
+            options.setdefault("client_kwargs", {})["region_name"] = value
+        elif low in ("aws_skip_signature", "skip_signature") and str(value).lower() in _TRUE:
+            options["anon"] = True
+    return options
+
+
+def atlas_filesystem(
+    uri: str | os.PathLike, storage_options: dict | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec file system holding the atlas and the atlas's root path on it."""
+    text = normalize_uri(uri)
+    protocol = get_protocol(text)
+    fs, root = fsspec.core.url_to_fs(text, **_fsspec_options(protocol, storage_options))
+    return fs, root.rstrip("/")
+
+
+def staging_dir(root: str, run_id: str) -> str:
+    """Directory of a run's staged shards, under the atlas root on its file system."""
+    return f"{root}/{STAGING}/{run_id}"

@@ -1,0 +1,137 @@
+"""End to end on local Ray with tiny real models: the atlas equals an independent naive NEAT,
+1 and 2 actors give identical rows, an interrupted run resumes, a failed run changes nothing."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+import ray
+import yaml
+
+import naive_neat
+from attribution.concepts import load_concept_file
+from cluster.config import load_job_config
+from cluster.driver import RunError, run_job, todo_shards
+from cluster.plan import Shard, resolve_job
+from cluster.scorer import ScorerSpec, ShardScorer
+from jobs.cli import main
+from storage.read import open_neurons, run_metadata, top_neurons
+
+UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
+KEY = ["concept", "ablation", "layer", "neuron"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+def make_config(tmp_path: Path, source, *, atlas: Path, actors: int = 2, **extra):
+    data = {"model": source.path, "concepts": str(UNSEEN), "layers": [0, 3], "atlas": str(atlas),
+            "ablation": ["zero", "mean"], "shard_neurons": 40, "batch_rows": 32,
+            "cluster": {"actors": actors, "cpus_per_actor": 1}, **extra}
+    path = tmp_path / f"job-{actors}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_job_config(path)
+
+
+def atlas_rows(atlas: Path, run_id: str):
+    table = open_neurons(str(atlas)).to_pyarrow_table()
+    table = table.filter(pc.equal(table["run_id"], run_id))
+    return table.drop_columns(["run_id", "created_at"]).sort_by([(k, "ascending") for k in KEY])
+
+
+def test_one_and_two_actors_give_identical_atlases(tmp_path, tiny_sources):
+    plans = {n: resolve_job(make_config(tmp_path, tiny_sources["llama"], atlas=tmp_path / f"atlas{n}", actors=n,
+                                        run_id=f"r{n}")) for n in (1, 2)}
+    assert plans[1].shards == plans[2].shards and len(plans[1].shards) >= 4
+    for n, plan in plans.items():
+        summary = run_job(plan)
+        assert summary.rows == 2 * 2 * 2 * 96 and summary.version == 1
+    assert atlas_rows(tmp_path / "atlas1", "r1").equals(atlas_rows(tmp_path / "atlas2", "r2"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_atlas_scores_equal_an_independent_naive_neat(tmp_path, tiny_sources, family):
+    source = tiny_sources[family]
+    plan = resolve_job(make_config(tmp_path, source, atlas=tmp_path / "atlas", run_id="exact", ablation="zero"))
+    run_job(plan)
+    model, tokenizer = naive_neat.load(source.path)
+    d_mlp = plan.d_mlp
+    for concept in load_concept_file(UNSEEN):
+        rows = top_neurons(str(tmp_path / "atlas"), concept=concept.name, top=10_000).to_pylist()
+        assert len(rows) == 2 * d_mlp and [r["rank"] for r in rows] == list(range(1, 2 * d_mlp + 1))
+        assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
+        for layer in (0, 3):
+            expected = naive_neat.effects(model, tokenizer, concept.examples, concept.targets, layer, range(d_mlp))
+            got = {r["neuron"]: r for r in rows if r["layer"] == layer}
+            for neuron, effect in enumerate(expected):
+                assert abs(got[neuron]["effect"] - effect) <= 1e-5 + 1e-4 * abs(effect), (layer, neuron)
+                assert got[neuron]["score"] == pytest.approx(abs(got[neuron]["effect"]))
+
+
+def test_interrupted_run_resumes_only_missing_shards_with_identical_rows(tmp_path, tiny_sources):
+    source = tiny_sources["llama"]
+    reference = resolve_job(make_config(tmp_path, source, atlas=tmp_path / "ref", run_id="same"))
+    run_job(reference)
+    plan = resolve_job(make_config(tmp_path, source, atlas=tmp_path / "resumed", run_id="same"))
+    scorer = ShardScorer(ScorerSpec.from_plan(plan))  # a run that died after staging three shards
+    for shard in plan.shards[:3]:
+        scorer.score(shard)
+    todo, done = todo_shards(plan)
+    assert done == 3 and len(todo) == len(plan.shards) - 3
+    summary = run_job(plan)
+    assert summary.shards_resumed == 3
+    assert run_metadata(str(tmp_path / "resumed"), "same")["shards"] == {
+        "planned": len(plan.shards), "resumed": 3, "computed": len(plan.shards) - 3}
+    assert atlas_rows(tmp_path / "ref", "same").equals(atlas_rows(tmp_path / "resumed", "same"))
+
+
+def test_failed_run_leaves_the_atlas_as_it_was(tmp_path, tiny_sources):
+    atlas = tmp_path / "atlas"
+    run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="good")))
+    before = open_neurons(str(atlas)).version()
+    plan = resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="bad"))
+    broken = replace(plan, shards=plan.shards + (Shard("neat", 0, 120, 200),))  # past the 128 neurons
+    with pytest.raises(RunError, match="shard neat-L000-n000120-000200 failed"):
+        run_job(broken)
+    assert open_neurons(str(atlas)).version() == before
+    assert set(open_neurons(str(atlas)).to_pyarrow_table()["run_id"].to_pylist()) == {"good"}
+    with pytest.raises(RunError, match="already committed"):
+        run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="good")))
+
+
+def test_run_metadata_records_targets_base_log_p_versions_and_timings(tmp_path, tiny_sources):
+    atlas = tmp_path / "atlas"
+    run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="meta")))
+    meta = run_metadata(str(atlas), "meta")
+    concepts = {c["name"]: c for c in meta["concepts"]}
+    assert set(concepts) == {"weather", "music"}
+    assert concepts["music"]["target_tokens"][0] == "Ġsong" and len(concepts["music"]["target_ids"]) == 8
+    assert concepts["music"]["base_log_p"] < 0
+    assert meta["config"]["layers"] == [0, 3] and meta["dtype"] == "float32" and meta["device"] == "cpu"
+    assert {"torch", "transformers", "ray", "deltalake"} <= set(meta["versions"])
+    assert meta["timings"]["wall_seconds"] > 0 and meta["timings"]["actors"]
+
+
+def test_query_and_sql_commands_on_a_committed_run(tmp_path, tiny_sources, capsys):
+    atlas = tmp_path / "atlas"
+    run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="q1", ablation="zero")))
+    assert main(["query", "--atlas", str(atlas), "--concept", "weather", "--top", "5", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert {"model", "model_revision", "concept", "method", "run_id", "layer", "neuron", "score", "ablation",
+            "effect", "activation", "rank", "created_at"} <= set(rows[0])
+    assert main(["query", "--atlas", str(atlas), "--concept", "royalty"]) == 2
+    err = capsys.readouterr().err
+    assert "royalty" in err and "music" in err and "weather" in err
+    assert main(["sql", "--atlas", str(atlas), "SELECT count(*) AS n FROM latest WHERE concept = 'music'",
+                 "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", str(2 * 128)]  # tiny GPT-2: 2 layers x 128 neurons
+    assert main(["sql", "--atlas", str(atlas), "COPY neurons TO '/tmp/x.csv'"]) == 2

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from attribution.masking import recording
 from attribution.models import SiteModel
+from attribution.neat import text_batches
 
 ABLATIONS = ("zero", "mean")
 REFERENCE_TEXT = Path(__file__).resolve().parent.parent / "configs" / "reference" / "neutral.txt"
@@ -22,16 +23,14 @@ def read_reference_texts(path: str | Path = REFERENCE_TEXT) -> list[str]:
 def reference_means(model: SiteModel, texts: list[str]) -> Tensor:  # [n_layers, d_mlp]
     """Mean activation of every neuron over all non-special token positions of the texts."""
     total = torch.zeros(model.n_layers, model.d_mlp, dtype=torch.float64, device=model.device)
-    count = 0
-    for text in texts:
-        enc = model.tokenizer(text, return_tensors="pt", return_special_tokens_mask=True)
-        keep = (enc["special_tokens_mask"][0] == 0).to(model.device)  # [pos]
+    count = 0.0
+    for batch in text_batches(model, texts):
+        keep = batch.keep.unsqueeze(-1).double()  # [texts, pos, 1]
         with recording(model, range(model.n_layers)) as acts:
-            model.hf(input_ids=enc["input_ids"].to(model.device),
-                     attention_mask=enc["attention_mask"].to(model.device))
+            model.hf.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         for layer in range(model.n_layers):
-            total[layer] += acts[layer][0][keep].double().sum(dim=0)
-        count += int(keep.sum())
+            total[layer] += (acts[layer].double() * keep).sum(dim=(0, 1))
+        count += float(keep.sum())
     return (total / count).float()
 
 

@@ -39,16 +39,39 @@ def log_p_targets(logits: Tensor, target_ids: Tensor) -> Tensor:  # [rows, vocab
 def concept_vector(model: SiteModel, examples: tuple[str, ...] | list[str], *, concept: str = "") -> Tensor:
     """c = mean over examples of (mean over non-special positions of hidden_states[-1]): [d_model]."""
     per_example = []
-    for text in examples:
-        enc = model.tokenizer(text, return_tensors="pt", return_special_tokens_mask=True)
-        keep = enc["special_tokens_mask"][0] == 0  # [pos]
-        if not bool(keep.any()):
-            raise ConceptError(f"concept {concept!r}: example {text!r} has no tokens besides special tokens")
-        out = model.hf(input_ids=enc["input_ids"].to(model.device),
-                       attention_mask=enc["attention_mask"].to(model.device), output_hidden_states=True)
-        hidden = out.hidden_states[-1][0]  # [pos, d_model]
-        per_example.append(hidden[keep.to(model.device)].float().mean(dim=0))
-    return torch.stack(per_example).mean(dim=0)
+    for batch in text_batches(model, examples, concept=concept):
+        out = model.hf.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  output_hidden_states=True)
+        hidden = out.hidden_states[-1].float()  # [texts, pos, d_model], after the final norm
+        keep = batch.keep.unsqueeze(-1)  # [texts, pos, 1]
+        per_example.append((hidden * keep).sum(dim=1) / keep.sum(dim=1))
+    return torch.cat(per_example).mean(dim=0)
+
+
+@dataclass(frozen=True)
+class TextBatch:
+    input_ids: Tensor  # [texts, pos], right-padded
+    attention_mask: Tensor  # [texts, pos]
+    keep: Tensor  # [texts, pos] float: 1 at real, non-special tokens
+
+
+def text_batches(model: SiteModel, texts, *, batch_size: int = 32, concept: str = ""):
+    """Right-padded batches: causal attention plus the mask make real positions independent of padding."""
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        encoded = [model.tokenizer(text, return_special_tokens_mask=True) for text in chunk]
+        length = max(len(e["input_ids"]) for e in encoded)
+        ids = torch.zeros(len(chunk), length, dtype=torch.long)
+        mask = torch.zeros(len(chunk), length, dtype=torch.long)
+        keep = torch.zeros(len(chunk), length)
+        for row, (text, enc) in enumerate(zip(chunk, encoded)):
+            n = len(enc["input_ids"])
+            ids[row, :n] = torch.tensor(enc["input_ids"])
+            mask[row, :n] = 1
+            keep[row, :n] = 1.0 - torch.tensor(enc["special_tokens_mask"], dtype=torch.float32)
+            if not bool(keep[row].any()):
+                raise ConceptError(f"concept {concept!r}: text {text!r} has no tokens besides special tokens")
+        yield TextBatch(ids.to(model.device), mask.to(model.device), keep.to(model.device))
 
 
 @torch.no_grad()

@@ -95,7 +95,7 @@ def plan_shards(*, method: str, layers: tuple[int, ...], d_mlp: int, costs: tupl
 
 
 def default_run_id(config: JobConfig, model: ModelSource) -> str:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())  # UTC
     digest = hashlib.sha256(json.dumps([config.snapshot(), model.revision], sort_keys=True, default=str).encode())
     return f"{stamp}-{digest.hexdigest()[:8]}"
 

@@ -42,3 +42,10 @@ def test_smollm2_costs_match_the_measured_head_weight():
     head_blocks = plan.layer_cost[-1]
     assert 8.5 < head_blocks < 10  # DESIGN.md section 5: the LM head costs about 9 blocks
     assert abs(plan.layer_cost[0] - (29 + head_blocks)) < 1e-9
+
+
+def test_default_run_id_is_a_valid_atlas_name():
+    from storage.schema import validate_name
+
+    plan = resolve_job(load_job_config(REPO / "configs" / "demo.yaml"))
+    assert validate_name("run", plan.run_id) == plan.run_id

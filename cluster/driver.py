@@ -79,7 +79,7 @@ def _start_actors(plan: JobPlan, count: int):
     return [remote_cls.remote(spec) for _ in range(count)]
 
 
-def _score_all(actors, shards: list[Shard], progress: Progress) -> list[ShardResult]:
+def _score_all(plan: JobPlan, actors, shards: list[Shard], progress: Progress) -> list[ShardResult]:
     """Keep IN_FLIGHT_PER_ACTOR shards queued on every actor until all are scored."""
     import ray
 
@@ -103,7 +103,7 @@ def _score_all(actors, shards: list[Shard], progress: Progress) -> list[ShardRes
         except Exception as err:  # the task raised, or its actor died more often than max_restarts
             raise RunError(f"shard {shard.shard_id} failed: {type(err).__name__}: {_first_line(err)}") from err
         results.append(result)
-        progress.update(result.rows)
+        progress.update(result.rows, plan.shard_cost(shard))
         submit(actor)
     return results
 
@@ -122,7 +122,8 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
         raise RunError(f"run {plan.run_id!r} is already committed in atlas {cfg.atlas}: choose another --run-id")
     started = time.perf_counter()
     todo, resumed = todo_shards(plan)
-    progress = Progress(shards=len(todo), neurons=sum(plan.shard_rows(s) for s in todo), stream=progress_stream)
+    progress = Progress(shards=len(todo), rows=sum(plan.shard_rows(s) for s in todo),
+                        cost=sum(plan.shard_cost(s) for s in todo), stream=progress_stream)
     actor_count = max(1, min(cfg.cluster.actors, len(todo)))
     progress.message(
         f"run {plan.run_id}: {plan.model.name}, {len(plan.layers)} layers, {len(plan.concepts)} concepts, "
@@ -134,7 +135,7 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
         actors = _start_actors(plan, actor_count)
         infos = ray.get([a.describe.remote() for a in actors])
         progress.restart()  # rates count scoring time, not Ray start-up and model loading
-        results = _score_all(actors, todo, progress)
+        results = _score_all(plan, actors, todo, progress)
         progress.close()
         rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards])
         if rows.num_rows != plan.total_rows:

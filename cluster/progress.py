@@ -1,4 +1,4 @@
-"""Progress of a run on stderr: shards done, neurons/s, ETA. Short lines a person reads."""
+"""Progress of a run on stderr: shards done, neuron scores/s, ETA. Short lines a person reads."""
 from __future__ import annotations
 
 import sys
@@ -16,11 +16,17 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """Counts finished shards; prints at most every `interval` seconds (every update on a terminal)."""
+    """Counts finished shards; prints at most every `interval` seconds (every update on a terminal).
 
-    def __init__(self, *, shards: int, neurons: int, stream: TextIO | None = None, interval: float = 5.0):
-        self.total_shards, self.total_neurons = shards, neurons
-        self.done_shards = self.done_neurons = 0
+    The ETA divides the cost still to do by the cost done per second: early layers cost more per
+    neuron than late ones, so a rate in neurons would mislead.
+    """
+
+    def __init__(self, *, shards: int, rows: int, cost: float, stream: TextIO | None = None,
+                 interval: float = 5.0):
+        self.total_shards, self.total_rows, self.total_cost = shards, rows, cost
+        self.done_shards = self.done_rows = 0
+        self.done_cost = 0.0
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.interval = 0.0 if self.tty else interval
@@ -34,21 +40,19 @@ class Progress:
         self._end_line()
         print(text, file=self.stream, flush=True)
 
-    def update(self, neurons: int) -> None:
+    def update(self, rows: int, cost: float) -> None:
         self.done_shards += 1
-        self.done_neurons += neurons
+        self.done_rows += rows
+        self.done_cost += cost
         now = time.perf_counter()
-        if now - self.last_print >= self.interval or self.done_shards == self.total_shards:
-            self.last_print = now
-            elapsed = now - self.started
-            rate = self.done_neurons / elapsed if elapsed > 0 else 0.0
-            eta = (self.total_neurons - self.done_neurons) / rate if rate > 0 else float("inf")
-            line = (f"[{self.done_shards}/{self.total_shards} shards] {self.done_neurons:,}/{self.total_neurons:,} "
-                    f"neuron scores  {rate:,.0f}/s  ETA {format_seconds(eta) if rate else '?'}")
-            if self.tty:
-                print("\r" + line, end="", file=self.stream, flush=True)
-            else:
-                print(line, file=self.stream, flush=True)
+        if now - self.last_print < self.interval and self.done_shards < self.total_shards:
+            return
+        self.last_print = now
+        elapsed = max(now - self.started, 1e-9)
+        eta = (self.total_cost - self.done_cost) * elapsed / self.done_cost if self.done_cost else float("nan")
+        line = (f"[{self.done_shards}/{self.total_shards} shards] {self.done_rows:,}/{self.total_rows:,} "
+                f"neuron scores  {self.done_rows / elapsed:,.0f}/s  ETA {format_seconds(eta)}")
+        print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=self.stream, flush=True)
 
     def _end_line(self) -> None:
         if self.tty and self.done_shards:

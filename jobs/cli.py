@@ -130,6 +130,12 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise UsageError(f"--top {args.top}: expected a positive number of neurons")
     table = top_neurons(args.atlas, concept=args.concept, model=args.model, method=args.method,
                         ablation=args.ablation, run_id=args.run_id, top=args.top)
+    if args.format == "table" and table.num_rows:
+        # A person reads the ranking; what is the same on every row goes into one line on stderr.
+        first = table.slice(0, 1).to_pylist()[0]
+        print(f"{first['model']} ({first['model_revision']}), run {first['run_id']}, concept {first['concept']}, "
+              f"method {first['method']}", file=sys.stderr)
+        table = table.select(["rank", "layer", "neuron", "score", "effect", "activation", "ablation"])
     write_table(table, args.format)
     return 0
 

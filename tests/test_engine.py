@@ -51,6 +51,22 @@ def test_fast_engine_equals_naive_loop_on_smollm2_sample(smollm2):
         _assert_close(fast, naive)
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_fast_engine_equals_naive_loop_for_the_other_llama_family_members(tmp_path, family):
+    from attribution.models import load_model
+    from tiny_models import save_tiny_model
+
+    model = load_model(save_tiny_model(family, tmp_path / family, seed=3), device="cpu")
+    if family == "qwen2":
+        assert model.blocks[0].self_attn.v_proj.bias is not None
+    targets = _targets(model)
+    clean = clean_pass(model, concept_vector(model, EXAMPLES), targets)
+    for layer in (0, model.n_layers - 1):
+        zeros = torch.zeros(model.d_mlp)
+        _assert_close(neat_effects(model, clean, targets, layer, range(model.d_mlp), zeros, batch_rows=33),
+                      neat_effects_naive(model, clean, targets, layer, range(model.d_mlp), zeros))
+
+
 def test_batch_composition_does_not_change_effects(tiny_models):
     model = tiny_models["llama"]
     targets = _targets(model)

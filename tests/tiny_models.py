@@ -13,13 +13,18 @@ def smollm2_tokenizer():
 
 
 def tiny_config(family: str, vocab_size: int):
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
+    # GQA (4 query heads over 2 key/value heads) so the engine's head mapping is exercised.
+    gated = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     if family == "llama":
-        # GQA (4 query heads over 2 key/value heads) so the engine's head mapping is exercised.
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        return LlamaConfig(**gated)
+    if family == "mistral":
+        return MistralConfig(**gated, sliding_window=16)
+    if family == "qwen2":  # Q/K/V projections with biases
+        return Qwen2Config(**gated)
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=64, n_inner=128, n_layer=4, n_head=4, n_positions=128,
                           bos_token_id=0, eos_token_id=0)

@@ -39,6 +39,11 @@ def main() -> None:
 
     source = resolve_model_source("smollm2-135m")  # converts the GGUF once if the cache is empty
     started = time.perf_counter()
+    import transformers.models.llama.modeling_llama  # noqa: F401  (lazy imports, not loading)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import_seconds = time.perf_counter() - started
+    started = time.perf_counter()
     model = load_model(source, device="cpu")
     load_seconds = time.perf_counter() - started
 
@@ -64,12 +69,14 @@ def main() -> None:
     naive_total = sum(model.d_mlp / r["naive_neurons_per_s"] for r in rows)
     fast_total = sum(model.d_mlp / r["fast_neurons_per_s"] for r in rows)
     result = {"model": source.name, "threads": args.threads, "dtype": "float32", "cached_load_seconds": round(load_seconds, 3),
+              "import_seconds": round(import_seconds, 3),
               "layers": rows, "ratio_over_sampled_layers": round(naive_total / fast_total, 1),
               "torch": torch.__version__}
     if args.json:
         print(json.dumps(result))
         return
-    print(f"SmolLM2-135M, float32, {args.threads} threads; cached model load {load_seconds:.2f} s")
+    print(f"SmolLM2-135M, float32, {args.threads} threads; cached model load {load_seconds:.2f} s "
+          f"(after {import_seconds:.2f} s of Python imports)")
     print(f"{'layer':>5} {'naive n/s':>10} {'fast n/s':>10} {'ratio':>7} {'max |diff|':>11}")
     for r in rows:
         print(f"{r['layer']:>5} {r['naive_neurons_per_s']:>10.1f} {r['fast_neurons_per_s']:>10.1f} "

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from attribution.errors import ModelError
-from attribution.sites import Architecture, architecture_for
+from attribution.sites import Architecture, LowPrecisionMatmul, architecture_for
 
 
 @dataclass(frozen=True)
@@ -189,9 +189,11 @@ class SiteModel:
     device: torch.device
     dtype: torch.dtype
     blocks: nn.ModuleList = field(init=False)
+    bf16: LowPrecisionMatmul = field(init=False, repr=False)  # bf16 weight copies, made on first use
 
     def __post_init__(self) -> None:
         self.blocks = self.arch.blocks(self.hf)
+        self.bf16 = LowPrecisionMatmul(torch.bfloat16)
 
     @property
     def n_layers(self) -> int:
@@ -229,7 +231,7 @@ def load_model(source: ModelSource, *, device: str = "auto", dtype: str = "float
 
     config = read_model_config(source)
     torch_device = pick_device(device)
-    # Weights stay float32; bf16 (issue 3) runs only the matrix multiplies of differences in bf16.
+    # Weights stay float32: dtype bf16 runs only the matrix multiplies of differences in bf16 (neat.py).
     hf = AutoModelForCausalLM.from_pretrained(
         source.path, config=config, dtype=torch.float32, use_safetensors=True,
         trust_remote_code=False, local_files_only=True,

@@ -17,14 +17,8 @@ from attribution.errors import ModelError
 
 def _llama_step(block: nn.Module, resid: Tensor) -> Tensor:  # [rows, d_model] -> [rows, d_model]
     attn = block.self_attn
-    x = block.input_layernorm(resid)
-    v = attn.v_proj(x)  # [rows, n_kv_heads * head_dim]
-    rows = v.shape[0]
-    n_rep = attn.num_key_value_groups  # query heads per key/value head (GQA)
-    n_kv = v.shape[1] // attn.head_dim
-    # Query head j reads key/value head j // n_rep, as transformers' repeat_kv does.
-    v = v.view(rows, n_kv, 1, attn.head_dim).expand(rows, n_kv, n_rep, attn.head_dim)
-    resid = resid + attn.o_proj(v.reshape(rows, n_kv * n_rep * attn.head_dim))
+    v = attn.v_proj(block.input_layernorm(resid))  # [rows, n_kv_heads * head_dim]
+    resid = resid + attn.o_proj(_expand_kv_heads(attn, v))
     return resid + block.mlp(block.post_attention_layernorm(resid))
 
 
@@ -34,6 +28,64 @@ def _gpt2_step(block: nn.Module, resid: Tensor) -> Tensor:  # [rows, d_model] ->
     v = torch.addmm(c_attn.bias[2 * d_model:], block.ln_1(resid), c_attn.weight[:, 2 * d_model:])
     resid = resid + block.attn.c_proj(v)
     return resid + block.mlp(block.ln_2(resid))
+
+
+def _expand_kv_heads(attn: nn.Module, v: Tensor) -> Tensor:  # [rows, n_kv * hd] -> [rows, n_heads * hd]
+    """Query head j reads key/value head j // n_rep (GQA), as transformers' repeat_kv does."""
+    rows = v.shape[0]
+    n_rep = attn.num_key_value_groups
+    n_kv = v.shape[1] // attn.head_dim
+    v = v.view(rows, n_kv, 1, attn.head_dim).expand(rows, n_kv, n_rep, attn.head_dim)
+    return v.reshape(rows, n_kv * n_rep * attn.head_dim)
+
+
+def _llama_diff_step(matmul: LowPrecisionMatmul, block: nn.Module, clean: Tensor, diff: Tensor) -> tuple[Tensor, Tensor]:
+    """One block on (clean [1, d_model] float32, diff [rows, d_model]): matrix multiplies act on the
+    difference in low precision (biases cancel); norms and the gated activation run in float32 on
+    clean + diff. Returns the clean output and the rows' differences from it."""
+    attn, mlp = block.self_attn, block.mlp
+    x = block.input_layernorm(clean)
+    dx = block.input_layernorm(clean + diff) - x
+    v, dv = _expand_kv_heads(attn, attn.v_proj(x)), _expand_kv_heads(attn, matmul(dx, attn.v_proj.weight))
+    mid, dmid = clean + attn.o_proj(v), diff + matmul(dv, attn.o_proj.weight)
+    y = block.post_attention_layernorm(mid)
+    dy = block.post_attention_layernorm(mid + dmid) - y
+    gate, up = mlp.gate_proj(y), mlp.up_proj(y)
+    acts = mlp.act_fn(gate) * up
+    dacts = mlp.act_fn(gate + matmul(dy, mlp.gate_proj.weight)) * (up + matmul(dy, mlp.up_proj.weight)) - acts
+    return mid + mlp.down_proj(acts), dmid + matmul(dacts, mlp.down_proj.weight)
+
+
+def _gpt2_diff_step(matmul: LowPrecisionMatmul, block: nn.Module, clean: Tensor, diff: Tensor) -> tuple[Tensor, Tensor]:
+    """GPT-2 version of `_llama_diff_step` (Conv1D weights are [in, out]: pass their transpose)."""
+    d_model = clean.shape[-1]
+    c_attn, mlp = block.attn.c_attn, block.mlp
+    x = block.ln_1(clean)
+    dx = block.ln_1(clean + diff) - x
+    w_v = c_attn.weight[:, 2 * d_model:]
+    v, dv = torch.addmm(c_attn.bias[2 * d_model:], x, w_v), matmul(dx, w_v.T)
+    mid, dmid = clean + block.attn.c_proj(v), diff + matmul(dv, block.attn.c_proj.weight.T)
+    y = block.ln_2(mid)
+    dy = block.ln_2(mid + dmid) - y
+    hidden = mlp.c_fc(y)
+    acts = mlp.act(hidden)
+    dacts = mlp.act(hidden + matmul(dy, mlp.c_fc.weight.T)) - acts
+    return mid + mlp.c_proj(acts), dmid + matmul(dacts, mlp.c_proj.weight.T)
+
+
+class LowPrecisionMatmul:
+    """x [rows, in] @ weight.T in bf16 with float32 output; bf16 weight copies made once and kept."""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+        self.dtype = dtype
+        self.weights: dict[tuple, Tensor] = {}
+
+    def __call__(self, x: Tensor, weight: Tensor) -> Tensor:  # weight: [out, in] (any strides)
+        key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()))
+        low = self.weights.get(key)
+        if low is None:
+            low = self.weights[key] = weight.detach().to(self.dtype).contiguous()
+        return torch.nn.functional.linear(x.to(self.dtype), low).float()
 
 
 @dataclass(frozen=True)
@@ -48,6 +100,7 @@ class Architecture:
     final_norm: Callable[[nn.Module], nn.Module]
     step: Callable[[nn.Module, Tensor], Tensor]
     block_macs: Callable[[object], int]  # transformers config -> multiply-adds of `step` for one row
+    diff_step: Callable[..., tuple[Tensor, Tensor]]  # (matmul, block, clean, diff) -> (clean, diff)
 
 
 def head_macs(config) -> int:
@@ -80,6 +133,7 @@ LLAMA = Architecture(
     final_norm=lambda model: model.model.norm,
     step=_llama_step,
     block_macs=_llama_macs,
+    diff_step=_llama_diff_step,
 )
 
 GPT2 = Architecture(
@@ -91,6 +145,7 @@ GPT2 = Architecture(
     final_norm=lambda model: model.transformer.ln_f,
     step=_gpt2_step,
     block_macs=_gpt2_macs,
+    diff_step=_gpt2_diff_step,
 )
 
 ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2)

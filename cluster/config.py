@@ -14,7 +14,7 @@ import yaml
 RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 METHODS = ("neat",)
 ABLATIONS = ("zero", "mean")
-DTYPES = ("float32",)
+DTYPES = ("float32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -153,8 +153,7 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
             value = data[key]
             ok = isinstance(value, str) and (value in allowed or (key == "device" and re.fullmatch(r"cuda:\d+", value)))
             if not ok:
-                hint = " (bf16 difference propagation is not implemented yet)" if value == "bf16" else ""
-                raise _fail(source, key, value, f"one of {', '.join(allowed)}{hint}")
+                raise _fail(source, key, value, f"one of {', '.join(allowed)}")
             out[key] = value
     if "cluster" in data:
         out["cluster"] = _parse_cluster(source, data["cluster"])

@@ -12,7 +12,7 @@ import torch
 
 from attribution.ablation import ablation_values, read_reference_texts, reference_means
 from attribution.models import ModelSource, load_model
-from attribution.neat import CleanPass, clean_pass, concept_vector, neat_effects
+from attribution.neat import NEAT_ENGINES, CleanPass, clean_pass, concept_vector
 from cluster.plan import JobPlan, ResolvedConcept, Shard
 from storage.schema import SHARD_SCHEMA
 from storage.staging import write_shard
@@ -110,7 +110,7 @@ class ShardScorer:
             clean = self.clean[rc.concept.name]
             activation = clean.acts[shard.layer, shard.start:shard.stop].float().cpu()
             for mode in self.spec.ablations:
-                effect = neat_effects(self.model, clean, rc.targets.ids, shard.layer, shard.neurons,
+                effect = NEAT_ENGINES[self.spec.dtype](self.model, clean, rc.targets.ids, shard.layer, shard.neurons,
                                       self.ablate_to[mode][shard.layer], batch_rows=self.spec.batch_rows)
                 columns["model"] += [self.spec.model.name] * n
                 columns["model_revision"] += [self.spec.model.revision] * n

@@ -60,7 +60,7 @@ def test_bad_config_values_name_the_file_key_and_value(tmp_path, overrides, mess
     ({"concepts": "missing.yaml"}, [], "missing.yaml' does not exist"),
     ({}, ["--concepts", str(REPO / "tests" / "data" / "bad_concepts" / "duplicate_name.yaml")], "duplicate concept name"),
     ({}, ["--layers", "-1"], "key 'layers' has value -1"),
-    ({}, ["--dtype", "bf16"], "key 'dtype' has value 'bf16'"),
+    ({}, ["--dtype", "float16"], "key 'dtype' has value 'float16'"),
 ])
 def test_cli_rejects_bad_input_with_status_2_and_writes_nothing(tmp_path, capsys, overrides, args, message):
     path = write_config(tmp_path, **overrides)

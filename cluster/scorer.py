@@ -106,12 +106,13 @@ class ShardScorer:
         """Rows (SHARD_SCHEMA) of one shard: every concept x ablation x neuron."""
         columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
         n = len(shard.neurons)
+        engine = NEAT_ENGINES[self.spec.dtype]  # float32: exact; bf16: difference propagation
         for rc in self.spec.concepts:
             clean = self.clean[rc.concept.name]
             activation = clean.acts[shard.layer, shard.start:shard.stop].float().cpu()
             for mode in self.spec.ablations:
-                effect = NEAT_ENGINES[self.spec.dtype](self.model, clean, rc.targets.ids, shard.layer, shard.neurons,
-                                      self.ablate_to[mode][shard.layer], batch_rows=self.spec.batch_rows)
+                effect = engine(self.model, clean, rc.targets.ids, shard.layer, shard.neurons,
+                                self.ablate_to[mode][shard.layer], batch_rows=self.spec.batch_rows)
                 columns["model"] += [self.spec.model.name] * n
                 columns["model_revision"] += [self.spec.model.revision] * n
                 columns["concept"] += [rc.concept.name] * n

@@ -169,10 +169,11 @@ def _log_p_change(model: SiteModel, resid: Tensor, diff: Tensor, targets: Tensor
     normed = norm(resid)  # [1, d_model]
     clean_logits = head(normed).float()  # [1, vocab]
     dlogits = model.bf16(norm(resid + diff) - normed, head.weight)  # [rows, vocab]
-    shift = dlogits.max(dim=-1, keepdim=True).values
-    probs = torch.softmax(clean_logits, dim=-1)  # [1, vocab]
-    log_mean_ratio = torch.log((probs * torch.exp(dlogits - shift)).sum(dim=-1)) + shift[:, 0]
-    return dlogits[:, targets].mean(dim=-1) - log_mean_ratio
+    target_change = dlogits[:, targets].mean(dim=-1)
+    shift = dlogits.max(dim=-1, keepdim=True).values  # keeps exp() in range
+    probs = torch.softmax(clean_logits[0], dim=-1)  # [vocab]
+    ratio = dlogits.sub_(shift).exp_() @ probs  # [rows]: sum_v p_v exp(dlogit_v - shift), in place
+    return target_change - (torch.log(ratio) + shift[:, 0])
 
 
 @torch.no_grad()

@@ -39,53 +39,79 @@ def _expand_kv_heads(attn: nn.Module, v: Tensor) -> Tensor:  # [rows, n_kv * hd]
     return v.reshape(rows, n_kv * n_rep * attn.head_dim)
 
 
+def _fold_kv_heads(attn: nn.Module) -> Tensor:  # o_proj weight [d_model, n_heads * hd] -> [d_model, n_kv * hd]
+    """o_proj(repeat_kv(v)) == v @ folded.T: the query heads sharing a key/value head sum their columns."""
+    weight = attn.o_proj.weight
+    n_rep, head_dim = attn.num_key_value_groups, attn.head_dim
+    return weight.view(weight.shape[0], -1, n_rep, head_dim).sum(dim=2).reshape(weight.shape[0], -1)
+
+
 def _llama_diff_step(matmul: LowPrecisionMatmul, block: nn.Module, clean: Tensor, diff: Tensor) -> tuple[Tensor, Tensor]:
     """One block on (clean [1, d_model] float32, diff [rows, d_model]): matrix multiplies act on the
     difference in low precision (biases cancel); norms and the gated activation run in float32 on
-    clean + diff. Returns the clean output and the rows' differences from it."""
+    clean + diff. Returns the clean output and the rows' differences from it. Updates `diff` in place."""
     attn, mlp = block.self_attn, block.mlp
+    w_v = matmul.weight((id(block), "v"), lambda: attn.v_proj.weight)
+    w_o = matmul.weight((id(block), "o"), lambda: _fold_kv_heads(attn))
+    w_gate_up = matmul.weight((id(block), "gate_up"), lambda: torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    w_down = matmul.weight((id(block), "down"), lambda: mlp.down_proj.weight)
+
     x = block.input_layernorm(clean)
-    dx = block.input_layernorm(clean + diff) - x
-    v, dv = _expand_kv_heads(attn, attn.v_proj(x)), _expand_kv_heads(attn, matmul(dx, attn.v_proj.weight))
-    mid, dmid = clean + attn.o_proj(v), diff + matmul(dv, attn.o_proj.weight)
+    dx = block.input_layernorm(clean + diff).sub_(x)
+    mid = clean + attn.o_proj(_expand_kv_heads(attn, attn.v_proj(x)))
+    dmid = diff.add_(matmul.mm(matmul.mm(dx, w_v, low_output=True), w_o))
     y = block.post_attention_layernorm(mid)
-    dy = block.post_attention_layernorm(mid + dmid) - y
-    gate, up = mlp.gate_proj(y), mlp.up_proj(y)
+    dy = block.post_attention_layernorm(mid + dmid).sub_(y)
+    gate, up = mlp.gate_proj(y), mlp.up_proj(y)  # [1, d_mlp]
     acts = mlp.act_fn(gate) * up
-    dacts = mlp.act_fn(gate + matmul(dy, mlp.gate_proj.weight)) * (up + matmul(dy, mlp.up_proj.weight)) - acts
-    return mid + mlp.down_proj(acts), dmid + matmul(dacts, mlp.down_proj.weight)
+    dgate, dup = matmul.mm(dy, w_gate_up).split(gate.shape[-1], dim=-1)  # [rows, d_mlp] each
+    dacts = mlp.act_fn(dgate.add_(gate)).mul_(dup.add_(up)).sub_(acts)
+    return mid + mlp.down_proj(acts), dmid.add_(matmul.mm(dacts, w_down))
 
 
 def _gpt2_diff_step(matmul: LowPrecisionMatmul, block: nn.Module, clean: Tensor, diff: Tensor) -> tuple[Tensor, Tensor]:
-    """GPT-2 version of `_llama_diff_step` (Conv1D weights are [in, out]: pass their transpose)."""
+    """GPT-2 version of `_llama_diff_step` (Conv1D weights are [in, out]: their transposes are used)."""
     d_model = clean.shape[-1]
     c_attn, mlp = block.attn.c_attn, block.mlp
+    w_v = matmul.weight((id(block), "v"), lambda: c_attn.weight[:, 2 * d_model:].T)
+    w_o = matmul.weight((id(block), "o"), lambda: block.attn.c_proj.weight.T)
+    w_fc = matmul.weight((id(block), "fc"), lambda: mlp.c_fc.weight.T)
+    w_proj = matmul.weight((id(block), "proj"), lambda: mlp.c_proj.weight.T)
+
     x = block.ln_1(clean)
-    dx = block.ln_1(clean + diff) - x
-    w_v = c_attn.weight[:, 2 * d_model:]
-    v, dv = torch.addmm(c_attn.bias[2 * d_model:], x, w_v), matmul(dx, w_v.T)
-    mid, dmid = clean + block.attn.c_proj(v), diff + matmul(dv, block.attn.c_proj.weight.T)
+    dx = block.ln_1(clean + diff).sub_(x)
+    v = torch.addmm(c_attn.bias[2 * d_model:], x, c_attn.weight[:, 2 * d_model:])
+    mid = clean + block.attn.c_proj(v)
+    dmid = diff.add_(matmul.mm(matmul.mm(dx, w_v, low_output=True), w_o))
     y = block.ln_2(mid)
-    dy = block.ln_2(mid + dmid) - y
+    dy = block.ln_2(mid + dmid).sub_(y)
     hidden = mlp.c_fc(y)
     acts = mlp.act(hidden)
-    dacts = mlp.act(hidden + matmul(dy, mlp.c_fc.weight.T)) - acts
-    return mid + mlp.c_proj(acts), dmid + matmul(dacts, mlp.c_proj.weight.T)
+    dacts = mlp.act(matmul.mm(dy, w_fc).add_(hidden)).sub_(acts)
+    return mid + mlp.c_proj(acts), dmid.add_(matmul.mm(dacts, w_proj))
 
 
 class LowPrecisionMatmul:
-    """x [rows, in] @ weight.T in bf16 with float32 output; bf16 weight copies made once and kept."""
+    """x [rows, in] @ weight.T in bf16 with a float32 result; bf16 weight copies made once and kept."""
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16):
         self.dtype = dtype
-        self.weights: dict[tuple, Tensor] = {}
+        self.weights: dict[object, Tensor] = {}
 
-    def __call__(self, x: Tensor, weight: Tensor) -> Tensor:  # weight: [out, in] (any strides)
-        key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()))
+    def weight(self, key: object, make: Callable[[], Tensor]) -> Tensor:  # -> [out, in] in self.dtype
         low = self.weights.get(key)
         if low is None:
-            low = self.weights[key] = weight.detach().to(self.dtype).contiguous()
-        return torch.nn.functional.linear(x.to(self.dtype), low).float()
+            low = self.weights[key] = make().detach().to(self.dtype).contiguous()
+        return low
+
+    def mm(self, x: Tensor, low_weight: Tensor, *, low_output: bool = False) -> Tensor:  # [rows, in] -> [rows, out]
+        """float32 result, or the low-precision one when it only feeds another matrix multiply."""
+        out = torch.nn.functional.linear(x.to(self.dtype), low_weight)
+        return out if low_output else out.float()
+
+    def __call__(self, x: Tensor, weight: Tensor) -> Tensor:  # weight: [out, in], any float dtype
+        return self.mm(x, self.weight((weight.data_ptr(), tuple(weight.shape), tuple(weight.stride())),
+                                      lambda: weight))
 
 
 @dataclass(frozen=True)

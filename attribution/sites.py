@@ -6,6 +6,7 @@ attention is a softmax over one key (= 1), so its output is `o_proj(v)` and Q/K 
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,10 +16,17 @@ from torch import Tensor, nn
 from attribution.errors import ModelError
 
 
+_FOLDED_O_PROJ: "weakref.WeakKeyDictionary[nn.Module, Tensor]" = weakref.WeakKeyDictionary()
+
+
 def _llama_step(block: nn.Module, resid: Tensor) -> Tensor:  # [rows, d_model] -> [rows, d_model]
     attn = block.self_attn
     v = attn.v_proj(block.input_layernorm(resid))  # [rows, n_kv_heads * head_dim]
-    resid = resid + attn.o_proj(_expand_kv_heads(attn, v))
+    # o_proj(repeat_kv(v)) with the repeated heads folded into o_proj: 1/n_rep of its multiply-adds.
+    folded = _FOLDED_O_PROJ.get(attn)
+    if folded is None:
+        folded = _FOLDED_O_PROJ[attn] = _fold_kv_heads(attn).detach().contiguous()
+    resid = resid + torch.nn.functional.linear(v, folded, attn.o_proj.bias)
     return resid + block.mlp(block.post_attention_layernorm(resid))
 
 
@@ -142,7 +150,8 @@ def _llama_macs(config) -> int:
     d, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or d // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return d * kv_heads * head_dim + heads * head_dim * d + 3 * d * config.intermediate_size
+    # V projection, o_proj with the repeated key/value heads folded in, gated MLP (Q and K skipped).
+    return 2 * d * kv_heads * head_dim + 3 * d * config.intermediate_size
 
 
 def _gpt2_macs(config) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
-METHODS = ("neat",)
+METHODS = ("neat", "atp")  # exact ablation; first-order attribution patching
 ABLATIONS = ("zero", "mean")
 DTYPES = ("float32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")

@@ -71,6 +71,8 @@ class JobPlan:
         return sum(self.shard_rows(s) for s in self.shards)
 
     def shard_cost(self, shard: Shard) -> float:
+        if shard.method == "atp":  # a share of one forward + backward (~3 passes) per concept
+            return 3.0 * (self.n_layers + self.layer_cost[-1]) * self.rows_per_neuron / len(self.layers)
         return len(shard.neurons) * self.layer_cost[shard.layer] * self.rows_per_neuron
 
     def estimated_flops(self) -> float:
@@ -123,12 +125,13 @@ def resolve_job(config: JobConfig) -> JobPlan:
     macs = arch.block_macs(model_config)
     costs = layer_costs(n_layers, head_macs(model_config) / macs)
     d_mlp = getattr(model_config, "intermediate_size", None) or model_config.n_inner or 4 * model_config.n_embd
-    shards = tuple(
-        shard
-        for method in config.methods
-        for shard in plan_shards(method=method, layers=layers, d_mlp=d_mlp, costs=costs,
-                                 shard_neurons=config.shard_neurons)
-    )
+    shards: tuple[Shard, ...] = ()
+    for method in config.methods:
+        if method == "atp":  # one backward per concept scores every layer: one shard per layer
+            shards += tuple(Shard(method, layer, 0, d_mlp) for layer in layers)
+        else:
+            shards += plan_shards(method=method, layers=layers, d_mlp=d_mlp, costs=costs,
+                                  shard_neurons=config.shard_neurons)
     return JobPlan(
         config=config, model=source, model_type=model_config.model_type, n_layers=n_layers, d_mlp=d_mlp,
         layers=layers, concepts=tuple(concepts), shards=shards,

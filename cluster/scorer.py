@@ -11,6 +11,7 @@ import pyarrow as pa
 import torch
 
 from attribution.ablation import ablation_values, read_reference_texts, reference_means
+from attribution.atp import atp_effects, log_p_gradients
 from attribution.models import ModelSource, load_model
 from attribution.neat import NEAT_ENGINES, CleanPass, clean_pass, concept_vector
 from cluster.plan import JobPlan, ResolvedConcept, Shard
@@ -82,6 +83,7 @@ class ShardScorer:
         self.model = load_model(spec.model, device=spec.device, dtype=spec.dtype)
         loaded = time.perf_counter()
         self.clean: dict[str, CleanPass] = {}
+        self.grads: dict[str, torch.Tensor] = {}  # concept -> d log p(T) / d a, [n_layers, d_mlp] (AtP)
         for rc in spec.concepts:
             vector = concept_vector(self.model, rc.concept.examples, concept=rc.concept.name)
             self.clean[rc.concept.name] = clean_pass(self.model, vector, rc.targets.ids)
@@ -106,13 +108,11 @@ class ShardScorer:
         """Rows (SHARD_SCHEMA) of one shard: every concept x ablation x neuron."""
         columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
         n = len(shard.neurons)
-        engine = NEAT_ENGINES[self.spec.dtype]  # float32: exact; bf16: difference propagation
         for rc in self.spec.concepts:
             clean = self.clean[rc.concept.name]
             activation = clean.acts[shard.layer, shard.start:shard.stop].float().cpu()
             for mode in self.spec.ablations:
-                effect = engine(self.model, clean, rc.targets.ids, shard.layer, shard.neurons,
-                                self.ablate_to[mode][shard.layer], batch_rows=self.spec.batch_rows)
+                effect = self._effects(shard, rc, self.ablate_to[mode][shard.layer])
                 columns["model"] += [self.spec.model.name] * n
                 columns["model_revision"] += [self.spec.model.revision] * n
                 columns["concept"] += [rc.concept.name] * n
@@ -125,6 +125,16 @@ class ShardScorer:
                 columns["effect"] += effect.tolist()
                 columns["activation"] += activation.tolist()
         return pa.table(columns, schema=SHARD_SCHEMA)
+
+    def _effects(self, shard: Shard, rc: ResolvedConcept, ablate_to: torch.Tensor) -> torch.Tensor:  # [n]
+        clean = self.clean[rc.concept.name]
+        if shard.method == "atp":
+            if rc.concept.name not in self.grads:  # one backward per concept serves every layer
+                self.grads[rc.concept.name] = log_p_gradients(self.model, clean, rc.targets.ids)
+            return atp_effects(self.grads[rc.concept.name], clean, shard.layer, shard.neurons, ablate_to)
+        engine = NEAT_ENGINES[self.spec.dtype]  # float32: exact; bf16: difference propagation
+        return engine(self.model, clean, rc.targets.ids, shard.layer, shard.neurons, ablate_to,
+                      batch_rows=self.spec.batch_rows)
 
     def score(self, shard: Shard) -> ShardResult:
         started = time.perf_counter()

@@ -135,3 +135,18 @@ def test_query_and_sql_commands_on_a_committed_run(tmp_path, tiny_sources, capsy
                  "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ["n", str(2 * 128)]  # tiny GPT-2: 2 layers x 128 neurons
     assert main(["sql", "--atlas", str(atlas), "COPY neurons TO '/tmp/x.csv'"]) == 2
+
+
+def test_neat_and_atp_in_one_run(tmp_path, tiny_sources, capsys):
+    atlas = tmp_path / "atlas"
+    plan = resolve_job(make_config(tmp_path, tiny_sources["llama"], atlas=atlas, run_id="two",
+                                   methods=["neat", "atp"], ablation="zero"))
+    assert {s.method for s in plan.shards} == {"neat", "atp"}
+    run_job(plan)
+    table = open_neurons(str(atlas)).to_pyarrow_table()
+    for method in ("neat", "atp"):
+        rows = table.filter(pc.equal(table["method"], method))
+        assert rows.num_rows == 2 * 2 * 96 and sorted(set(rows["rank"].to_pylist()))[:3] == [1, 2, 3]
+    assert main(["query", "--atlas", str(atlas), "--concept", "music", "--method", "atp", "--top", "3",
+                 "--format", "json"]) == 0
+    assert [r["method"] for r in json.loads(capsys.readouterr().out)] == ["atp"] * 3

@@ -1,0 +1,53 @@
+"""Attribution patching: its gradients are the true derivatives, and its ranking tracks exact NEAT."""
+from __future__ import annotations
+
+import torch
+
+from attribution.atp import atp_effects, log_p_gradients
+from attribution.masking import NeuronMask, masked
+from attribution.neat import clean_pass, concept_vector, log_p_targets, neat_effects
+
+EXAMPLES = ["The king wore a golden crown.", "The queen sat on her throne in the palace."]
+
+
+def _setup(model, words=("king", "queen", "crown")):
+    targets = tuple(model.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words)
+    return targets, clean_pass(model, concept_vector(model, EXAMPLES), targets)
+
+
+def test_gradients_equal_central_finite_differences(tiny_models):
+    model = tiny_models["gpt2"]
+    targets, clean = _setup(model)
+    grads = log_p_gradients(model, clean, targets)  # [n_layers, d_mlp]
+    embeds = clean.vector.view(1, 1, -1)
+    eps = 1e-2
+    for layer, neuron in ((0, 3), (1, 40), (3, 77)):
+        a = float(clean.acts[layer, neuron])
+        values = []
+        for shifted in (a + eps, a - eps):  # set the neuron to a +- eps: a central difference
+            with masked(model, NeuronMask(layer, (neuron,), (shifted,))), torch.no_grad():
+                logits = model.hf(inputs_embeds=embeds).logits[:, -1].double()
+            values.append(float(log_p_targets(logits, torch.tensor(targets))[0]))
+        numeric = (values[0] - values[1]) / (2 * eps)
+        assert abs(float(grads[layer, neuron]) - numeric) <= 2e-3 * max(1.0, abs(numeric)), (layer, neuron)
+
+
+def test_atp_effect_is_the_first_order_term(tiny_models):
+    model = tiny_models["llama"]
+    targets, clean = _setup(model)
+    grads = log_p_gradients(model, clean, targets)
+    zeros = torch.zeros(model.d_mlp)
+    estimate = atp_effects(grads, clean, 2, range(10, 20), zeros)
+    assert torch.allclose(estimate, -clean.acts[2, 10:20] * grads[2, 10:20])
+
+
+def test_atp_ranking_tracks_exact_neat_on_smollm2(smollm2):
+    targets, clean = _setup(smollm2, ("king", "queen", "crown", "throne"))
+    grads = log_p_gradients(smollm2, clean, targets)
+    zeros = torch.zeros(smollm2.d_mlp)
+    exact = neat_effects(smollm2, clean, targets, 15, range(1536), zeros).abs()
+    estimate = atp_effects(grads, clean, 15, range(1536), zeros).abs()
+    ranks = torch.stack([exact.argsort().argsort(), estimate.argsort().argsort()]).double()
+    assert float(torch.corrcoef(ranks)[0, 1]) > 0.95  # measured 0.979 here, 0.9996 for the royalty concept
+    top = set(exact.topk(50).indices.tolist()) & set(estimate.topk(50).indices.tolist())
+    assert len(top) >= 40

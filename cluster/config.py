@@ -45,11 +45,20 @@ class JobConfig:
     batch_rows: int = 512  # rows per forward (one clean row + ablations)
     shard_neurons: int = 512  # shard size, in neurons of the most expensive layer (layer 0)
     source: str = "<flags>"  # the config file, for error messages
+    # delta-rs/object_store options for the atlas (AWS_ENDPOINT_URL, AWS_REGION, keys...); None: the
+    # standard AWS environment and profile chain. Never printed (repr=False) nor stored (snapshot).
+    storage_options: dict[str, str] | None = field(default=None, repr=False)
 
     def snapshot(self) -> dict[str, Any]:
-        """The config as plain data, for the run's metadata."""
+        """The config as plain data, for the run's metadata; credentials in storage_options redacted."""
+        from storage.location import redact_options
+
         data = asdict(self)
         data["layers"] = "all" if self.layers is None else list(self.layers)
+        if self.storage_options is None:
+            del data["storage_options"]  # configs without it keep their default run ids
+        else:
+            data["storage_options"] = redact_options(self.storage_options)
         return data
 
 
@@ -164,7 +173,29 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
             if not _is_int(data[key]) or data[key] < minimum:
                 raise _fail(source, key, data[key], f"an integer >= {minimum}")
             out[key] = data[key]
+    if data.get("storage_options") is not None:
+        out["storage_options"] = _parse_storage_options(source, data["storage_options"])
     return JobConfig(**out)
+
+
+def _parse_storage_options(source: str, value: object) -> dict[str, str]:
+    """A mapping of option names to strings (numbers and booleans become strings); values never echoed."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"config {source}: key 'storage_options' must be a mapping of option names to "
+                          f"strings (e.g. AWS_ENDPOINT_URL, AWS_REGION), got {type(value).__name__}")
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"config {source}: key 'storage_options' has an option name {key!r}: expected a string")
+        if isinstance(item, bool):
+            item = "true" if item else "false"
+        elif _is_int(item) or isinstance(item, float):
+            item = str(item)
+        if not isinstance(item, str):  # the value may be a secret: name its type, not its content
+            raise ConfigError(f"config {source}: key 'storage_options.{key}' must be a string, "
+                              f"got {type(item).__name__}")
+        out[key] = item
+    return out
 
 
 def check_run_id(source: str, value: object) -> str:

@@ -41,7 +41,7 @@ class RunSummary:
 
 def todo_shards(plan: JobPlan) -> tuple[list[Shard], int]:
     """Shards without a whole staged file of the planned row count (resume), and how many are done."""
-    staged = staged_shards(plan.config.atlas, run_id=plan.run_id)
+    staged = staged_shards(plan.config.atlas, run_id=plan.run_id, storage_options=plan.config.storage_options)
     todo = [s for s in plan.shards if staged.get(s.shard_id) != plan.shard_rows(s)]
     return todo, len(plan.shards) - len(todo)
 
@@ -118,7 +118,7 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
     import ray
 
     cfg = plan.config
-    if run_committed(cfg.atlas, plan.run_id):
+    if run_committed(cfg.atlas, plan.run_id, storage_options=cfg.storage_options):
         raise RunError(f"run {plan.run_id!r} is already committed in atlas {cfg.atlas}: choose another --run-id")
     started = time.perf_counter()
     todo, resumed = todo_shards(plan)
@@ -137,13 +137,15 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
         progress.restart()  # rates count scoring time, not Ray start-up and model loading
         results = _score_all(plan, actors, todo, progress)
         progress.close()
-        rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards])
+        rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
+                           storage_options=cfg.storage_options)
         if rows.num_rows != plan.total_rows:
             raise RunError(f"run {plan.run_id}: staged {rows.num_rows} rows, planned {plan.total_rows}")
         wall = time.perf_counter() - started
         metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall)
-        version = commit_run(cfg.atlas, rows, run_id=plan.run_id, metadata=metadata)
-        delete_staging(cfg.atlas, run_id=plan.run_id)
+        version = commit_run(cfg.atlas, rows, run_id=plan.run_id, metadata=metadata,
+                             storage_options=cfg.storage_options)
+        delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
     finally:
         for actor in actors:
             ray.kill(actor)

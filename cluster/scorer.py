@@ -32,14 +32,14 @@ class ScorerSpec:
     dtype: str
     threads: int
     batch_rows: int
-    storage_options: dict | None = None
+    storage_options: dict | None = field(default=None, repr=False)  # may hold credentials: never printed
 
     @classmethod
     def from_plan(cls, plan: JobPlan) -> "ScorerSpec":
         cfg = plan.config
         return cls(model=plan.model, concepts=plan.concepts, ablations=cfg.ablation, run_id=plan.run_id,
                    atlas=cfg.atlas, device=cfg.device, dtype=cfg.dtype, threads=cfg.cluster.cpus_per_actor,
-                   batch_rows=cfg.batch_rows)
+                   batch_rows=cfg.batch_rows, storage_options=cfg.storage_options)
 
 
 @dataclass(frozen=True)

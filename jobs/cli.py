@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="built-in model aliases or concepts")
     listing.add_argument("what", choices=("models", "concepts"))
+    from jobs.atlas_commands import register  # atlas, neuron, diff; --as-of on query and sql
+
+    for name, handler in register(sub).items():
+        sub.choices[name].set_defaults(handler=handler)
     return parser
 
 
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"run": cmd_run, "query": cmd_query, "sql": cmd_sql, "runs": cmd_runs, "list": cmd_list}
     try:
-        return handlers[args.command](args)
+        return (getattr(args, "handler", None) or handlers[args.command])(args)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was committed", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -129,7 +133,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UsageError(f"--top {args.top}: expected a positive number of neurons")
     table = top_neurons(args.atlas, concept=args.concept, model=args.model, method=args.method,
-                        ablation=args.ablation, run_id=args.run_id, top=args.top)
+                        ablation=args.ablation, run_id=args.run_id, top=args.top, as_of=args.as_of)
     if args.format == "table" and table.num_rows:
         # A person reads the ranking; what is the same on every row goes into one line on stderr.
         first = table.slice(0, 1).to_pylist()[0]
@@ -143,7 +147,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     from storage.read import sql_query
 
-    write_table(sql_query(args.atlas, args.query), args.format)
+    write_table(sql_query(args.atlas, args.query, run_id=args.run_id, as_of=args.as_of), args.format)
     return 0
 
 

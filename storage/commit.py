@@ -22,7 +22,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 from deltalake.transaction import CommitProperties, Transaction
 
 from storage.errors import AtlasError
-from storage.location import NEURONS, RUNS, delta_options, normalize_uri, table_uri
+from storage.location import NEURONS, RUNS, delta_options, normalize_uri, secret_values, table_uri
 from storage.schema import ATLAS_SCHEMA, ROW_KEY, RUNS_SCHEMA, SHARD_SCHEMA, check_keys, check_schema, validate_name
 
 APP_ID = "neuron-atlas"
@@ -75,9 +75,14 @@ def _open(uri: str, options: dict | None) -> DeltaTable | None:
 
 
 def _create(uri: str, schema: pa.Schema, *, partition_by: list[str] | None, options: dict | None) -> None:
-    """Create the empty table (version 0) unless it exists; losing a creation race is fine."""
+    """Create the empty table (version 0) unless it exists; losing a creation race is fine.
+
+    No commit retries: a retried create lands as a second CREATE TABLE version (new table id) when
+    two writers race to create the atlas (seen with delta-rs 1.6 on S3).
+    """
     try:
-        DeltaTable.create(uri, schema, mode="ignore", partition_by=partition_by, storage_options=options)
+        DeltaTable.create(uri, schema, mode="ignore", partition_by=partition_by, storage_options=options,
+                          commit_properties=CommitProperties(max_commit_retries=0))
     except DeltaError as e:
         if _open(uri, options) is None:
             raise AtlasError(f"cannot create the atlas table {uri}: {e}") from e
@@ -175,6 +180,10 @@ def commit_run(
     concepts = [validate_name("concept", c) for c in _sorted_unique(rows, "concept")]
     _check_unique(rows, what)
     metadata_json = _metadata_json(metadata, run_id)
+    if any(secret in metadata_json for secret in secret_values(storage_options)):
+        # The metadata goes into the commit log and the runs table, readable by anyone who reads the atlas.
+        raise AtlasError(f"metadata of run {run_id!r} contains a credential from storage_options; "
+                         "redact it (storage.location.redact_options) before committing")
 
     uri = normalize_uri(atlas_uri)
     options = delta_options(storage_options)

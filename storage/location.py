@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import os
+import re
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.utils import get_protocol
@@ -29,7 +31,17 @@ _S3FS_OPTIONS = {
     "endpoint": "endpoint_url",
 }
 _S3FS_REGION = ("aws_region", "region", "aws_default_region")
+_S3FS_PROFILE = ("aws_profile", "profile")
 _TRUE = ("true", "1", "yes")
+
+# Options that name where and how to connect, never who: shown as they are in config snapshots and
+# run metadata. Every other option (keys, secrets, tokens, anything unknown) is redacted.
+_PUBLIC_OPTIONS = re.compile(
+    r"^(aws_)?(s3_)?(endpoint(_url)?|region|default_region|allow_http|conditional_put|copy_if_not_exists|"
+    r"allow_unsafe_rename|locking_provider|virtual_hosted_style_request|profile|skip_signature|"
+    r"max_retries|retry_timeout|timeout|connect_timeout|allow_invalid_certificates|unsigned_payload)$"
+)
+REDACTED = "<redacted>"
 
 
 def normalize_uri(uri: str | os.PathLike) -> str:
@@ -53,18 +65,47 @@ def delta_options(storage_options: dict | None) -> dict[str, str] | None:
     return {str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in storage_options.items()}
 
 
-def _fsspec_options(protocol: str, storage_options: dict | None) -> dict:
+def redact_options(storage_options: dict | None) -> dict[str, str] | None:
+    """`storage_options` safe to print or store: secrets (and any unknown option) become REDACTED.
+
+    Endpoints keep their host but lose any user:password part.
+    """
     if not storage_options:
-        return {}
-    if protocol not in ("s3", "s3a"):
-        return dict(storage_options)
-    options: dict = {}
+        return None
+    shown: dict[str, str] = {}
     for key, value in storage_options.items():
+        low = str(key).lower()
+        if _PUBLIC_OPTIONS.match(low) is None:
+            shown[str(key)] = REDACTED
+        elif "endpoint" in low:
+            parts = urlsplit(str(value))
+            host = parts.netloc.rsplit("@", 1)[-1]
+            shown[str(key)] = urlunsplit(parts._replace(netloc=host))
+        else:
+            shown[str(key)] = str(value)
+    return shown
+
+
+def secret_values(storage_options: dict | None) -> list[str]:
+    """The values `redact_options` hides (long enough to be credentials), to keep them out of stored data."""
+    hidden = redact_options(storage_options) or {}
+    return [str(v) for k, v in (storage_options or {}).items() if hidden.get(str(k)) == REDACTED and len(str(v)) >= 4]
+
+
+def _fsspec_options(protocol: str, storage_options: dict | None) -> dict:
+    if protocol not in ("s3", "s3a"):
+        return dict(storage_options or {})
+    # A fresh s3fs instance per call: fsspec caches instances by their arguments, and an empty
+    # argument list would otherwise keep serving an instance made under other AWS_* variables.
+    options: dict = {"skip_instance_cache": True}
+    for key, value in (storage_options or {}).items():
         low = key.lower()
         if low in _S3FS_OPTIONS:
             options[_S3FS_OPTIONS[low]] = value
         elif low in _S3FS_REGION:
             options.setdefault("client_kwargs", {})["region_name"] = value
+        elif low in _S3FS_PROFILE:
+            options["profile"] = value
         elif low in ("aws_skip_signature", "skip_signature") and str(value).lower() in _TRUE:
             options["anon"] = True
     return options

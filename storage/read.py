@@ -6,29 +6,68 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from datetime import datetime, timezone
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 from deltalake import DeltaTable
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from storage.errors import AmbiguousModelError, AtlasError, UnknownConceptError
 from storage.location import NEURONS, RUNS, delta_options, normalize_uri, table_uri
 from storage.schema import ATLAS_SCHEMA, RUNS_SCHEMA, validate_name
 
 
-def _open(uri: str, name: str, storage_options: dict | None) -> DeltaTable | None:
+AsOf = int | str | datetime | None
+
+
+def parse_as_of(value: AsOf) -> int | datetime | None:
+    """An atlas version (int, or a string of digits) or a point in time (ISO 8601; naive means UTC)."""
+    if value is None or isinstance(value, datetime) or (isinstance(value, int) and not isinstance(value, bool)):
+        moment = value
+    elif isinstance(value, str) and re.fullmatch(r"\d+", value.strip()):
+        moment = int(value)
+    else:
+        try:
+            moment = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise AtlasError(f"as-of {value!r} is neither a version number nor an ISO 8601 time "
+                             "such as 2026-11-22T07:00:00Z") from None
+    if isinstance(moment, int) and moment < 0:
+        raise AtlasError(f"as-of version {moment} must be >= 0")
+    if isinstance(moment, datetime) and moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment
+
+
+def _open(uri: str, name: str, storage_options: dict | None, as_of: AsOf = None) -> DeltaTable | None:
+    where = table_uri(uri, name)
     try:
-        return DeltaTable(table_uri(uri, name), storage_options=delta_options(storage_options))
+        dt = DeltaTable(where, storage_options=delta_options(storage_options))
     except TableNotFoundError:
         return None
+    except (DeltaError, OSError) as e:
+        raise AtlasError(f"cannot read the atlas table {where}: {e}") from e
+    moment = parse_as_of(as_of)
+    if moment is not None:
+        latest = dt.version()
+        if isinstance(moment, int) and moment > latest:
+            raise AtlasError(f"as-of version {moment} is not in the atlas at {uri}: versions 0..{latest}")
+        try:
+            dt.load_as_version(moment)
+        except (DeltaError, OSError, ValueError) as e:
+            raise AtlasError(f"as-of {as_of!r}: the atlas at {uri} has no such version ({e})") from e
+    return dt
 
 
-def open_neurons(atlas_uri: str | os.PathLike, storage_options: dict | None = None) -> DeltaTable | None:
-    """The `neurons` Delta table at its latest version, or None when the atlas has none yet."""
-    return _open(normalize_uri(atlas_uri), NEURONS, storage_options)
+def open_neurons(
+    atlas_uri: str | os.PathLike, storage_options: dict | None = None, *, as_of: AsOf = None
+) -> DeltaTable | None:
+    """The `neurons` Delta table at its latest version (or `as_of` a version or time), None if absent."""
+    return _open(normalize_uri(atlas_uri), NEURONS, storage_options, as_of)
 
 
 def _latest(heads: pa.Table) -> str:
@@ -47,16 +86,18 @@ def top_neurons(
     run_id: str | None = None,
     top: int = 20,
     storage_options: dict | None = None,
+    as_of: AsOf = None,
 ) -> pa.Table:
     """The `top` highest-ranked neurons of a concept (ATLAS_SCHEMA rows, by ablation then rank).
 
     By default from the latest run (newest created_at) holding the concept for this model, method
-    and, if given, ablation; `ablation=None` returns every ablation of that run.
+    and, if given, ablation; `ablation=None` returns every ablation of that run. `as_of` (a version
+    or a time) reads the atlas as it was then.
     """
     if not isinstance(top, int) or top < 1:
         raise AtlasError(f"top {top!r} must be a positive integer")
     uri = normalize_uri(atlas_uri)
-    dt = open_neurons(uri, storage_options)
+    dt = open_neurons(uri, storage_options, as_of=as_of)
     if dt is None:
         raise UnknownConceptError(
             f"concept {concept!r} is not in the atlas at {uri}: it has no committed runs yet", available=[]
@@ -115,12 +156,20 @@ def top_neurons(
     return rows.select(ATLAS_SCHEMA.names).cast(ATLAS_SCHEMA)
 
 
-def list_runs(atlas_uri: str | os.PathLike, storage_options: dict | None = None) -> pa.Table:
-    """The `runs` table (RUNS_SCHEMA), newest commit first; empty when the atlas has no runs."""
-    dt = _open(normalize_uri(atlas_uri), RUNS, storage_options)
+def list_runs(atlas_uri: str | os.PathLike, storage_options: dict | None = None, *, as_of: AsOf = None) -> pa.Table:
+    """The `runs` table (RUNS_SCHEMA), newest commit first; empty when the atlas has no runs.
+
+    With `as_of`, only the runs whose rows were committed at or before that `neurons` version or time.
+    """
+    uri = normalize_uri(atlas_uri)
+    dt = _open(uri, RUNS, storage_options)
     if dt is None:
         return RUNS_SCHEMA.empty_table()
     runs = dt.to_pyarrow_dataset().to_table()
+    if as_of is not None:
+        neurons = open_neurons(uri, storage_options, as_of=as_of)
+        limit = neurons.version() if neurons is not None else -1
+        runs = runs.filter(pc.less_equal(runs.column("neurons_version"), limit))
     return runs.sort_by([("neurons_version", "descending")]).select(RUNS_SCHEMA.names).cast(RUNS_SCHEMA)
 
 
@@ -168,18 +217,55 @@ def _check_select(query: str) -> None:
         )
 
 
-def sql_query(atlas_uri: str | os.PathLike, query: str, storage_options: dict | None = None) -> pa.Table:
-    """Run one read-only SELECT in DuckDB over the views `neurons`, `latest` and `runs`."""
-    _check_select(query)
+def connect_views(
+    atlas_uri: str | os.PathLike,
+    storage_options: dict | None = None,
+    *,
+    run_id: str | None = None,
+    as_of: AsOf = None,
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the views `neurons`, `latest` and `runs` over the atlas.
+
+    `run_id` narrows `neurons` (and so `latest`) to one run's rows; `as_of` reads the atlas as it was
+    at a version or time. The views scan Arrow datasets built from the Delta log (filters push down).
+    """
     uri = normalize_uri(atlas_uri)
-    neurons = open_neurons(uri, storage_options)
-    runs = _open(uri, RUNS, storage_options)
+    neurons = open_neurons(uri, storage_options, as_of=as_of)
+    runs = list_runs(uri, storage_options, as_of=as_of)
+    if run_id is not None:
+        validate_name("run", run_id)
+        known = runs.column("run_id").to_pylist()
+        if run_id not in known:
+            when = f" as of {as_of}" if as_of is not None else ""
+            raise AtlasError(f"run {run_id!r} is not in the atlas at {uri}{when}; runs (newest first): "
+                             f"{', '.join(known[:10]) or 'none'}")
     con = duckdb.connect(":memory:")
     try:
-        # Arrow datasets read through the Delta log; DuckDB scans them lazily with filter pushdown.
-        con.register("neurons", neurons.to_pyarrow_dataset() if neurons is not None else ATLAS_SCHEMA.empty_table())
-        con.register("runs", runs.to_pyarrow_dataset() if runs is not None else RUNS_SCHEMA.empty_table())
+        con.register("atlas_neurons",
+                     neurons.to_pyarrow_dataset() if neurons is not None else ATLAS_SCHEMA.empty_table())
+        con.register("atlas_runs", runs)
+        where = f" WHERE run_id = '{run_id}'" if run_id is not None else ""  # a validated slug
+        con.execute(f"CREATE VIEW neurons AS SELECT * FROM atlas_neurons{where}")
+        con.execute("CREATE VIEW runs AS SELECT * FROM atlas_runs")
         con.execute(_LATEST_VIEW)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def sql_query(
+    atlas_uri: str | os.PathLike,
+    query: str,
+    storage_options: dict | None = None,
+    *,
+    run_id: str | None = None,
+    as_of: AsOf = None,
+) -> pa.Table:
+    """Run one read-only SELECT in DuckDB over the views `neurons`, `latest` and `runs`."""
+    _check_select(query)
+    con = connect_views(atlas_uri, storage_options, run_id=run_id, as_of=as_of)
+    try:
         for statement in _LOCKDOWN:
             con.execute(statement)
         try:

@@ -1,0 +1,134 @@
+"""`neuron-atlas atlas history|vacuum`, `neuron`, `diff`, and the `--as-of` / `--run` flags of `query`
+and `sql`. Storage options come from the standard AWS environment and profile chain (AWS_ENDPOINT_URL,
+AWS_REGION, AWS_PROFILE, ...): never from flags, which other users of the machine can read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+AS_OF_HELP = "read the atlas as of a version number or an ISO 8601 time (e.g. 2026-11-22T07:00:00Z)"
+
+
+def register(sub) -> dict:
+    """Add the atlas commands to the `neuron-atlas` subparsers, and the time-travel flags to the
+    existing `query` and `sql` parsers. Returns command name -> handler."""
+    formats = ("table", "json", "csv")
+    if "query" in sub.choices:
+        sub.choices["query"].add_argument("--as-of", help=AS_OF_HELP)
+    if "sql" in sub.choices:
+        sub.choices["sql"].add_argument("--run", dest="run_id", help="views show only this run's rows")
+        sub.choices["sql"].add_argument("--as-of", help=AS_OF_HELP)
+
+    atlas = sub.add_parser("atlas", help="atlas versions and clean-up")
+    atlas_sub = atlas.add_subparsers(dest="atlas_command", required=True)
+    history = atlas_sub.add_parser("history", help="versions, newest first: run, model, revision, concepts, rows, time")
+    history.add_argument("--atlas", required=True)
+    history.add_argument("--limit", type=int, help="only the newest N versions")
+    history.add_argument("--format", choices=formats, default="table")
+    vacuum = atlas_sub.add_parser("vacuum", help="remove files no version references (crashed writers, stale staging)")
+    vacuum.add_argument("--atlas", required=True)
+    vacuum.add_argument("--retention-hours", type=int, default=168,
+                        help="only files older than this (default 168); must exceed the longest job")
+    vacuum.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    vacuum.add_argument("--format", choices=formats[:2], default="table")
+
+    neuron = sub.add_parser("neuron", help="a neuron's passport: every concept it ranks in the top k for")
+    neuron.add_argument("--atlas", required=True)
+    neuron.add_argument("--layer", type=int, required=True)
+    neuron.add_argument("--neuron", type=int, required=True)
+    neuron.add_argument("--model")
+    neuron.add_argument("--k", type=int, default=100, help="top-k cut (default 100)")
+    neuron.add_argument("--run", dest="run_id", help="a specific run instead of the latest per concept")
+    neuron.add_argument("--as-of", help=AS_OF_HELP)
+    neuron.add_argument("--format", choices=formats, default="table")
+
+    diff = sub.add_parser("diff", help="how a concept's top-k and ranking moved between two runs")
+    diff.add_argument("--atlas", required=True)
+    diff.add_argument("--concept", required=True)
+    diff.add_argument("--run-a", required=True)
+    diff.add_argument("--run-b", required=True)
+    diff.add_argument("--k", type=int, default=100, help="top-k cut (default 100)")
+    diff.add_argument("--method", default="neat")
+    diff.add_argument("--ablation", help="needed when the runs share several")
+    diff.add_argument("--format", choices=formats, default="table")
+    return {"atlas": cmd_atlas, "neuron": cmd_neuron, "diff": cmd_diff}
+
+
+def _usage(message: str) -> Exception:
+    from jobs.cli import UsageError
+
+    return UsageError(message)
+
+
+def cmd_atlas(args: argparse.Namespace) -> int:
+    from jobs.cli import write_table
+
+    if args.atlas_command == "history":
+        from storage.history import atlas_history
+
+        if args.limit is not None and args.limit < 1:
+            raise _usage(f"--limit {args.limit}: expected a positive number of versions")
+        write_table(atlas_history(args.atlas, limit=args.limit), args.format)
+        return 0
+    from storage.history import vacuum_atlas
+
+    if args.retention_hours < 0:
+        raise _usage(f"--retention-hours {args.retention_hours}: expected a number of hours >= 0")
+    if args.retention_hours < 24 and not args.dry_run:
+        print(f"warning: retention {args.retention_hours} h: files of a job still writing to this atlas "
+              "would be removed as orphans", file=sys.stderr)
+    report = vacuum_atlas(args.atlas, retention_hours=args.retention_hours, dry_run=args.dry_run)
+    if args.format == "json":
+        print(json.dumps(report.as_dict()))
+        return 0
+    verb = "would remove" if report.dry_run else "removed"
+    for name, files in (("neurons", report.neurons_files), ("runs", report.runs_files)):
+        for path in files:
+            print(f"{name}/{path}")
+    for run_id in report.staging_runs:
+        print(f"_staging/{run_id}/")
+    files = len(report.neurons_files) + len(report.runs_files)
+    print(f"{verb} {files} unreferenced data file{'s' if files != 1 else ''} and "
+          f"{len(report.staging_runs)} staging director{'ies' if len(report.staging_runs) != 1 else 'y'} "
+          f"older than {report.retention_hours} h from {report.atlas}", file=sys.stderr)
+    return 0
+
+
+def cmd_neuron(args: argparse.Namespace) -> int:
+    from jobs.cli import write_table
+    from storage.atlas import Atlas
+
+    if args.k < 1:
+        raise _usage(f"--k {args.k}: expected a positive number of neurons")
+    table = Atlas.open(args.atlas).passport(args.layer, args.neuron, model=args.model, k=args.k, run=args.run_id,
+                                            as_of=args.as_of)
+    if args.format == "table":
+        if table.num_rows:
+            first = table.slice(0, 1).to_pylist()[0]
+            print(f"{first['model']} layer {args.layer} neuron {args.neuron}: top-{args.k} in {table.num_rows} "
+                  f"(concept, method, ablation)", file=sys.stderr)
+        table = table.select(["concept", "method", "ablation", "rank", "score", "effect", "activation", "run_id"])
+    write_table(table, args.format)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from jobs.cli import write_table
+    from storage.atlas import Atlas
+
+    if args.k < 1:
+        raise _usage(f"--k {args.k}: expected a positive number of neurons")
+    diff = Atlas.open(args.atlas).diff(args.run_a, args.run_b, args.concept, k=args.k, method=args.method,
+                                       ablation=args.ablation)
+    if args.format == "json":
+        print(json.dumps(diff.as_dict()))
+        return 0
+    print(diff.summary(), file=sys.stderr)
+    changes = [t.append_column("change", pa.repeat(pa.scalar(word), t.num_rows))
+               for t, word in ((diff.entered, "entered"), (diff.left, "left"))]
+    write_table(pa.concat_tables(changes), args.format)
+    return 0

@@ -6,6 +6,7 @@ An interrupted run leaves only staged files: re-running the same run id recomput
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -17,6 +18,12 @@ from storage.commit import commit_run, run_committed
 from storage.staging import delete_staging, read_staged, staged_shards
 
 IN_FLIGHT_PER_ACTOR = 2  # one computing, one queued: no idle gap between shards
+# At-least-once (DESIGN.md section 6). An actor whose process dies (node lost, OOM kill, crash) is
+# restarted up to ACTOR_RESTARTS times and Ray re-runs its unfinished shards on it (max_task_retries);
+# a shard whose code raises is resubmitted by the driver to the next free actor. Either way a shard
+# runs at most SHARD_TRIES times before the run fails, naming it; retried shards rewrite the same file.
+SHARD_TRIES = 3
+ACTOR_RESTARTS = 4
 
 
 class RunError(RuntimeError):
@@ -47,15 +54,21 @@ def todo_shards(plan: JobPlan) -> tuple[list[Shard], int]:
 
 
 def _connect_ray(plan: JobPlan) -> bool:
-    """Connect to the configured cluster or start a local one; True when this call started Ray."""
+    """Connect to the configured cluster, or to the cluster of the Ray job this driver runs in
+    (RAY_ADDRESS, set by `neuron-atlas submit`), or start a local one; True when this call started Ray."""
     import ray
 
     if ray.is_initialized():
         return False
     cluster = plan.config.cluster
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **_forwarded_env()}}
-    if cluster.address:
-        ray.init(address=cluster.address, runtime_env=env, logging_level="ERROR", log_to_driver=False)
+    # Inside a Ray job the job's runtime env already sets some variables; ray.init refuses to merge
+    # a runtime env that sets them again, so pass only the others.
+    job_vars = _job_env_var_names()
+    env_vars = {k: v for k, v in {"TOKENIZERS_PARALLELISM": "false", **_forwarded_env()}.items() if k not in job_vars}
+    env = {"env_vars": env_vars}
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env, logging_level="ERROR", log_to_driver=False)
     else:
         cpus = max(os.cpu_count() or 1, cluster.actors * cluster.cpus_per_actor)
         ray.init(num_cpus=cpus, num_gpus=None, object_store_memory=256 * 1024**2, include_dashboard=False,
@@ -68,44 +81,97 @@ def _forwarded_env() -> dict[str, str]:
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
+def _job_env_var_names() -> set[str]:
+    """Environment variables set by the runtime env of the Ray job this process runs in, if any."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        return set(json.loads(raw).get("runtime_env", {}).get("env_vars", {}) or {})
+    except (ValueError, AttributeError):
+        return set()
+
+
+def _describe_cluster() -> str:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    res = ray.cluster_resources()
+    return (f"Ray cluster: {len(nodes)} node{'s' if len(nodes) != 1 else ''}, {res.get('CPU', 0):g} CPUs, "
+            f"{res.get('GPU', 0):g} GPUs")
+
+
 def _start_actors(plan: JobPlan, count: int):
     import ray
 
     cluster = plan.config.cluster
     spec = ScorerSpec.from_plan(plan)
     remote_cls = ray.remote(
-        num_cpus=cluster.cpus_per_actor, num_gpus=cluster.gpus_per_actor, max_restarts=2, max_task_retries=2,
+        num_cpus=cluster.cpus_per_actor, num_gpus=cluster.gpus_per_actor,
+        max_restarts=ACTOR_RESTARTS, max_task_retries=SHARD_TRIES - 1,
     )(ShardScorer)
     return [remote_cls.remote(spec) for _ in range(count)]
 
 
-def _score_all(plan: JobPlan, actors, shards: list[Shard], progress: Progress) -> list[ShardResult]:
+@dataclass
+class ActorSlot:
+    """One actor of the pool, across its restarts: when its shards finished and how long they computed."""
+
+    shards: int = 0
+    compute_seconds: float = 0.0
+    busy_until: float = 0.0  # seconds after scoring started when its last shard came back
+
+
+def _score_all(plan: JobPlan, actors, shards: list[Shard], progress: Progress) -> tuple[list[ShardResult], list[ActorSlot]]:
     """Keep IN_FLIGHT_PER_ACTOR shards queued on every actor until all are scored."""
     import ray
+    from ray.exceptions import RayTaskError
 
     pending = list(reversed(shards))
     in_flight: dict = {}
     results: list[ShardResult] = []
+    failures: dict[str, int] = {}
+    slots = [ActorSlot() for _ in actors]
+    started = time.perf_counter()
 
-    def submit(actor) -> None:
+    def submit(index: int) -> None:
         if pending:
             shard = pending.pop()
-            in_flight[actor.score.remote(shard)] = (actor, shard)
+            in_flight[actors[index].score.remote(shard)] = (index, shard)
 
-    for actor in actors:
+    for index in range(len(actors)):
         for _ in range(IN_FLIGHT_PER_ACTOR):
-            submit(actor)
+            submit(index)
     while in_flight:
         done, _ = ray.wait(list(in_flight), num_returns=1)
-        actor, shard = in_flight.pop(done[0])
+        index, shard = in_flight.pop(done[0])
         try:
             result = ray.get(done[0])
-        except Exception as err:  # the task raised, or its actor died more often than max_restarts
+        except RayTaskError as err:  # the shard's code raised: try it again, on whichever actor is free
+            failures[shard.shard_id] = failures.get(shard.shard_id, 0) + 1
+            if failures[shard.shard_id] >= SHARD_TRIES:
+                raise RunError(f"shard {shard.shard_id} failed after {SHARD_TRIES} tries: "
+                               f"{_error_name(err)}: {_first_line(err)}") from err
+            progress.message(f"shard {shard.shard_id} failed (try {failures[shard.shard_id]} of {SHARD_TRIES}): "
+                             f"{_error_name(err)}: {_first_line(err)}; retrying")
+            pending.append(shard)
+            submit(index)
+            continue
+        except Exception as err:  # its actor died more often than Ray retries (max_task_retries/max_restarts)
             raise RunError(f"shard {shard.shard_id} failed: {type(err).__name__}: {_first_line(err)}") from err
         results.append(result)
+        slot = slots[index]
+        slot.shards += 1
+        slot.compute_seconds += result.seconds
+        slot.busy_until = time.perf_counter() - started
         progress.update(result.rows, plan.shard_cost(shard))
-        submit(actor)
-    return results
+        submit(index)
+    return results, slots
+
+
+def _error_name(err: Exception) -> str:
+    cause = getattr(err, "cause", None)
+    return type(cause).__name__ if cause is not None else type(err).__name__
 
 
 def _first_line(err: Exception) -> str:
@@ -130,19 +196,20 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
         f"{len(plan.shards)} shards ({resumed} already staged), {actor_count} actors"
     )
     started_ray = _connect_ray(plan)
+    progress.message(_describe_cluster())
     actors = []
     try:
         actors = _start_actors(plan, actor_count)
         infos = ray.get([a.describe.remote() for a in actors])
         progress.restart()  # rates count scoring time, not Ray start-up and model loading
-        results = _score_all(plan, actors, todo, progress)
+        results, slots = _score_all(plan, actors, todo, progress)
         progress.close()
         rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
                            storage_options=cfg.storage_options)
         if rows.num_rows != plan.total_rows:
             raise RunError(f"run {plan.run_id}: staged {rows.num_rows} rows, planned {plan.total_rows}")
         wall = time.perf_counter() - started
-        metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall)
+        metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall, slots=slots)
         version = commit_run(cfg.atlas, rows, run_id=plan.run_id, metadata=metadata,
                              storage_options=cfg.storage_options)
         delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
@@ -159,8 +226,12 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
                       neuron_scores_per_second=round(computed / seconds, 1) if seconds else 0.0)
 
 
-def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: int, wall_seconds: float) -> dict:
-    """What the atlas records with the run: config, targets, base log p, versions, device, timings."""
+def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: int, wall_seconds: float,
+                 slots: list[ActorSlot] = ()) -> dict:
+    """What the atlas records with the run: config, targets, base log p, versions, device, timings.
+
+    Actors are keyed "host:pid"; an actor that Ray restarted appears again under its new pid.
+    """
     info, concepts = infos[0]
     per_actor: dict[str, dict] = {}
     for result in results:
@@ -172,8 +243,17 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
         entry = per_actor.setdefault(actor_info.actor, {"shards": 0, "rows": 0, "seconds": 0.0})
         entry.update(load_seconds=round(actor_info.load_seconds, 3),
                      prepare_seconds=round(actor_info.prepare_seconds, 3))
+    for entry in per_actor.values():
+        entry["seconds"] = round(entry["seconds"], 3)
         if entry["seconds"]:
             entry["neuron_scores_per_second"] = round(entry["rows"] / entry["seconds"], 1)
+    # Scheduling overhead: per actor slot, the wall time from the start of scoring to its last shard
+    # minus the time its shards computed (dispatch, result transfer, restarts after a failure).
+    busy = sum(slot.busy_until for slot in slots)
+    compute = sum(slot.compute_seconds for slot in slots)
+    scheduling = {"actor_wall_seconds": round(busy, 3), "compute_seconds": round(compute, 3),
+                  "overhead_seconds": round(busy - compute, 3),
+                  "overhead_share": round((busy - compute) / busy, 4) if busy else 0.0}
     return {
         "run_id": plan.run_id,
         "config": plan.config.snapshot(),
@@ -194,7 +274,7 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
         "shards": {"planned": len(plan.shards), "resumed": resumed, "computed": len(results)},
         "timings": {"wall_seconds": round(wall_seconds, 2),
                     "compute_seconds": round(sum(r.seconds for r in results), 2),
-                    "actors": per_actor},
+                    "actors": per_actor, "scheduling": scheduling},
         "warnings": list(plan.warnings),
     }
 

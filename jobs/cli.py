@@ -11,6 +11,7 @@ import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 # Quiet, offline library defaults for a command-line tool: no hub calls, no progress bars.
@@ -31,9 +32,10 @@ class UsageError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from attribution.errors import AttributionError
     from cluster.config import ConfigError
+    from cluster.submit import SubmitError
     from storage.errors import AtlasError
 
-    return (AttributionError, ConfigError, AtlasError, UsageError)
+    return (AttributionError, ConfigError, AtlasError, SubmitError, UsageError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="auto | cpu | cuda")
     run.add_argument("--dtype", help="float32")
     run.add_argument("--dry-run", action="store_true", help="print the resolved plan and run nothing")
+
+    submit = sub.add_parser("submit", help="submit the run to a Ray cluster (Ray Jobs API); prints the submission id")
+    submit.add_argument("config", help="job config YAML; its concept file travels with the job")
+    submit.add_argument("--address", help="Ray Jobs API, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    submit.add_argument("--run-id", help="run id = submission id (slug); a run id already submitted is refused")
+    submit.add_argument("--wait", action="store_true", help="follow the job's logs; exit 1 if it does not succeed")
+    for flag in ("--model", "--concepts", "--layers", "--atlas", "--device", "--dtype"):
+        submit.add_argument(flag, help=f"as for run ({flag})")
+    submit.add_argument("--actors", type=int, help="number of actors (model replicas)")
+    submit.add_argument("--method", dest="methods", action="append", help="as for run (repeatable)")
+    submit.add_argument("--ablation", action="append", help="as for run (repeatable)")
+    status = sub.add_parser("status", help="status of a submitted run (Ray Jobs API)")
+    status.add_argument("submission_id", metavar="ID", help="the run id printed by submit")
+    status.add_argument("--address", help="Ray Jobs API, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    status.add_argument("--format", choices=("table", "json"), default="table")
+    logs = sub.add_parser("logs", help="logs of a submitted run (Ray Jobs API)")
+    logs.add_argument("submission_id", metavar="ID", help="the run id printed by submit")
+    logs.add_argument("--address", help="Ray Jobs API, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
 
     query = sub.add_parser("query", help="top neurons of a concept from the latest committed run")
     query.add_argument("--atlas", required=True)
@@ -84,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "query": cmd_query, "sql": cmd_sql, "runs": cmd_runs, "list": cmd_list}
+    handlers = {"run": cmd_run, "query": cmd_query, "sql": cmd_sql, "runs": cmd_runs, "list": cmd_list,
+                "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs}
     try:
         return (getattr(args, "handler", None) or handlers[args.command])(args)
     except KeyboardInterrupt:
@@ -124,6 +146,66 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{summary.seconds:.1f} s, {summary.neuron_scores_per_second:,.0f} neuron scores/s, "
           f"atlas {summary.atlas}", file=sys.stderr)
     print(json.dumps(summary.as_dict()))
+    return 0
+
+
+def _jobs_address(args: argparse.Namespace) -> str:
+    address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS")
+    if not address:
+        raise UsageError("--address http://HEAD:8265 (the Ray Jobs API of the cluster's head) is required")
+    return address
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cluster.config import apply_overrides, load_job_config
+    from cluster.submit import follow_logs, submit_job, wait_for_job
+
+    address = _jobs_address(args)
+    config = apply_overrides(
+        load_job_config(args.config), model=args.model, concepts=args.concepts, layers=args.layers,
+        actors=args.actors, atlas=args.atlas, run_id=args.run_id, methods=args.methods,
+        ablation=args.ablation, device=args.device, dtype=args.dtype,
+    )
+    job = submit_job(config, address=address)
+    print(job.submission_id, flush=True)
+    print(f"submitted run {job.submission_id} to {address}: {job.entrypoint}\n"
+          f"  neuron-atlas status {job.submission_id} --address {address}\n"
+          f"  neuron-atlas logs {job.submission_id} --address {address} --follow", file=sys.stderr, flush=True)
+    if not args.wait:
+        return 0
+    try:
+        follow_logs(address, job.submission_id, sys.stderr)
+        state = wait_for_job(address, job.submission_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; job {job.submission_id} goes on on the cluster", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"job {job.submission_id} {state.status}: {state.message}", file=sys.stderr)
+    return 0 if state.status == "SUCCEEDED" else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster.submit import job_state
+
+    state = job_state(_jobs_address(args), args.submission_id)
+    if args.format == "json":
+        print(json.dumps(state.as_dict()))
+        return 0
+    stamp = lambda t: "" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
+    for key, value in (("run", state.submission_id), ("status", state.status), ("message", state.message),
+                       ("started", stamp(state.start_time)), ("ended", stamp(state.end_time)),
+                       ("entrypoint", state.entrypoint)):
+        print(f"{key:<11}{value}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from cluster.submit import follow_logs, job_logs
+
+    address = _jobs_address(args)
+    if args.follow:
+        follow_logs(address, args.submission_id, sys.stdout)
+    else:
+        sys.stdout.write(job_logs(address, args.submission_id))
     return 0
 
 

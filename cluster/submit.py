@@ -1,0 +1,200 @@
+"""Submit a job to a Ray cluster through the Ray Jobs API, and report on it.
+
+A thin layer over `ray.job_submission.JobSubmissionClient`. The job carries the project's packages
+and the job config (its concept file copied in) as its working directory; the entrypoint runs
+`python -m jobs.cli run` on the head node. The run id is the submission id: Ray refuses a second job
+with the same id, so a run id is never run twice on one cluster. Paths in the config that are not
+carried (the model directory, the atlas) must exist on the cluster's nodes, or be URLs.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TextIO
+
+import yaml
+
+from cluster.config import JobConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("attribution", "cluster", "jobs", "storage", "configs")  # configs: the neutral reference text
+JOB_DIR = "job"  # inside the working directory: config.yaml and the concept file it names
+# Submitted jobs never download: models come from the nodes' disks, tokenizers from their caches.
+JOB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+AUTH_HINT = ("set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+             "~/.ray/auth_token) in this shell, as on the cluster's nodes")
+
+
+class SubmitError(Exception):
+    """The cluster could not be reached, refused the request, or does not know the job."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    submission_id: str  # = the run id
+    address: str
+    entrypoint: str
+
+
+@dataclass(frozen=True)
+class JobState:
+    submission_id: str
+    status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
+    message: str
+    start_time: float | None  # seconds since the epoch
+    end_time: float | None
+    entrypoint: str
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("SUCCEEDED", "FAILED", "STOPPED")
+
+    def as_dict(self) -> dict:
+        return {"submission_id": self.submission_id, "status": self.status, "message": self.message,
+                "start_time": self.start_time, "end_time": self.end_time, "entrypoint": self.entrypoint}
+
+
+def submission_run_id(config: JobConfig) -> str:
+    """A run id for a submission without --run-id: UTC time and a hash of the config (as `run` does)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    digest = hashlib.sha256(json.dumps(config.snapshot(), sort_keys=True, default=str).encode())
+    return f"{stamp}-{digest.hexdigest()[:8]}"
+
+
+def job_config_data(config: JobConfig, *, concepts: str) -> dict:
+    """The config as YAML data for the cluster: every override applied, the concept file replaced by
+    `concepts`; no cluster address (the job's driver connects to the cluster it runs in)."""
+    data = config.snapshot()
+    data.pop("source", None)
+    data["concepts"] = concepts
+    data["methods"] = list(config.methods)
+    data["ablation"] = list(config.ablation)
+    data["cluster"] = {k: v for k, v in data["cluster"].items() if k != "address"}
+    return data
+
+
+def package_job(config: JobConfig, directory: Path) -> str:
+    """Write the job's working directory: the project packages, the config and its concept file.
+
+    Returns the config's path relative to `directory`.
+    """
+    for name in PACKAGES:
+        shutil.copytree(PROJECT_ROOT / name, directory / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    job = directory / JOB_DIR
+    job.mkdir()
+    concepts = config.concepts
+    if "://" not in concepts and Path(concepts).is_file():  # carried; otherwise it must exist on the head
+        shutil.copyfile(concepts, job / "concepts.yaml")
+        concepts = "concepts.yaml"
+    (job / "config.yaml").write_text(yaml.safe_dump(job_config_data(config, concepts=concepts), sort_keys=False))
+    return f"{JOB_DIR}/config.yaml"
+
+
+def _client(address: str):
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError as err:
+        raise SubmitError(f"the Ray cluster at {address} refused the request: {_first_line(err)}; {AUTH_HINT}") from None
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _call(address: str, what: str, fn, *args):
+    """Run one client request; turn Ray's errors into SubmitError with the address and job."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return fn(*args)
+    except AuthenticationError as err:
+        raise SubmitError(f"the Ray cluster at {address} refused the request: {_first_line(err)}; {AUTH_HINT}") from None
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        text = str(err)
+        if "does not exist" in text or "status code 404" in text:
+            raise SubmitError(f"no job {what!r} on the Ray cluster at {address}") from None
+        raise SubmitError(f"{what}: the Ray cluster at {address} answered: {_first_line(err)}") from None
+
+
+def _existing_job(client, address: str, submission_id: str):
+    try:
+        return _call(address, submission_id, client.get_job_info, submission_id)
+    except SubmitError as err:
+        if str(err).startswith("no job"):
+            return None
+        raise
+
+
+def submit_job(config: JobConfig, *, address: str, run_id: str | None = None) -> Submission:
+    """Submit the run to the cluster; the run id is the submission id. A used run id is refused."""
+    run_id = run_id or config.run_id or submission_run_id(config)
+    config = replace(config, run_id=run_id)
+    client = _client(address)
+    existing = _existing_job(client, address, run_id)
+    if existing is not None:
+        raise SubmitError(f"run id {run_id!r} was already submitted to the Ray cluster at {address} "
+                          f"(status {existing.status}): choose another --run-id")
+    with tempfile.TemporaryDirectory(prefix="neuron-atlas-job-") as tmp:
+        config_path = package_job(config, Path(tmp))
+        entrypoint = f"python -m jobs.cli run {config_path} --run-id {run_id}"
+        runtime_env = {"working_dir": tmp, "env_vars": dict(JOB_ENV)}
+        try:
+            _call(address, run_id, lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                                               submission_id=run_id,
+                                                               metadata={"neuron_atlas_run_id": run_id}))
+        except SubmitError as err:
+            if "already exists" in str(err):  # submitted by someone else since the check above
+                raise SubmitError(f"run id {run_id!r} was already submitted to the Ray cluster at {address}: "
+                                  f"choose another --run-id") from None
+            raise
+    return Submission(submission_id=run_id, address=address, entrypoint=entrypoint)
+
+
+def job_state(address: str, submission_id: str) -> JobState:
+    info = _call(address, submission_id, _client(address).get_job_info, submission_id)
+    return JobState(submission_id=submission_id, status=str(info.status), message=info.message or "",
+                    start_time=info.start_time / 1000 if info.start_time else None,
+                    end_time=info.end_time / 1000 if info.end_time else None, entrypoint=info.entrypoint)
+
+
+def job_logs(address: str, submission_id: str) -> str:
+    return _call(address, submission_id, _client(address).get_job_logs, submission_id)
+
+
+def follow_logs(address: str, submission_id: str, stream: TextIO) -> None:
+    """Copy the job's logs to `stream` as they are written, until the job ends."""
+    client = _client(address)
+    _call(address, submission_id, client.get_job_info, submission_id)  # a clear error for an unknown id
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            stream.write(chunk)
+            stream.flush()
+
+    _call(address, submission_id, lambda: asyncio.run(tail()))
+
+
+def wait_for_job(address: str, submission_id: str, *, poll_seconds: float = 1.0,
+                 timeout: float | None = None) -> JobState:
+    """Block until the job is SUCCEEDED, FAILED or STOPPED."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        state = job_state(address, submission_id)
+        if state.finished:
+            return state
+        if deadline is not None and time.monotonic() > deadline:
+            raise SubmitError(f"job {submission_id!r} still {state.status} after {timeout:.0f} s")
+        time.sleep(poll_seconds)

@@ -158,4 +158,4 @@ def vacuum_atlas(
             except FileNotFoundError:
                 pass  # its driver removed it first
     return VacuumReport(atlas=uri, dry_run=dry_run, retention_hours=retention_hours,
-                        neurons_files=removed[NEURONS], runs_files=removed[RUNS], staging_runs=tuple(stale))
+                        neurons_files=removed[NEURONS], runs_files=removed[RUNS], staging_runs=tuple(sorted(stale)))

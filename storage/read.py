@@ -52,14 +52,26 @@ def _open(uri: str, name: str, storage_options: dict | None, as_of: AsOf = None)
     except (DeltaError, OSError) as e:
         raise AtlasError(f"cannot read the atlas table {where}: {e}") from e
     moment = parse_as_of(as_of)
-    if moment is not None:
-        latest = dt.version()
-        if isinstance(moment, int) and moment > latest:
-            raise AtlasError(f"as-of version {moment} is not in the atlas at {uri}: versions 0..{latest}")
-        try:
-            dt.load_as_version(moment)
-        except (DeltaError, OSError, ValueError) as e:
-            raise AtlasError(f"as-of {as_of!r}: the atlas at {uri} has no such version ({e})") from e
+    if moment is None:
+        return dt
+    if isinstance(moment, datetime):
+        # The newest version committed at or before `moment`, from the commit times in the log
+        # (DeltaTable.history of a time-travelled table numbers versions oddly in delta-rs 1.6).
+        limit_ms = moment.timestamp() * 1000
+        times = {c["version"]: c["timestamp"] for c in dt.history()}
+        earlier = [v for v, t in times.items() if t <= limit_ms]
+        if not earlier:
+            first = datetime.fromtimestamp(times[min(times)] / 1000, tz=timezone.utc).isoformat()
+            raise AtlasError(f"as-of {moment.isoformat()}: the atlas at {uri} has no such version: "
+                             f"its first is from {first}")
+        moment = max(earlier)
+    latest = dt.version()
+    if moment > latest:
+        raise AtlasError(f"as-of version {moment} is not in the atlas at {uri}: versions 0..{latest}")
+    try:
+        dt.load_as_version(moment)
+    except (DeltaError, OSError, ValueError) as e:
+        raise AtlasError(f"as-of {as_of!r}: the atlas at {uri} has no such version ({e})") from e
     return dt
 
 
@@ -112,7 +124,7 @@ def top_neurons(
     if concept not in available:
         scope = f" for model {model!r}" if model is not None else ""
         raise UnknownConceptError(
-            f"concept {concept!r} is not in the atlas at {uri}{scope}; available concepts: {', '.join(available)}",
+            f"concept {concept!r} is not in the atlas at {uri}{scope}; available concepts: {', '.join(available) or 'none'}",
             available=available,
         )
     if model is None:

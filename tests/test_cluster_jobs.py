@@ -135,10 +135,11 @@ def write_config(path: Path, **values) -> Path:
 
 def test_submit_status_logs_and_a_refused_duplicate_run_id(ray_cluster, tiny_sources, tmp_path):
     atlas = tmp_path / "atlas"
+    # 3 actors of 1 CPU on a cluster of 3 CPUs: the worker node hosts one of them.
     config = write_config(tmp_path / "job.yaml", model=tiny_sources["llama"].path, atlas=str(atlas))
     api = ["--address", ray_cluster.jobs_api]
 
-    submitted = cli(ray_cluster, "submit", str(config), *api, "--run-id", "jobs-1")
+    submitted = cli(ray_cluster, "submit", str(config), *api, "--run-id", "jobs-1", "--actors", "3")
     assert submitted.returncode == 0, submitted.stderr
     assert submitted.stdout.strip() == "jobs-1"  # the run id is the submission id
 
@@ -163,7 +164,7 @@ def test_submit_status_logs_and_a_refused_duplicate_run_id(ray_cluster, tiny_sou
     assert pc.all(pc.equal(table["run_id"], "jobs-1")).as_py()
     meta = run_metadata(str(atlas), "jobs-1")
     assert meta["shards"]["computed"] == meta["shards"]["planned"] and meta["device"] == "cpu"
-    assert len(meta["timings"]["actors"]) == 2
+    assert meta["config"]["cluster"]["actors"] == 3 and len(meta["timings"]["actors"]) == 3
 
     unknown = cli(ray_cluster, "status", "no-such-run", *api)
     assert unknown.returncode == 2 and "no job 'no-such-run'" in unknown.stderr

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, handler in register(sub).items():
         sub.choices[name].set_defaults(handler=handler)
+    from jobs.validate_command import register as register_validate  # validate
+
+    register_validate(sub)
     return parser
 
 

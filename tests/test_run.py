@@ -150,3 +150,17 @@ def test_neat_and_atp_in_one_run(tmp_path, tiny_sources, capsys):
     assert main(["query", "--atlas", str(atlas), "--concept", "music", "--method", "atp", "--top", "3",
                  "--format", "json"]) == 0
     assert [r["method"] for r in json.loads(capsys.readouterr().out)] == ["atp"] * 3
+
+
+def test_validate_command_stores_and_shows_a_validation(tmp_path, tiny_sources, capsys):
+    from storage.validation import read_validations
+
+    atlas = tmp_path / "atlas"
+    run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="v1", ablation="zero")))
+    assert main(["validate", "--atlas", str(atlas), "--concept", "music", "--k", "1,3", "--draws", "4",
+                 "--device", "cpu", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["k"] for r in rows] == [1, 3] and set(rows[0]["other_changes"]) == {"weather"}
+    stored = read_validations(str(atlas), concept="music")
+    assert stored.num_rows == 2 and set(stored["run_id"].to_pylist()) == {"v1"}
+    assert main(["validate", "--atlas", str(atlas), "--concept", "music", "--k", "0"]) == 2

@@ -1,0 +1,114 @@
+"""`neuron-atlas validate`: is a concept's ranking causal and specific? Ablate the top-k neurons of a
+committed run together, against random neurons, other concepts and neutral text; store and show it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("validate", help="ablate a concept's top-k neurons vs random ones; stored in the atlas")
+    parser.add_argument("--atlas", required=True)
+    parser.add_argument("--concept", required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--method", default="neat")
+    parser.add_argument("--ablation", help="zero | mean (default: the run's first)")
+    parser.add_argument("--run", dest="run_id", help="a specific run id instead of the latest")
+    parser.add_argument("--k", default="1,5,10,50", help="comma-separated sizes of the ablated top set")
+    parser.add_argument("--draws", type=int, default=20, help="random k-neuron sets per k")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.set_defaults(handler=cmd_validate)
+
+
+def _parse_ks(text: str) -> list[int]:
+    from jobs.cli import UsageError
+
+    try:
+        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UsageError(f"--k {text!r}: expected comma-separated positive integers like 1,5,10,50") from None
+    if not ks or ks[0] < 1:
+        raise UsageError(f"--k {text!r}: expected comma-separated positive integers like 1,5,10,50")
+    return ks
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import torch
+
+    from attribution.ablation import ablation_values, read_reference_texts, reference_means
+    from attribution.concepts import load_concept_file, resolve_targets
+    from attribution.errors import ConceptError
+    from attribution.models import load_model, resolve_model_source
+    from attribution.neat import clean_pass, concept_vector
+    from attribution.validation import ConceptProbe, validate_ranking
+    from jobs.cli import UsageError, write_table
+    from storage.read import run_metadata, top_neurons
+    from storage.validation import VALIDATION_SCHEMA, append_validations
+
+    ks = _parse_ks(args.k)
+    if args.draws < 2:
+        raise UsageError(f"--draws {args.draws}: expected at least 2 random draws")
+    head = top_neurons(args.atlas, concept=args.concept, model=args.model, method=args.method,
+                       ablation=args.ablation, run_id=args.run_id, top=1)
+    run_id, model_name = head.column("run_id")[0].as_py(), head.column("model")[0].as_py()
+    ablation = args.ablation or head.column("ablation")[0].as_py()
+    meta = run_metadata(args.atlas, run_id)
+    top = top_neurons(args.atlas, concept=args.concept, model=model_name, method=args.method, ablation=ablation,
+                      run_id=run_id, top=max(ks))
+    neurons = [(row["layer"], row["neuron"]) for row in top.select(["layer", "neuron"]).to_pylist()]
+
+    print(f"validating {args.concept} ({args.method}, {ablation}) of run {run_id}: loading {meta['config']['model']}",
+          file=sys.stderr)
+    model = load_model(resolve_model_source(meta["config"]["model"]), device=args.device)
+    recorded = {c["name"]: tuple(c["target_ids"]) for c in meta["concepts"]}
+    probes = {}
+    for concept in load_concept_file(meta["config"]["concepts"]):
+        if concept.name not in recorded:
+            continue
+        targets = resolve_targets(model.tokenizer, concept).ids
+        if targets != recorded[concept.name]:
+            raise ConceptError(f"concept {concept.name!r} in {meta['config']['concepts']} no longer has the targets "
+                               f"run {run_id} used ({recorded[concept.name]}); validate against the file it ran with")
+        probes[concept.name] = ConceptProbe(concept.name, clean_pass(model, concept_vector(model, concept.examples),
+                                                                     targets), targets)
+    texts = read_reference_texts()
+    reference = reference_means(model, texts) if ablation == "mean" else None
+    results = validate_ranking(
+        model, probes[args.concept], neurons, ks, others=[p for n, p in probes.items() if n != args.concept],
+        ablate_to=ablation_values(model, ablation, reference), layers=list(meta["layers"]), draws=args.draws,
+        seed=args.seed, neutral_texts=texts,
+    )
+    now = datetime.now(timezone.utc)
+    rows = pa.Table.from_pylist([
+        {"run_id": run_id, "model": model_name, "concept": r.concept, "method": args.method, "ablation": ablation,
+         "k": r.k, "top_change": r.top_change, "random_mean": r.random_mean, "random_std": r.random_std,
+         "z_score": r.z_score, "p_value": r.p_value, "draws": r.draws,
+         "other_changes_json": json.dumps(r.other_changes, sort_keys=True),
+         "neutral_loss_change": r.neutral_loss_change, "created_at": now}
+        for r in results
+    ], schema=VALIDATION_SCHEMA)
+    append_validations(args.atlas, rows)
+    if args.format == "json":
+        out = rows.drop_columns(["other_changes_json"]).to_pylist()
+        for row, r in zip(out, results):
+            row["other_changes"] = r.other_changes
+            row["created_at"] = row["created_at"].isoformat()
+        print(json.dumps(out))
+        return 0
+    shown = []
+    for r in results:
+        worst = max(r.other_changes.items(), key=lambda item: abs(item[1]), default=("-", 0.0))
+        shown.append({"k": r.k, "top_change": r.top_change, "random": f"{r.random_mean:+.4f} ± {r.random_std:.4f}",
+                      "z": r.z_score, "p": r.p_value, "most_moved_other": f"{worst[0]} {worst[1]:+.3f}",
+                      "neutral_loss_change": r.neutral_loss_change})
+    write_table(pa.Table.from_pylist(shown), "table")
+    print(f"log p(T) change in nats when the top-k are ablated together; random: {args.draws} draws of k neurons "
+          f"from the run's layers; stored in {args.atlas}/validations", file=sys.stderr)
+    return 0

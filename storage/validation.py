@@ -1,0 +1,52 @@
+"""The atlas's `validations` table: one row per (run, concept, method, ablation, k) validation.
+
+Appended, never rewritten: each `neuron-atlas validate` is its own Delta commit, and readers see the
+newest row per key through the Delta log.
+"""
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+from storage.location import delta_options, table_uri
+from storage.schema import check_schema, validate_name
+
+VALIDATIONS = "validations"
+VALIDATION_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("model", pa.string()), ("concept", pa.string()), ("method", pa.string()),
+    ("ablation", pa.string()), ("k", pa.int32()),
+    ("top_change", pa.float64()),  # log p(T | top-k ablated together) - log p(T)
+    ("random_mean", pa.float64()), ("random_std", pa.float64()), ("z_score", pa.float64()),
+    ("p_value", pa.float64()), ("draws", pa.int32()),
+    ("other_changes_json", pa.string()),  # {"other concept": its change}
+    ("neutral_loss_change", pa.float64()),  # next-token loss on neutral text, ablated - clean (nats)
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+def append_validations(atlas_uri: str | os.PathLike, rows: pa.Table, *, storage_options: dict | None = None) -> int:
+    """Append validation rows as one commit; returns the table version."""
+    check_schema(rows, VALIDATION_SCHEMA, what="validation rows")
+    for name in ("run_id", "model", "concept"):
+        for value in set(rows.column(name).to_pylist()):
+            validate_name(name, value)
+    uri = table_uri(atlas_uri, VALIDATIONS)
+    write_deltalake(uri, rows, mode="append", storage_options=delta_options(storage_options))
+    return DeltaTable(uri, storage_options=delta_options(storage_options)).version()
+
+
+def read_validations(atlas_uri: str | os.PathLike, *, concept: str | None = None,
+                     storage_options: dict | None = None) -> pa.Table:
+    """All validation rows (newest first), optionally of one concept; empty when none yet."""
+    try:
+        table = DeltaTable(table_uri(atlas_uri, VALIDATIONS), storage_options=delta_options(storage_options))
+    except TableNotFoundError:
+        return VALIDATION_SCHEMA.empty_table()
+    rows = table.to_pyarrow_table()
+    if concept is not None:
+        rows = rows.filter(pc.equal(rows["concept"], concept))
+    return rows.sort_by([("created_at", "descending"), ("k", "ascending")])

@@ -1,0 +1,55 @@
+"""Validation: ablating neurons together agrees with NEAT, random baselines are reproducible, and
+the neutral-text loss is the model's own cross-entropy."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attribution.neat import clean_pass, concept_vector, neat_effects
+from attribution.validation import ConceptProbe, ablation_change, neutral_loss, validate_ranking
+
+
+def _probe(model, name, examples, words):
+    targets = tuple(model.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words)
+    return ConceptProbe(name, clean_pass(model, concept_vector(model, examples), targets), targets)
+
+
+@pytest.fixture(scope="module")
+def probes(tiny_models):
+    model = tiny_models["llama"]
+    return (_probe(model, "royalty", ["The king wore a crown.", "The queen sat on the throne."], ("king", "queen")),
+            _probe(model, "weather", ["Heavy rain fell all night.", "Snow covered the hills."], ("rain", "snow")))
+
+
+def test_single_neuron_ablation_change_is_its_neat_effect(tiny_models, probes):
+    model, probe = tiny_models["llama"], probes[0]
+    zeros = torch.zeros(model.n_layers, model.d_mlp)
+    effects = neat_effects(model, probe.clean, probe.target_ids, 2, range(10), zeros[2])
+    for neuron in range(10):
+        assert ablation_change(model, probe, [(2, neuron)], zeros) == pytest.approx(float(effects[neuron]), abs=1e-5)
+
+
+def test_validate_ranking_reports_top_random_and_other_concepts(tiny_models, probes):
+    model, (royalty, weather) = tiny_models["llama"], probes
+    zeros = torch.zeros(model.n_layers, model.d_mlp)
+    effects = torch.cat([neat_effects(model, royalty.clean, royalty.target_ids, layer, range(model.d_mlp), zeros[layer])
+                         for layer in range(model.n_layers)])
+    order = effects.abs().argsort(descending=True).tolist()
+    top = [(i // model.d_mlp, i % model.d_mlp) for i in order[:5]]
+    kwargs = dict(others=[weather], ablate_to=zeros, layers=list(range(model.n_layers)), draws=8, seed=3)
+    first = validate_ranking(model, royalty, top, [1, 5], **kwargs)
+    again = validate_ranking(model, royalty, top, [1, 5], **kwargs)
+    assert first == again  # seeded random draws
+    one, five = first
+    assert one.top_change == pytest.approx(float(effects[order[0]]), abs=1e-5)
+    assert five.k == 5 and five.draws == 8 and 1 / 9 <= five.p_value <= 1
+    assert abs(one.top_change) > abs(one.random_mean)  # the strongest neuron beats random single neurons
+    assert five.other_changes["weather"] == pytest.approx(ablation_change(model, weather, top, zeros), abs=1e-6)
+
+
+def test_neutral_loss_is_the_models_cross_entropy(tiny_models):
+    model = tiny_models["gpt2"]
+    text = "Water boils at one hundred degrees at sea level."
+    ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
+    expected = float(model.hf(input_ids=ids, labels=ids).loss)
+    assert neutral_loss(model, [text]) == pytest.approx(expected, rel=1e-5)

@@ -186,6 +186,15 @@ def commit_run(
                          "redact it (storage.location.redact_options) before committing")
 
     uri = normalize_uri(atlas_uri)
+    try:
+        return _commit_checked(uri, rows, run_id=run_id, model=model, revision=revision, concepts=concepts,
+                               metadata_json=metadata_json, storage_options=storage_options)
+    except (OSError, DeltaError) as e:  # the store failed (went away, refused): readers keep the last version
+        raise AtlasError(f"cannot commit run {run_id!r} to {uri}: {type(e).__name__}: {e}") from e
+
+
+def _commit_checked(uri: str, rows: pa.Table, *, run_id: str, model: str, revision: str, concepts: list[str],
+                    metadata_json: str, storage_options: dict | None) -> int:
     options = delta_options(storage_options)
     neurons_uri = table_uri(uri, NEURONS)
     app = app_id(run_id)

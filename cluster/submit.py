@@ -28,6 +28,7 @@ JOB_DIR = "job"  # inside the working directory: config.yaml and the concept fil
 # Submitted jobs never download: models come from the nodes' disks, tokenizers from their caches.
 JOB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+AGENT_WAIT_SECONDS = 60
 AUTH_HINT = ("set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
              "~/.ray/auth_token) in this shell, as on the cluster's nodes")
 
@@ -151,15 +152,25 @@ def submit_job(config: JobConfig, *, address: str, run_id: str | None = None) ->
         config_path = package_job(config, Path(tmp))
         entrypoint = f"python -m jobs.cli run {config_path} --run-id {run_id}"
         runtime_env = {"working_dir": tmp, "env_vars": dict(JOB_ENV)}
-        try:
-            _call(address, run_id, lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                                               submission_id=run_id,
-                                                               metadata={"neuron_atlas_run_id": run_id}))
-        except SubmitError as err:
-            if "already exists" in str(err):  # submitted by someone else since the check above
-                raise SubmitError(f"run id {run_id!r} was already submitted to the Ray cluster at {address}: "
-                                  f"choose another --run-id") from None
-            raise
+        deadline = time.monotonic() + AGENT_WAIT_SECONDS
+        while True:
+            try:
+                _call(address, run_id, lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                                                   submission_id=run_id,
+                                                                   metadata={"neuron_atlas_run_id": run_id}))
+                break
+            except SubmitError as err:
+                if "already exists" in str(err):  # submitted by someone else since the check above
+                    raise SubmitError(f"run id {run_id!r} was already submitted to the Ray cluster at {address}: "
+                                      f"choose another --run-id") from None
+                # A head that has just started answers this until its job agent is up.
+                if "No available agent" not in str(err):
+                    raise
+                if time.monotonic() > deadline:
+                    raise SubmitError(f"{err}; the head's job agent is not running: is its port "
+                                      f"(ray start --dashboard-agent-listen-port, default 52365) taken by "
+                                      f"another process on the head?") from None
+                time.sleep(2)
     return Submission(submission_id=run_id, address=address, entrypoint=entrypoint)
 
 

@@ -100,8 +100,12 @@ def ray_cluster():
         return process
 
     try:
+        # Free ports for everything that has a fixed default: on a shared machine another Ray cluster
+        # may hold them (a head whose job agent cannot bind its port accepts no jobs).
         head = start(["--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                      "--dashboard-port", str(dashboard_port), "--num-cpus", "2", "--temp-dir", temp_dir], "head.log")
+                      "--dashboard-port", str(dashboard_port), "--dashboard-agent-listen-port", str(free_port()),
+                      "--ray-client-server-port", str(free_port()), "--num-cpus", "2", "--temp-dir", temp_dir],
+                     "head.log")
         deadline = time.monotonic() + 120
         while not _http_ok(f"{jobs_api}/api/version", token):
             assert head.poll() is None and time.monotonic() < deadline, (Path(temp_dir) / "head.log").read_text()[-3000:]
@@ -109,8 +113,8 @@ def ray_cluster():
         # Its own temp dir: on one machine two nodes sharing one would also share the runtime-env
         # folders, and one node's set-up of the job's working directory would pull it from under the other.
         worker_dir = Path(temp_dir) / "w"
-        worker = start(["--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--temp-dir", str(worker_dir)],
-                       "worker.log")
+        worker = start(["--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--temp-dir", str(worker_dir),
+                        "--dashboard-agent-listen-port", str(free_port())], "worker.log")
         while _alive_nodes(jobs_api, token) < 2:
             assert worker.poll() is None and time.monotonic() < deadline, (Path(temp_dir) / "worker.log").read_text()[-3000:]
             time.sleep(0.5)

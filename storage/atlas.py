@@ -129,7 +129,7 @@ class Atlas:
         if model is None:
             if len(models) > 1:
                 raise AmbiguousModelError(f"the atlas at {self.uri} holds several models: {', '.join(models)}; "
-                                          "name one with model=...", models=models)
+                                          "name one (model=... or --model)", models=models)
             return models[0]
         if model not in models:
             raise AtlasError(f"model {model!r} is not in the atlas at {self.uri}; models: {models}")
@@ -144,19 +144,22 @@ class Atlas:
                 raise AtlasError(f"{name} {value!r} must be an integer >= 0")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise AtlasError(f"k {k!r} must be a positive integer")
+        if run is not None:
+            validate_name("run", run)
         dt = open_neurons(self.uri, self._storage_options, as_of=as_of)
         if dt is None:
             raise AtlasError(f"no atlas at {self.uri}")
         model = self._model(dt, model)
-        data = dt.to_pyarrow_dataset()
-        # Files are sorted by rank, so `rank <= k` reads only each block's first row group.
+        # Files are sorted by rank, so `rank <= k` reads only the first row group of each block: one
+        # small scan gives both the neuron's rows and the rank-1 rows that tell each block's latest run.
         where = (pds.field("model") == model) & (pds.field("rank") <= k)
         if run is not None:
-            where &= pds.field("run_id") == validate_name("run", run)
-        rows = data.to_table(filter=where & (pds.field("layer") == layer) & (pds.field("neuron") == neuron))
+            where &= pds.field("run_id") == run
+        top = dt.to_pyarrow_dataset().to_table(filter=where)
+        rows = top.filter(pc.and_(pc.equal(top.column("layer"), layer), pc.equal(top.column("neuron"), neuron)))
         if run is None and rows.num_rows:
-            heads = data.to_table(columns=["concept", "method", "ablation", "run_id", "created_at"],
-                                  filter=(pds.field("model") == model) & (pds.field("rank") == 1))
+            heads = top.filter(pc.equal(top.column("rank"), 1)).select(
+                ["concept", "method", "ablation", "run_id", "created_at"])
             heads = heads.sort_by([("created_at", "descending"), ("run_id", "descending")])
             latest: dict[tuple, str] = {}
             for h in heads.to_pylist():

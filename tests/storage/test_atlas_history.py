@@ -132,3 +132,14 @@ def test_vacuum_and_history_of_an_empty_atlas(atlas):
     assert atlas_history(atlas).num_rows == 0
     report = vacuum_atlas(atlas, retention_hours=0)
     assert report.neurons_files == () and report.staging_runs == ()
+
+
+def test_hostile_run_names_are_refused_before_any_sql(three_runs, capsys):
+    atlas, _ = three_runs
+    for hostile in ("r1' OR 1=1 --", "../r1", "R1"):
+        assert main(["sql", "--atlas", atlas, "--run", hostile, "SELECT count(*) FROM neurons"]) == 2
+        assert "is not a valid name" in capsys.readouterr().err
+        assert main(["neuron", "--atlas", atlas, "--layer", "0", "--neuron", "0", "--run", hostile]) == 2
+        assert "is not a valid name" in capsys.readouterr().err
+        assert main(["diff", "--atlas", atlas, "--concept", "royalty", "--run-a", hostile, "--run-b", "r2"]) == 2
+        assert "is not a valid name" in capsys.readouterr().err

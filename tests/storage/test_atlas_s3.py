@@ -206,3 +206,31 @@ def test_credentials_stay_out_of_the_atlas(s3, bucket, make_rows):
                 data = json.dumps(pq.read_table(f).to_pylist(), default=str).encode()
         assert SECRET_KEY.encode() not in data, path
     assert SECRET_KEY not in repr(config)
+
+
+def test_a_reader_during_a_commit_sees_the_previous_version_or_the_new_one_whole(s3, bucket, make_rows):
+    import threading
+
+    uri = f"s3://{bucket}/atlas"
+    options = s3.storage_options
+    first = make_rows("r1", seed=1)
+    commit_run(uri, first, run_id="r1", metadata={}, storage_options=options)
+    second = make_rows("r2", seed=2, layers=4, neurons=2000)
+    done = threading.Event()
+
+    def write() -> None:
+        try:
+            commit_run(uri, second, run_id="r2", metadata={}, storage_options=options)
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    seen = []
+    while not done.is_set() or not seen:
+        table = open_neurons(uri, options).to_pyarrow_dataset().to_table(columns=["run_id"])
+        seen.append(table.num_rows)
+    writer.join()
+    seen.append(open_neurons(uri, options).to_pyarrow_dataset().count_rows())
+    assert set(seen) <= {first.num_rows, first.num_rows + second.num_rows}
+    assert seen[-1] == first.num_rows + second.num_rows

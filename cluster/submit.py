@@ -72,13 +72,29 @@ def submission_run_id(config: JobConfig) -> str:
 def job_config_data(config: JobConfig, *, concepts: str) -> dict:
     """The config as YAML data for the cluster: every override applied, the concept file replaced by
     `concepts`; no cluster address (the job's driver connects to the cluster it runs in)."""
+    from storage.location import REDACTED
+
     data = config.snapshot()
     data.pop("source", None)
+    # Credentials never travel in a job's files (the cluster stores them): the cluster's nodes get
+    # theirs from the AWS chain; public options (region, endpoint without user:password) go along.
+    options = {k: v for k, v in (data.get("storage_options") or {}).items() if v != REDACTED}
+    if options:
+        data["storage_options"] = options
+    else:
+        data.pop("storage_options", None)
     data["concepts"] = concepts
     data["methods"] = list(config.methods)
     data["ablation"] = list(config.ablation)
     data["cluster"] = {k: v for k, v in data["cluster"].items() if k != "address"}
     return data
+
+
+def withheld_options(config: JobConfig) -> list[str]:
+    """Names of the config's storage options that are not sent with a job (credentials)."""
+    from storage.location import REDACTED, redact_options
+
+    return sorted(k for k, v in (redact_options(config.storage_options) or {}).items() if v == REDACTED)
 
 
 def package_job(config: JobConfig, directory: Path) -> str:

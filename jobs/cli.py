@@ -161,7 +161,7 @@ def _jobs_address(args: argparse.Namespace) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from cluster.config import apply_overrides, load_job_config
-    from cluster.submit import follow_logs, submit_job, wait_for_job
+    from cluster.submit import follow_logs, submit_job, wait_for_job, withheld_options
 
     address = _jobs_address(args)
     config = apply_overrides(
@@ -171,6 +171,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
     job = submit_job(config, address=address)
     print(job.submission_id, flush=True)
+    if withheld_options(config):
+        print(f"warning: storage options {', '.join(withheld_options(config))} are credentials and were not sent "
+              f"with the job: the cluster's nodes need their own (the AWS chain)", file=sys.stderr)
     print(f"submitted run {job.submission_id} to {address}: {job.entrypoint}\n"
           f"  neuron-atlas status {job.submission_id} --address {address}\n"
           f"  neuron-atlas logs {job.submission_id} --address {address} --follow", file=sys.stderr, flush=True)

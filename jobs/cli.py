@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--ablation", help="zero | mean (default: all in the run)")
     query.add_argument("--run", dest="run_id", help="a specific run id instead of the latest")
     query.add_argument("--top", type=int, default=20)
+    query.add_argument("--rank-by", choices=("score", "contrastive"), default="score",
+                       help="contrastive: score minus the neuron's best score for another concept of the run")
     query.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     sql = sub.add_parser("sql", help="read-only SQL over the views neurons, latest, runs (DuckDB)")
@@ -220,6 +222,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise UsageError(f"--top {args.top}: expected a positive number of neurons")
+    if args.rank_by == "contrastive":
+        return _query_contrastive(args)
     table = top_neurons(args.atlas, concept=args.concept, model=args.model, method=args.method,
                         ablation=args.ablation, run_id=args.run_id, top=args.top, as_of=args.as_of)
     if args.format == "table" and table.num_rows:
@@ -228,6 +232,27 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(f"{first['model']} ({first['model_revision']}), run {first['run_id']}, concept {first['concept']}, "
               f"method {first['method']}", file=sys.stderr)
         table = table.select(["rank", "layer", "neuron", "score", "effect", "activation", "ablation"])
+    write_table(table, args.format)
+    return 0
+
+
+def _query_contrastive(args: argparse.Namespace) -> int:
+    from storage.contrast import contrastive_neurons
+
+    if args.as_of is not None:
+        raise UsageError("--rank-by contrastive reads the latest atlas; use --run instead of --as-of")
+    table, generic, info = contrastive_neurons(args.atlas, concept=args.concept, model=args.model,
+                                               method=args.method, ablation=args.ablation, run_id=args.run_id,
+                                               top=args.top)
+    if args.format == "table":
+        print(f"{info['model']}, run {info['run_id']}, concept {args.concept}, method {info['method']}, "
+              f"ranked by score minus the best other concept's score", file=sys.stderr)
+        if generic.num_rows:
+            shown = ", ".join(f"L{r['layer']}#{r['neuron']}" for r in generic.slice(0, 10).to_pylist())
+            print(f"{generic.num_rows} neurons are in the top-100 of every concept of this run (generic, "
+                  f"demoted): {shown}", file=sys.stderr)
+        table = table.select(["contrastive_rank", "layer", "neuron", "contrastive_score", "score", "rank",
+                              "closest_concept", "closest_score", "ablation"])
     write_table(table, args.format)
     return 0
 

@@ -19,6 +19,8 @@ def register(sub) -> None:
     parser.add_argument("--method", default="neat")
     parser.add_argument("--ablation", help="zero | mean (default: the run's first)")
     parser.add_argument("--run", dest="run_id", help="a specific run id instead of the latest")
+    parser.add_argument("--rank-by", choices=("score", "contrastive"), default="score",
+                        help="which top-k to ablate: by score, or by the contrastive score (see query)")
     parser.add_argument("--k", default="1,5,10,50", help="comma-separated sizes of the ablated top set")
     parser.add_argument("--draws", type=int, default=20, help="random k-neuron sets per k")
     parser.add_argument("--seed", type=int, default=0)
@@ -60,11 +62,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     run_id, model_name = head.column("run_id")[0].as_py(), head.column("model")[0].as_py()
     ablation = args.ablation or head.column("ablation")[0].as_py()
     meta = run_metadata(args.atlas, run_id)
-    top = top_neurons(args.atlas, concept=args.concept, model=model_name, method=args.method, ablation=ablation,
-                      run_id=run_id, top=max(ks))
-    neurons = [(row["layer"], row["neuron"]) for row in top.select(["layer", "neuron"]).to_pylist()]
+    if args.rank_by == "contrastive":
+        from storage.contrast import contrastive_neurons
 
-    print(f"validating {args.concept} ({args.method}, {ablation}) of run {run_id}: loading {meta['config']['model']}",
+        top, _, _ = contrastive_neurons(args.atlas, concept=args.concept, model=model_name, method=args.method,
+                                        ablation=ablation, run_id=run_id, top=max(ks))
+    else:
+        top = top_neurons(args.atlas, concept=args.concept, model=model_name, method=args.method,
+                          ablation=ablation, run_id=run_id, top=max(ks))
+    neurons = [(row["layer"], row["neuron"]) for row in top.select(["layer", "neuron"]).to_pylist()]
+    method = args.method if args.rank_by == "score" else f"{args.method}/contrastive"
+
+    print(f"validating {args.concept} ({method}, {ablation}) of run {run_id}: loading {meta['config']['model']}",
           file=sys.stderr)
     model = load_model(resolve_model_source(meta["config"]["model"]), device=args.device)
     recorded = {c["name"]: tuple(c["target_ids"]) for c in meta["concepts"]}
@@ -87,7 +96,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     )
     now = datetime.now(timezone.utc)
     rows = pa.Table.from_pylist([
-        {"run_id": run_id, "model": model_name, "concept": r.concept, "method": args.method, "ablation": ablation,
+        {"run_id": run_id, "model": model_name, "concept": r.concept, "method": method, "ablation": ablation,
          "k": r.k, "top_change": r.top_change, "random_mean": r.random_mean, "random_std": r.random_std,
          "z_score": r.z_score, "p_value": r.p_value, "draws": r.draws,
          "other_changes_json": json.dumps(r.other_changes, sort_keys=True),

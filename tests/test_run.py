@@ -164,3 +164,19 @@ def test_validate_command_stores_and_shows_a_validation(tmp_path, tiny_sources, 
     stored = read_validations(str(atlas), concept="music")
     assert stored.num_rows == 2 and set(stored["run_id"].to_pylist()) == {"v1"}
     assert main(["validate", "--atlas", str(atlas), "--concept", "music", "--k", "0"]) == 2
+
+
+def test_query_ranked_by_contrastive_score(tmp_path, tiny_sources, capsys):
+    from storage.contrast import contrastive_table
+
+    atlas = tmp_path / "atlas"
+    run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="c1", ablation="zero")))
+    assert main(["query", "--atlas", str(atlas), "--concept", "music", "--rank-by", "contrastive", "--top", "5",
+                 "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["contrastive_rank"] for r in rows] == [1, 2, 3, 4, 5]
+    table = open_neurons(str(atlas)).to_pyarrow_table()
+    expected = contrastive_table(table.filter(pc.equal(table["run_id"], "c1")), "music").slice(0, 5)
+    assert [(r["layer"], r["neuron"]) for r in rows] == list(zip(expected["layer"].to_pylist(),
+                                                                  expected["neuron"].to_pylist()))
+    assert all(r["closest_concept"] == "weather" for r in rows)

@@ -39,7 +39,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neuron-atlas", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="neuron-atlas",
+        description="Score every MLP neuron of a language model for concepts (exact NEAT on Ray) into a "
+                    "versioned Delta Lake neuron atlas, and query it.",
+        epilog="Start with: neuron-atlas run configs/demo.yaml; then neuron-atlas query --atlas ./atlas --concept royalty")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="score every neuron of the configured layers and commit one atlas version")

@@ -94,23 +94,28 @@ def test_without_credentials_the_server_refuses_and_the_cli_says_so(s3, bucket, 
 
 
 WRITER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     sys.path.insert(0, {storage_tests!r})
     from conftest import build_rows
     from storage.commit import commit_run
-    uri, start, runs = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-    time.sleep(max(0.0, start - time.time()))  # all writers commit at the same moment
+    uri, go, runs = sys.argv[1], sys.argv[2], sys.argv[3:]
+    print("ready", flush=True)
+    while not os.path.exists(go):  # all writers commit at the same moment
+        time.sleep(0.005)
     for run in runs:
         print(run, commit_run(uri, build_rows(run, seed=len(run) + ord(run[-1])), run_id=run, metadata={{}}), flush=True)
 """).format(storage_tests=str(TESTS / "storage"))
 
 
-def test_concurrent_writers_in_separate_processes_all_land(s3, bucket, aws_env):
+def test_concurrent_writers_in_separate_processes_all_land(s3, bucket, aws_env, tmp_path):
     uri = f"s3://{bucket}/atlas"
-    start = time.time() + 4.0  # after both interpreters have imported deltalake
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(start), *runs], stdout=subprocess.PIPE,
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(go), *runs], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=os.environ.copy())
              for runs in (["a1", "a2"], ["b1", "b2"])]
+    for proc in procs:  # both have imported deltalake and wait
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-2000:]
+    go.touch()
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
     landed = dict(line.split() for out, _ in outputs for line in out.splitlines())

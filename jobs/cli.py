@@ -342,5 +342,14 @@ def _numeric(text: str) -> bool:
         return False
 
 
+def entry() -> None:
+    """The console command: exits without interpreter teardown, where pyarrow and deltalake threads
+    can abort the process (exit status 134) after the work is done and printed."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -345,8 +345,11 @@ def _numeric(text: str) -> bool:
 def entry() -> None:
     """The console command: exits without interpreter teardown, where pyarrow and deltalake threads
     can abort the process (exit status 134) after the work is done and printed."""
-    code = main()
-    sys.stdout.flush()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader (head, less) stopped early: not an error of ours
+        code = 0
     sys.stderr.flush()
     os._exit(code)
 

@@ -23,19 +23,10 @@ import torch  # noqa: E402
 from attribution.atp import atp_effects, log_p_gradients  # noqa: E402
 from attribution.concepts import load_concept_file, resolve_targets  # noqa: E402
 from attribution.models import load_model, resolve_model_source  # noqa: E402
+from attribution.stats import spearman, top_overlap  # noqa: E402
 from attribution.neat import clean_pass, concept_vector, neat_effects  # noqa: E402
 
 BUILTIN = Path(__file__).resolve().parent.parent / "configs" / "concepts" / "builtin.yaml"
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ranks = torch.stack([a.argsort().argsort(), b.argsort().argsort()]).double()
-    return float(torch.corrcoef(ranks)[0, 1])
-
-
-def recall(exact: torch.Tensor, estimate: torch.Tensor, k: int, screen: int) -> float:
-    """Share of exact's top-k found in estimate's top-`screen`."""
-    return len(set(exact.topk(k).indices.tolist()) & set(estimate.topk(screen).indices.tolist())) / k
 
 
 def main() -> None:
@@ -64,8 +55,8 @@ def main() -> None:
         results.append({
             "concept": concept.name, "atp_seconds": round(atp_s, 2), "neat_seconds": round(neat_s, 1),
             "spearman": round(spearman(exact, estimate), 4),
-            "top20_recall": recall(exact, estimate, 20, 20), "top100_recall": recall(exact, estimate, 100, 100),
-            "top100_recall_in_atp_top1000": recall(exact, estimate, 100, 1000),
+            "top20_recall": top_overlap(exact, estimate, 20), "top100_recall": top_overlap(exact, estimate, 100),
+            "top100_recall_in_atp_top1000": top_overlap(exact, estimate, 100, within=1000),
         })
     if args.json:
         print(json.dumps(results))

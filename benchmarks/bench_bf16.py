@@ -21,14 +21,10 @@ import torch  # noqa: E402
 
 from attribution.concepts import load_concept_file, resolve_targets  # noqa: E402
 from attribution.models import load_model, resolve_model_source  # noqa: E402
+from attribution.stats import spearman, top_overlap  # noqa: E402
 from attribution.neat import clean_pass, concept_vector, neat_effects, neat_effects_bf16  # noqa: E402
 
 BUILTIN = Path(__file__).resolve().parent.parent / "configs" / "concepts" / "builtin.yaml"
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ranks = torch.stack([a.argsort().argsort(), b.argsort().argsort()]).double()
-    return float(torch.corrcoef(ranks)[0, 1])
 
 
 def score_all(engine, model, clean, targets, layers) -> tuple[torch.Tensor, float]:
@@ -65,8 +61,7 @@ def main() -> None:
         "max_abs_diff": float((exact - fast).abs().max()),
     }
     for k in (20, 100, 1000):
-        top_exact = set(exact.abs().topk(k).indices.tolist())
-        result[f"top{k}_overlap"] = len(top_exact & set(fast.abs().topk(k).indices.tolist())) / k
+        result[f"top{k}_overlap"] = top_overlap(exact.abs(), fast.abs(), k)
     if args.json:
         print(json.dumps(result))
         return

@@ -6,6 +6,7 @@ import torch
 from attribution.atp import atp_effects, log_p_gradients
 from attribution.masking import NeuronMask, masked
 from attribution.neat import clean_pass, concept_vector, log_p_targets, neat_effects
+from attribution.stats import spearman, top_overlap
 
 EXAMPLES = ["The king wore a golden crown.", "The queen sat on her throne in the palace."]
 
@@ -47,7 +48,5 @@ def test_atp_ranking_tracks_exact_neat_on_smollm2(smollm2):
     zeros = torch.zeros(smollm2.d_mlp)
     exact = neat_effects(smollm2, clean, targets, 15, range(1536), zeros).abs()
     estimate = atp_effects(grads, clean, 15, range(1536), zeros).abs()
-    ranks = torch.stack([exact.argsort().argsort(), estimate.argsort().argsort()]).double()
-    assert float(torch.corrcoef(ranks)[0, 1]) > 0.95  # measured 0.979 here, 0.9996 for the royalty concept
-    top = set(exact.topk(50).indices.tolist()) & set(estimate.topk(50).indices.tolist())
-    assert len(top) >= 40
+    assert spearman(exact, estimate) > 0.95  # measured 0.979 here, 0.9996 for the royalty concept
+    assert top_overlap(exact, estimate, 50) >= 0.8

@@ -5,14 +5,9 @@ import pytest
 import torch
 
 from attribution.neat import clean_pass, concept_vector, neat_effects, neat_effects_bf16
+from attribution.stats import spearman, top_overlap
 
 EXAMPLES = ["The king wore a golden crown.", "The queen sat on her throne in the palace."]
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra = a.argsort().argsort().double()
-    rb = b.argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
 def _setup(model, words=("king", "queen", "crown")):
@@ -39,5 +34,4 @@ def test_bf16_keeps_the_smollm2_ranking(smollm2):
     fast = torch.cat([neat_effects_bf16(smollm2, clean, targets, layer, range(1536), zeros) for layer in (0, 29)])
     assert spearman(exact.abs(), fast.abs()) >= 0.999
     for k, need in ((20, 19), (100, 99)):  # neurons whose scores tie within 0.1% may swap at the edge
-        overlap = set(exact.abs().topk(k).indices.tolist()) & set(fast.abs().topk(k).indices.tolist())
-        assert len(overlap) >= need, (k, len(overlap))
+        assert top_overlap(exact.abs(), fast.abs(), k) >= need / k, k

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from attribution.models import SiteModel
-from attribution.neat import CleanPass, log_p_targets
+from attribution.neat import CleanPass, log_p_targets, neuron_index
 
 
 def log_p_gradients(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...]) -> Tensor:
@@ -41,8 +41,9 @@ def log_p_gradients(model: SiteModel, clean: CleanPass, target_ids: tuple[int, .
     return torch.stack([acts[layer].grad[0, -1] for layer in range(model.n_layers)]).float()
 
 
-def atp_effects(grads: Tensor, clean: CleanPass, layer: int, neurons: range, ablate_to: Tensor) -> Tensor:
+def atp_effects(grads: Tensor, clean: CleanPass, layer: int, neurons: range | tuple[int, ...],
+                ablate_to: Tensor) -> Tensor:
     """First-order effects of `neurons` of `layer`: [len(neurons)] float32 (grads: log_p_gradients)."""
-    index = slice(neurons.start, neurons.stop)
+    index = neuron_index(neurons, clean.acts.device)
     delta = ablate_to.to(clean.acts.device)[index] - clean.acts[layer, index]
     return (delta * grads[layer, index].to(delta.device)).float().cpu()

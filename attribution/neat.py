@@ -104,6 +104,13 @@ def clean_pass(model: SiteModel, vector: Tensor, target_ids: tuple[int, ...]) ->
     )
 
 
+def neuron_index(neurons: range | tuple[int, ...], device: torch.device) -> Tensor:  # [n] int64
+    """A shard's neurons (a range or explicit picks) as an index tensor."""
+    if isinstance(neurons, range):
+        return torch.arange(neurons.start, neurons.stop, device=device)
+    return torch.tensor(neurons, dtype=torch.long, device=device)
+
+
 @torch.no_grad()
 def run_suffix(model: SiteModel, resid: Tensor, after_layer: int) -> Tensor:
     """Blocks after_layer+1 .. last, final norm and head, at one position: [rows, d_model] -> logits."""
@@ -114,7 +121,7 @@ def run_suffix(model: SiteModel, resid: Tensor, after_layer: int) -> Tensor:
 
 @torch.no_grad()
 def neat_effects(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...], layer: int,
-                 neurons: range, ablate_to: Tensor, *, batch_rows: int = 512) -> Tensor:
+                 neurons: range | tuple[int, ...], ablate_to: Tensor, *, batch_rows: int = 512) -> Tensor:
     """Exact NEAT effects of `neurons` of `layer`: [len(neurons)] float32.
 
     ablate_to: [d_mlp] the value each neuron is set to (zeros, or reference means).
@@ -125,7 +132,7 @@ def neat_effects(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...]
         raise ValueError(f"batch_rows must be at least 2 (one clean row plus ablations), got {batch_rows}")
     targets = torch.tensor(target_ids, device=model.device)
     w_out = model.w_out(layer)  # [d_model, d_mlp]
-    index = torch.arange(neurons.start, neurons.stop, device=model.device)
+    index = neuron_index(neurons, model.device)
     delta = ablate_to.to(model.device)[index] - clean.acts[layer][index]  # [n]
     effects = []
     for chunk in range(0, len(index), batch_rows - 1):
@@ -139,7 +146,7 @@ def neat_effects(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...]
 
 @torch.no_grad()
 def neat_effects_bf16(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...], layer: int,
-                      neurons: range, ablate_to: Tensor, *, batch_rows: int = 512) -> Tensor:
+                      neurons: range | tuple[int, ...], ablate_to: Tensor, *, batch_rows: int = 512) -> Tensor:
     """Near-exact NEAT effects with bf16 matrix multiplies (DESIGN.md section 5, trick 4): [len(neurons)].
 
     Plain bf16 ruins the ranking (one neuron's effect is tiny next to the residual it rides on), so
@@ -149,7 +156,7 @@ def neat_effects_bf16(model: SiteModel, clean: CleanPass, target_ids: tuple[int,
     """
     targets = torch.tensor(target_ids, device=model.device)
     w_out = model.w_out(layer)  # [d_model, d_mlp]
-    index = torch.arange(neurons.start, neurons.stop, device=model.device)
+    index = neuron_index(neurons, model.device)
     delta = ablate_to.to(model.device)[index] - clean.acts[layer][index]  # [n]
     effects = []
     for chunk in range(0, len(index), batch_rows):
@@ -180,7 +187,7 @@ def _log_p_change(model: SiteModel, resid: Tensor, diff: Tensor, targets: Tensor
 
 @torch.no_grad()
 def neat_effects_naive(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...], layer: int,
-                       neurons: range, ablate_to: Tensor) -> Tensor:
+                       neurons: range | tuple[int, ...], ablate_to: Tensor) -> Tensor:
     """Reference: one full hooked forward per neuron. [len(neurons)] float32. Slow by design."""
     targets = torch.tensor(target_ids, device=model.device)
     embeds = clean.vector.view(1, 1, -1).to(model.device, model.dtype)

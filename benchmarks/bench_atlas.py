@@ -27,7 +27,7 @@ import pyarrow as pa  # noqa: E402
 from storage.atlas import Atlas  # noqa: E402
 from storage.commit import commit_run  # noqa: E402
 from storage.read import list_runs, sql_query, top_neurons  # noqa: E402
-from storage.schema import SHARD_SCHEMA  # noqa: E402
+from storage.schema import shard_table  # noqa: E402
 
 MODEL = "synthetic-70b"
 
@@ -37,7 +37,7 @@ def concept_rows(concept: str, run_id: str, layers: int, d_mlp: int, seed: int) 
     rng = np.random.default_rng(seed)
     n = layers * d_mlp
     effect = (rng.standard_t(3, size=n) * 0.05).astype(np.float32)
-    return pa.table(
+    return shard_table(
         {
             "model": pa.repeat(pa.scalar(MODEL), n),
             "model_revision": pa.repeat(pa.scalar("sha256:0000synthetic"), n),
@@ -51,7 +51,6 @@ def concept_rows(concept: str, run_id: str, layers: int, d_mlp: int, seed: int) 
             "effect": pa.array(effect),
             "activation": pa.array(rng.normal(size=n).astype(np.float32)),
         },
-        schema=SHARD_SCHEMA,
     )
 
 

@@ -12,8 +12,11 @@ from typing import Any
 import yaml
 
 RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
-METHODS = ("neat", "atp")  # exact ablation; first-order attribution patching
-ABLATIONS = ("zero", "mean")
+# neat: exact ablation; atp: first-order attribution patching; neurgrad / neg: neuron empirical
+# gradients (estimate / swept slope); neuronlens: activation ranges; selectivity: probing with
+# positives and negatives; ig: integrated gradients (knowledge neurons). README "Methods".
+METHODS = ("neat", "atp", "neurgrad", "neg", "neuronlens", "selectivity", "ig")
+ABLATIONS = ("zero", "mean", "range")  # range: only inside the concept's NeuronLens activation range
 DTYPES = ("float32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -31,6 +34,17 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class MethodOptions:
+    """Knobs of the methods other than NEAT; the defaults are the papers' (README "Methods")."""
+
+    neg_sample: int = 16  # NEG: neurons per layer whose activation is swept (a seeded sample)
+    ig_steps: int = 20  # integrated gradients: Riemann steps from 0 to the clean activation
+    range_tau: float = 2.0  # NeuronLens: the concept range is mu +- tau * sigma
+    screen_top: int = 0  # AtP screen: > 0 scores exact NEAT only on AtP's top-K per concept ...
+    screen_sample: int = 256  # ... plus this many random neurons (estimates what the screen misses)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     model: str
     concepts: str  # path of a concept file, absolute
@@ -41,6 +55,7 @@ class JobConfig:
     dtype: str = "float32"
     device: str = "auto"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    method_options: MethodOptions = field(default_factory=MethodOptions)
     run_id: str | None = None  # None: derived at resolve time from time and config
     batch_rows: int = 512  # rows per forward (one clean row + ablations)
     shard_neurons: int = 512  # shard size, in neurons of the most expensive layer (layer 0)
@@ -123,6 +138,27 @@ def _parse_cluster(source: str, value: object) -> ClusterConfig:
     return ClusterConfig(**out)
 
 
+def _parse_method_options(source: str, value: object) -> MethodOptions:
+    known = MethodOptions.__dataclass_fields__
+    if not isinstance(value, dict):
+        raise _fail(source, "method_options", value, f"a mapping with keys {', '.join(known)}")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in known:
+            raise ConfigError(f"config {source}: unknown key 'method_options.{key}' "
+                              f"(expected one of {', '.join(known)})")
+        if key == "range_tau":
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not item > 0:
+                raise _fail(source, f"method_options.{key}", item, "a number > 0")
+            out[key] = float(item)
+            continue
+        minimum = 0 if key == "screen_top" else 1
+        if not _is_int(item) or item < minimum:
+            raise _fail(source, f"method_options.{key}", item, f"an integer >= {minimum}")
+        out[key] = item
+    return MethodOptions(**out)
+
+
 def _resolve_path(base: Path, value: str) -> str:
     if "://" in value:
         return value
@@ -166,6 +202,8 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
             out[key] = value
     if "cluster" in data:
         out["cluster"] = _parse_cluster(source, data["cluster"])
+    if "method_options" in data:
+        out["method_options"] = _parse_method_options(source, data["method_options"])
     if "run_id" in data and data["run_id"] is not None:
         out["run_id"] = check_run_id(source, data["run_id"])
     for key, minimum in (("batch_rows", 2), ("shard_neurons", 1)):

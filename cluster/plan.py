@@ -6,10 +6,11 @@ the number of actors, so any pool size computes the same shards in the same batc
 """
 from __future__ import annotations
 
-import math
-import time
 import hashlib
 import json
+import math
+import random
+import time
 from dataclasses import dataclass
 
 from attribution.concepts import Concept, TargetTokens, load_concept_file, resolve_targets
@@ -18,22 +19,43 @@ from attribution.sites import architecture_for, head_macs
 from cluster.config import ConfigError, JobConfig
 
 
+# Methods whose rows come once per ablation mode of the run; the others write ablation "none".
+ABLATION_METHODS = ("neat", "atp")
+# Methods that score every neuron of the model in one pass per concept: one shard per layer.
+WHOLE_MODEL_METHODS = ("atp", "neurgrad", "neuronlens", "selectivity", "ig")
+
+
+def ablations_for(method: str, ablations: tuple[str, ...]) -> tuple[str, ...]:
+    return ablations if method in ABLATION_METHODS else ("none",)
+
+
 @dataclass(frozen=True)
 class Shard:
-    """A contiguous range of neurons of one layer, scored for every concept and ablation of the run."""
+    """Neurons of one layer (the range start..stop, or an explicit sorted `picks`), scored for every
+    concept and ablation of the run."""
 
     method: str
     layer: int
     start: int
     stop: int
+    picks: tuple[int, ...] = ()  # a sample (NEG) or a screen's selection (NEAT after AtP)
 
     @property
-    def neurons(self) -> range:
-        return range(self.start, self.stop)
+    def neurons(self) -> range | tuple[int, ...]:
+        return self.picks if self.picks else range(self.start, self.stop)
 
     @property
     def shard_id(self) -> str:  # stable: a retried shard rewrites the same staged file
+        if self.picks:
+            digest = hashlib.sha256(",".join(map(str, self.picks)).encode()).hexdigest()[:10]
+            return f"{self.method}-L{self.layer:03d}-p{len(self.picks):06d}-{digest}"
         return f"{self.method}-L{self.layer:03d}-n{self.start:06d}-{self.stop:06d}"
+
+
+def sample_neurons(layer: int, d_mlp: int, count: int, *, salt: str = "neg") -> tuple[int, ...]:
+    """A seeded sample of `count` neurons of `layer`, sorted; the same on every machine and run."""
+    rng = random.Random(f"{salt}:{layer}:{d_mlp}")
+    return tuple(sorted(rng.sample(range(d_mlp), min(count, d_mlp))))
 
 
 @dataclass(frozen=True)
@@ -59,21 +81,31 @@ class JobPlan:
     macs_per_block: int
     warnings: tuple[str, ...] = ()
 
-    @property
-    def rows_per_neuron(self) -> int:  # one row per concept and ablation
-        return len(self.concepts) * len(self.config.ablation)
+    def rows_per_neuron(self, method: str) -> int:  # one row per concept and ablation
+        return len(self.concepts) * len(ablations_for(method, self.config.ablation))
 
     def shard_rows(self, shard: Shard) -> int:
-        return len(shard.neurons) * self.rows_per_neuron
+        return len(shard.neurons) * self.rows_per_neuron(shard.method)
 
     @property
     def total_rows(self) -> int:
         return sum(self.shard_rows(s) for s in self.shards)
 
     def shard_cost(self, shard: Shard) -> float:
+        """Block-equivalents of one-position forwards; whole-model methods are estimated from their passes."""
+        rows = self.rows_per_neuron(shard.method)
+        full = self.n_layers + self.layer_cost[-1]  # one forward of one position
+        examples = sum(len(rc.concept.examples) + len(rc.concept.negatives) for rc in self.concepts)
+        per_layer = 1.0 / len(self.layers)
         if shard.method == "atp":  # a share of one forward + backward (~3 passes) per concept
-            return 3.0 * (self.n_layers + self.layer_cost[-1]) * self.rows_per_neuron / len(self.layers)
-        return len(shard.neurons) * self.layer_cost[shard.layer] * self.rows_per_neuron
+            return 3.0 * full * rows * per_layer
+        if shard.method in ("neurgrad", "neuronlens", "selectivity"):  # passes over the texts (~12 tokens)
+            return 3.0 * full * 12 * examples * per_layer
+        if shard.method == "ig":  # per prompt, a forward + backward of ig_steps rows at the last position
+            return 3.0 * full * examples * self.config.method_options.ig_steps
+        if shard.method == "neg":  # 7 sweep points per neuron and prompt, the suffix at one position
+            return 7.0 * len(shard.neurons) * self.layer_cost[shard.layer] * examples
+        return len(shard.neurons) * self.layer_cost[shard.layer] * rows
 
     def estimated_flops(self) -> float:
         return 2.0 * self.macs_per_block * sum(self.shard_cost(s) for s in self.shards)
@@ -127,8 +159,13 @@ def resolve_job(config: JobConfig) -> JobPlan:
     d_mlp = getattr(model_config, "intermediate_size", None) or model_config.n_inner or 4 * model_config.n_embd
     shards: tuple[Shard, ...] = ()
     for method in config.methods:
-        if method == "atp":  # one backward per concept scores every layer: one shard per layer
+        if method in WHOLE_MODEL_METHODS:  # one pass per concept scores every layer: one shard per layer
             shards += tuple(Shard(method, layer, 0, d_mlp) for layer in layers)
+        elif method == "neg":  # a seeded sample of each layer's neurons
+            sample = config.method_options.neg_sample
+            shards += tuple(Shard(method, layer, 0, d_mlp, sample_neurons(layer, d_mlp, sample)) for layer in layers)
+        elif method == "neat" and config.method_options.screen_top:
+            pass  # planned after the AtP pass: cluster/screen.py
         else:
             shards += plan_shards(method=method, layers=layers, d_mlp=d_mlp, costs=costs,
                                   shard_neurons=config.shard_neurons)

@@ -14,8 +14,13 @@ from attribution.ablation import ablation_values, read_reference_texts, referenc
 from attribution.atp import atp_effects, log_p_gradients
 from attribution.models import ModelSource, load_model
 from attribution.neat import NEAT_ENGINES, CleanPass, clean_pass, concept_vector
-from cluster.plan import JobPlan, ResolvedConcept, Shard
+from attribution.neuron_scores import EXTRA_COLUMNS, NeuronScores
+from cluster.config import MethodOptions
+from cluster.plan import JobPlan, ResolvedConcept, Shard, ablations_for
 from storage.schema import SHARD_SCHEMA
+
+# The value columns of a row, after its key columns; the methods fill what they compute, the rest is null.
+VALUE_COLUMNS = ("score", "effect", "activation", *EXTRA_COLUMNS)
 from storage.staging import write_shard
 
 
@@ -32,6 +37,7 @@ class ScorerSpec:
     dtype: str
     threads: int
     batch_rows: int
+    method_options: MethodOptions = field(default_factory=MethodOptions)
     storage_options: dict | None = field(default=None, repr=False)  # may hold credentials: never printed
 
     @classmethod
@@ -39,7 +45,8 @@ class ScorerSpec:
         cfg = plan.config
         return cls(model=plan.model, concepts=plan.concepts, ablations=cfg.ablation, run_id=plan.run_id,
                    atlas=cfg.atlas, device=cfg.device, dtype=cfg.dtype, threads=cfg.cluster.cpus_per_actor,
-                   batch_rows=cfg.batch_rows, storage_options=cfg.storage_options)
+                   batch_rows=cfg.batch_rows, method_options=cfg.method_options,
+                   storage_options=cfg.storage_options)
 
 
 @dataclass(frozen=True)
@@ -84,11 +91,15 @@ class ShardScorer:
         loaded = time.perf_counter()
         self.clean: dict[str, CleanPass] = {}
         self.grads: dict[str, torch.Tensor] = {}  # concept -> d log p(T) / d a, [n_layers, d_mlp] (AtP)
+        self.whole: dict[tuple[str, str], NeuronScores] = {}  # (method, concept) -> every neuron's scores
         for rc in spec.concepts:
             vector = concept_vector(self.model, rc.concept.examples, concept=rc.concept.name)
             self.clean[rc.concept.name] = clean_pass(self.model, vector, rc.targets.ids)
-        reference = reference_means(self.model, read_reference_texts()) if "mean" in spec.ablations else None
-        self.ablate_to = {mode: ablation_values(self.model, mode, reference) for mode in spec.ablations}
+        needs_reference = {"mean", "range"} & set(spec.ablations)
+        reference = reference_means(self.model, read_reference_texts()) if needs_reference else None
+        # range ablation sets an activation inside the concept's range to the neutral mean (_ablate_to)
+        self.ablate_to = {mode: ablation_values(self.model, "mean" if mode == "range" else mode, reference)
+                          for mode in spec.ablations}
         self.info = ScorerInfo(
             actor=f"{os.uname().nodename}:{os.getpid()}", device=str(self.model.device), dtype=spec.dtype,
             threads=torch.get_num_threads(), load_seconds=loaded - started,
@@ -107,12 +118,11 @@ class ShardScorer:
     def score_table(self, shard: Shard) -> pa.Table:
         """Rows (SHARD_SCHEMA) of one shard: every concept x ablation x neuron."""
         columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
-        n = len(shard.neurons)
+        neurons = list(shard.neurons)
+        n = len(neurons)
         for rc in self.spec.concepts:
-            clean = self.clean[rc.concept.name]
-            activation = clean.acts[shard.layer, shard.start:shard.stop].float().cpu()
-            for mode in self.spec.ablations:
-                effect = self._effects(shard, rc, self.ablate_to[mode][shard.layer])
+            for mode in ablations_for(shard.method, self.spec.ablations):
+                values = self._values(shard, rc, mode)
                 columns["model"] += [self.spec.model.name] * n
                 columns["model_revision"] += [self.spec.model.revision] * n
                 columns["concept"] += [rc.concept.name] * n
@@ -120,21 +130,79 @@ class ShardScorer:
                 columns["ablation"] += [mode] * n
                 columns["run_id"] += [self.spec.run_id] * n
                 columns["layer"] += [shard.layer] * n
-                columns["neuron"] += list(shard.neurons)
-                columns["score"] += effect.abs().tolist()
-                columns["effect"] += effect.tolist()
-                columns["activation"] += activation.tolist()
+                columns["neuron"] += neurons
+                for name in VALUE_COLUMNS:
+                    column = values.get(name)
+                    columns[name] += [None] * n if column is None else column.float().tolist()
         return pa.table(columns, schema=SHARD_SCHEMA)
 
-    def _effects(self, shard: Shard, rc: ResolvedConcept, ablate_to: torch.Tensor) -> torch.Tensor:  # [n]
-        clean = self.clean[rc.concept.name]
-        if shard.method == "atp":
-            if rc.concept.name not in self.grads:  # one backward per concept serves every layer
-                self.grads[rc.concept.name] = log_p_gradients(self.model, clean, rc.targets.ids)
-            return atp_effects(self.grads[rc.concept.name], clean, shard.layer, shard.neurons, ablate_to)
-        engine = NEAT_ENGINES[self.spec.dtype]  # float32: exact; bf16: difference propagation
-        return engine(self.model, clean, rc.targets.ids, shard.layer, shard.neurons, ablate_to,
-                      batch_rows=self.spec.batch_rows)
+    def _values(self, shard: Shard, rc: ResolvedConcept, mode: str) -> dict[str, torch.Tensor]:
+        """Column name -> [len(shard.neurons)] values of one concept and ablation mode."""
+        name = rc.concept.name
+        index = torch.tensor(list(shard.neurons), dtype=torch.long)
+        if shard.method in ("neat", "atp"):
+            clean = self.clean[name]
+            ablate_to = self._ablate_to(rc, mode)[shard.layer]
+            if shard.method == "atp":
+                if name not in self.grads:  # one backward per concept serves every layer
+                    self.grads[name] = log_p_gradients(self.model, clean, rc.targets.ids)
+                effect = atp_effects(self.grads[name], clean, shard.layer, shard.neurons, ablate_to)
+            else:
+                engine = NEAT_ENGINES[self.spec.dtype]  # float32: exact; bf16: difference propagation
+                effect = engine(self.model, clean, rc.targets.ids, shard.layer, shard.neurons, ablate_to,
+                                batch_rows=self.spec.batch_rows)
+            activation = clean.acts[shard.layer].float().cpu()[index]
+            return {"score": effect.abs(), "effect": effect, "activation": activation}
+        if shard.method == "neg":
+            from attribution.neurgrad import neg_slopes
+
+            slopes = neg_slopes(self.model, self._prompts(rc), [(shard.layer, i) for i in shard.neurons])
+            activation = self._whole("neurgrad", rc).activation[shard.layer][index]
+            return {"score": slopes.abs(), "effect": slopes, "activation": activation}
+        scores = self._whole(shard.method, rc)
+        out = {"score": scores.ranking_score, "effect": scores.effect, "activation": scores.activation,
+               **scores.extra}
+        return {key: value[shard.layer][index] for key, value in out.items()}
+
+    def _whole(self, method: str, rc: ResolvedConcept) -> NeuronScores:
+        """A whole-model method's scores for every neuron, computed once per concept and actor."""
+        key = (method, rc.concept.name)
+        if key not in self.whole:  # imported here: an actor loads only the methods its run uses
+            options = self.spec.method_options
+            if method == "neurgrad":
+                from attribution.neurgrad import neurgrad_scores
+
+                scores = neurgrad_scores(self.model, self._prompts(rc))
+            elif method == "ig":
+                from attribution.integrated_gradients import ig_scores
+
+                scores = ig_scores(self.model, self._prompts(rc), steps=options.ig_steps)
+            elif method == "neuronlens":
+                from attribution.neuronlens import neuronlens_scores
+
+                scores = neuronlens_scores(self.model, rc.concept, tau=options.range_tau)
+            elif method == "selectivity":
+                from attribution.selectivity import selectivity_scores
+
+                scores = selectivity_scores(self.model, rc.concept)
+            else:
+                raise ValueError(f"method {method!r} is not a whole-model method")
+            self.whole[key] = scores
+        return self.whole[key]
+
+    def _prompts(self, rc: ResolvedConcept):
+        from attribution.prompts import concept_prompts
+
+        return concept_prompts(self.model.tokenizer, rc.concept, rc.targets.ids)
+
+    def _ablate_to(self, rc: ResolvedConcept, mode: str) -> torch.Tensor:  # [n_layers, d_mlp]
+        """The value each neuron is set to; range ablation changes only activations inside the concept's range."""
+        if mode != "range":
+            return self.ablate_to[mode]
+        lens = self._whole("neuronlens", rc)
+        acts = self.clean[rc.concept.name].acts.float().cpu()  # [n_layers, d_mlp] on the concept vector
+        inside = (acts >= lens.extra["range_low"]) & (acts <= lens.extra["range_high"])
+        return torch.where(inside, self.ablate_to["range"].cpu(), acts)
 
     def score(self, shard: Shard) -> ShardResult:
         started = time.perf_counter()

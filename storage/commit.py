@@ -137,8 +137,9 @@ def _commit_once(uri: str, data: pa.Table, *, app: str, options: dict | None, pa
             max_commit_retries=0,  # land at `version` or fail; a retry would shift the version
         )
         try:
+            # merge: an atlas created before the statistics columns existed gains them (null for its old rows).
             write_deltalake(dt, data, mode="append", partition_by=partition_by, writer_properties=WRITER,
-                            commit_properties=props)
+                            commit_properties=props, schema_mode="merge")
             return version, True
         except CommitFailedError:
             continue  # another writer took `version` (maybe this very run): re-read the log

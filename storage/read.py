@@ -18,7 +18,7 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from storage.errors import AmbiguousModelError, AtlasError, UnknownConceptError
 from storage.location import NEURONS, RUNS, delta_options, normalize_uri, table_uri
-from storage.schema import ATLAS_SCHEMA, RUNS_SCHEMA, validate_name
+from storage.schema import ATLAS_SCHEMA, RUNS_SCHEMA, conform_to_atlas, validate_name
 
 
 AsOf = int | str | datetime | None
@@ -165,7 +165,7 @@ def top_neurons(
     where &= (pds.field("method") == method) & (pds.field("run_id") == run_id)
     rows = data.to_table(filter=where & (pds.field("rank") <= top))
     rows = rows.sort_by([("ablation", "ascending"), ("rank", "ascending")])
-    return rows.select(ATLAS_SCHEMA.names).cast(ATLAS_SCHEMA)
+    return conform_to_atlas(rows)
 
 
 def list_runs(atlas_uri: str | os.PathLike, storage_options: dict | None = None, *, as_of: AsOf = None) -> pa.Table:

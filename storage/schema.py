@@ -22,8 +22,19 @@ SHARD_SCHEMA = pa.schema(
         ("score", pa.float32()),
         ("effect", pa.float32()),
         ("activation", pa.float32()),
+        # Method-specific statistics, null where a method does not compute them (the same names as
+        # attribution/neuron_scores.EXTRA_COLUMNS; README "Methods" says what each holds).
+        ("act_mean", pa.float32()),
+        ("act_std", pa.float32()),
+        ("range_low", pa.float32()),
+        ("range_high", pa.float32()),
+        ("selectivity", pa.float32()),
+        ("consistency", pa.float32()),
     ]
 )
+# Columns added after the first release: an atlas created before them gains them (null for old
+# rows) at its next commit, and readers fill them with nulls until then.
+STAT_COLUMNS = ("act_mean", "act_std", "range_low", "range_high", "selectivity", "consistency")
 
 # The committed `neurons` table: shard rows plus their rank and the run's commit time.
 ATLAS_SCHEMA = SHARD_SCHEMA.append(pa.field("rank", pa.int32())).append(
@@ -73,6 +84,24 @@ def validate_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or re.fullmatch(pattern, value) is None:
         raise AtlasError(f"{kind} {value!r} is not a valid name: expected {words} (pattern {pattern})")
     return value
+
+
+def shard_table(columns: dict) -> pa.Table:
+    """A SHARD_SCHEMA table from column name -> values; absent statistics columns are null."""
+    n = len(next(iter(columns.values()))) if columns else 0
+    full = {name: columns.get(name, pa.nulls(n, pa.float32())) for name in SHARD_SCHEMA.names}
+    unknown = sorted(set(columns) - set(SHARD_SCHEMA.names))
+    if unknown:
+        raise AtlasError(f"shard rows: unexpected columns {unknown}; expected {SHARD_SCHEMA.names}")
+    return pa.table(full, schema=SHARD_SCHEMA)
+
+
+def conform_to_atlas(table: pa.Table) -> pa.Table:
+    """`table` with ATLAS_SCHEMA's columns in order: statistics columns an older atlas lacks become nulls."""
+    for name in STAT_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(ATLAS_SCHEMA.field(name), pa.nulls(table.num_rows, pa.float32()))
+    return table.select(ATLAS_SCHEMA.names).cast(ATLAS_SCHEMA)
 
 
 def check_schema(table: pa.Table, expected: pa.Schema, *, what: str) -> None:

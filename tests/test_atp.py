@@ -1,13 +1,17 @@
 """Attribution patching: its gradients are the true derivatives, and its ranking tracks exact NEAT."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from attribution.atp import atp_effects, log_p_gradients
+from attribution.concepts import load_concept_file, resolve_targets
 from attribution.masking import NeuronMask, masked
 from attribution.neat import clean_pass, concept_vector, log_p_targets, neat_effects
 from attribution.stats import spearman, top_overlap
 
+BUILTIN_CONCEPTS = Path(__file__).parent.parent / "configs" / "concepts" / "builtin.yaml"
 EXAMPLES = ["The king wore a golden crown.", "The queen sat on her throne in the palace."]
 
 
@@ -43,10 +47,15 @@ def test_atp_effect_is_the_first_order_term(tiny_models):
 
 
 def test_atp_ranking_tracks_exact_neat_on_smollm2(smollm2):
-    targets, clean = _setup(smollm2, ("king", "queen", "crown", "throne"))
+    # The built-in royalty concept: its effects (up to 0.13 nats in layer 15) stand far above float32
+    # noise (~1e-5). A two-sentence concept moved log p by at most 5e-4 there, and its Spearman went
+    # from 0.98 to 0.91 between two machines of different CPU: ranking noise, not AtP.
+    concept = next(c for c in load_concept_file(BUILTIN_CONCEPTS) if c.name == "royalty")
+    targets = resolve_targets(smollm2.tokenizer, concept).ids
+    clean = clean_pass(smollm2, concept_vector(smollm2, concept.examples), targets)
     grads = log_p_gradients(smollm2, clean, targets)
     zeros = torch.zeros(smollm2.d_mlp)
     exact = neat_effects(smollm2, clean, targets, 15, range(1536), zeros).abs()
     estimate = atp_effects(grads, clean, 15, range(1536), zeros).abs()
-    assert spearman(exact, estimate) > 0.95  # measured 0.979 here, 0.9996 for the royalty concept
-    assert top_overlap(exact, estimate, 50) >= 0.8
+    assert spearman(exact, estimate) > 0.99  # measured 0.9998
+    assert top_overlap(exact, estimate, 50) >= 0.9  # measured 1.0

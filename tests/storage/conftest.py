@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from storage.schema import SHARD_SCHEMA
+from storage.schema import shard_table
 
 
 def build_rows(
@@ -25,7 +25,7 @@ def build_rows(
     grid = [(c, m, a, layer, n) for c in concepts for m in methods for a in ablations
             for layer in range(layers) for n in range(neurons)]
     effect = rng.normal(size=len(grid)).astype(np.float32)
-    return pa.table(
+    return shard_table(
         {
             "model": [model] * len(grid),
             "model_revision": [revision] * len(grid),
@@ -39,7 +39,6 @@ def build_rows(
             "effect": pa.array(effect, pa.float32()),
             "activation": pa.array(rng.normal(size=len(grid)).astype(np.float32), pa.float32()),
         },
-        schema=SHARD_SCHEMA,
     )
 
 

@@ -209,3 +209,28 @@ def test_bad_run_id_and_metadata(atlas, make_rows):
     with pytest.raises(AtlasError, match=r"metadata of run 'r1' is not JSON"):
         commit_run(atlas, make_rows("r1"), run_id="r1", metadata={"when": datetime.now()})
     assert open_neurons(atlas) is None
+
+
+def test_atlas_from_before_the_statistics_columns_gains_them_at_the_next_commit(atlas, make_rows):
+    """An atlas written before act_mean ... consistency existed stays readable and takes new runs."""
+    from storage.read import top_neurons
+    from storage.schema import STAT_COLUMNS
+    from deltalake import write_deltalake
+
+    old_schema = pa.schema([f for f in ATLAS_SCHEMA if f.name not in STAT_COLUMNS])
+    old_rows = rank_rows(make_rows("old")).drop_columns(list(STAT_COLUMNS))
+    old_rows = old_rows.append_column("created_at", pa.repeat(pa.scalar(datetime.now(timezone.utc),
+                                                                          ATLAS_SCHEMA.field("created_at").type),
+                                                                old_rows.num_rows)).cast(old_schema)
+    write_deltalake(f"{atlas}/neurons", old_rows, partition_by=["model", "concept"])
+    before = top_neurons(atlas, concept="royalty", run_id="old", top=3)
+    assert before.schema == ATLAS_SCHEMA and before.column("act_mean").null_count == 3
+
+    new = make_rows("new", seed=1)
+    new = new.set_column(new.schema.get_field_index("selectivity"), "selectivity",
+                         pa.array([0.5] * new.num_rows, pa.float32()))
+    commit_run(atlas, new, run_id="new", metadata={})
+    stored = _neurons(atlas)
+    assert set(STAT_COLUMNS) <= set(stored.column_names)
+    assert top_neurons(atlas, concept="royalty", run_id="old", top=3).equals(before)
+    assert top_neurons(atlas, concept="royalty", run_id="new", top=3).column("selectivity").to_pylist() == [0.5] * 3

@@ -8,12 +8,12 @@ import pytest
 from storage.commit import rank_rows
 from storage.contrast import contrastive_table, generic_neurons
 from storage.errors import AtlasError
-from storage.schema import SHARD_SCHEMA
+from storage.schema import SHARD_SCHEMA, STAT_COLUMNS, shard_table
 
 
 def run_rows(scores: dict[str, np.ndarray]) -> pa.Table:
     """Rows of one run: concept -> scores [layers, neurons]."""
-    columns = {name: [] for name in SHARD_SCHEMA.names}
+    columns = {name: [] for name in SHARD_SCHEMA.names if name not in STAT_COLUMNS}
     for concept, grid in scores.items():
         for layer in range(grid.shape[0]):
             for neuron in range(grid.shape[1]):
@@ -22,7 +22,7 @@ def run_rows(scores: dict[str, np.ndarray]) -> pa.Table:
                                     ("score", float(grid[layer, neuron])), ("effect", -float(grid[layer, neuron])),
                                     ("activation", 1.0)):
                     columns[name].append(value)
-    return rank_rows(pa.table(columns, schema=SHARD_SCHEMA))
+    return rank_rows(shard_table(columns))
 
 
 def test_contrastive_score_is_score_minus_the_best_other_concept():

@@ -10,6 +10,7 @@ def test_schema_columns_in_contract_order():
     assert SHARD_SCHEMA.names == [
         "model", "model_revision", "concept", "method", "ablation", "run_id",
         "layer", "neuron", "score", "effect", "activation",
+        "act_mean", "act_std", "range_low", "range_high", "selectivity", "consistency",
     ]
     assert ATLAS_SCHEMA.names == SHARD_SCHEMA.names + ["rank", "created_at"]
     assert ATLAS_SCHEMA.field("rank").type == pa.int32()

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.validate_command import register as register_validate  # validate
 
     register_validate(sub)
+    from jobs.report_command import register as register_report  # report
+    register_report(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ from attribution.errors import ConceptError
 
 CONCEPT_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CONCEPT_KEYS = {"name": str, "description": str, "examples": list, "targets": list, "negatives": list}
-REQUIRED_KEYS = ("name", "examples", "targets")
+REQUIRED_KEYS = ("name", "examples")  # no targets: derived from the concept vector (auto_targets.py)
 BOUNDARY_PIECES = {"▁", "Ġ", " ", ""}
 
 
@@ -24,7 +24,7 @@ BOUNDARY_PIECES = {"▁", "Ġ", " ", ""}
 class Concept:
     name: str
     examples: tuple[str, ...]  # sentences that express the concept
-    targets: tuple[str, ...]  # words whose probability the concept should raise
+    targets: tuple[str, ...]  # words whose probability the concept should raise; () = derive them
     negatives: tuple[str, ...] = ()  # sentences that do not express it
     description: str = ""
 
@@ -37,6 +37,11 @@ class TargetTokens:
     strings: tuple[str, ...]  # the tokens as the tokenizer spells them, aligned with ids
     words: tuple[str, ...]  # the word each id came from (the first word, when words share a token)
     warnings: tuple[str, ...] = field(default=())
+    derived: bool = False  # True: chosen by attribution.auto_targets, not given in the concept file
+
+    @property
+    def pending(self) -> bool:  # no targets given: the actor derives them from the concept vector
+        return not self.ids
 
 
 def load_concept_file(path: str | Path) -> list[Concept]:
@@ -95,15 +100,20 @@ def _parse_concept(entry: object, index: int, path: Path) -> Concept:
             if not isinstance(value, str) or not value.strip():
                 raise ConceptError(f"{where}: {key}[{j}] must be a non-empty string, got {value!r}")
         lists[key] = tuple(v.strip() for v in values)
-    for key in ("examples", "targets"):
-        if not lists[key]:
-            raise ConceptError(f"{where}: {key!r} is empty: a concept needs at least one")
+    if not lists["examples"]:
+        raise ConceptError(f"{where}: 'examples' is empty: a concept needs at least one")
+    if "targets" in entry and not lists["targets"]:
+        raise ConceptError(f"{where}: 'targets' is empty: list at least one word, or leave the key out "
+                           "to derive targets from the concept vector")
     return Concept(name=name, examples=lists["examples"], targets=lists["targets"],
                    negatives=lists["negatives"], description=entry.get("description", "").strip())
 
 
 def resolve_targets(tokenizer, concept: Concept) -> TargetTokens:
-    """Target words -> first real token of " " + word, deduplicated (DESIGN.md section 4)."""
+    """Target words -> first real token of " " + word, deduplicated (DESIGN.md section 4).
+
+    A concept without targets resolves to no ids (`pending`): the actors derive them.
+    """
     ids: list[int] = []
     strings: list[str] = []
     words: list[str] = []

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+from cluster.checks import neg_agreement
 from cluster.plan import JobPlan, Shard
+from cluster.screen import screen_report, screen_shards
 from cluster.progress import Progress, format_seconds
 from cluster.scorer import ScorerSpec, ShardResult, ShardScorer
 from storage.commit import commit_run, run_committed
@@ -206,12 +208,17 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
         progress.restart()  # rates count scoring time, not Ray start-up and model loading
         results, slots = _score_all(plan, actors, todo, progress)
         progress.close()
+        if cfg.method_options.screen_top:  # second pass: exact NEAT on what the AtP pass selected
+            plan, more, more_resumed = _screen_pass(plan, actors, progress_stream)
+            results += more
+            resumed += more_resumed
         rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
                            storage_options=cfg.storage_options)
         if rows.num_rows != plan.total_rows:
             raise RunError(f"run {plan.run_id}: staged {rows.num_rows} rows, planned {plan.total_rows}")
         wall = time.perf_counter() - started
         metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall, slots=slots)
+        metadata["checks"] = method_checks(plan, rows)
         version = commit_run(cfg.atlas, rows, run_id=plan.run_id, metadata=metadata,
                              storage_options=cfg.storage_options)
         delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
@@ -226,6 +233,33 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
                       neurons=sum(len(s.neurons) for s in plan.shards), shards=len(plan.shards),
                       shards_resumed=resumed, seconds=round(seconds, 2),
                       neuron_scores_per_second=round(computed / seconds, 1) if seconds else 0.0)
+
+
+def _screen_pass(plan: JobPlan, actors, progress_stream) -> tuple[JobPlan, list[ShardResult], int]:
+    """Plan the NEAT shards of the AtP screen from the staged AtP rows and score those not staged yet."""
+    cfg = plan.config
+    atp_ids = [s.shard_id for s in plan.shards if s.method == "atp"]
+    atp_rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=atp_ids, storage_options=cfg.storage_options)
+    plan = replace(plan, shards=plan.shards + screen_shards(plan, atp_rows))
+    todo, _ = todo_shards(plan)
+    progress = Progress(shards=len(todo), rows=sum(plan.shard_rows(s) for s in todo),
+                        cost=sum(plan.shard_cost(s) for s in todo), stream=progress_stream)
+    neurons = sum(len(s.neurons) for s in plan.shards if s.method == "neat")
+    progress.message(f"AtP screen: exact NEAT on {neurons} neurons in {len(todo)} shards")
+    results, _ = _score_all(plan, actors, todo, progress)
+    progress.close()
+    screened = sum(1 for s in plan.shards if s.method == "neat")
+    return plan, results, screened - len(todo)
+
+
+def method_checks(plan: JobPlan, rows) -> dict:
+    """Agreement between methods of the run that estimate the same thing (stored in its metadata)."""
+    checks = {}
+    if plan.config.method_options.screen_top:
+        checks["atp_screen"] = screen_report(plan, rows)
+    if {"neurgrad", "neg"} <= set(plan.config.methods):
+        checks["neg_vs_neurgrad"] = neg_agreement(rows)
+    return checks
 
 
 def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: int, wall_seconds: float,
@@ -264,7 +298,8 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
         "layers": list(plan.layers),
         "concepts": [
             {"name": c.name, "target_ids": list(c.target_ids), "target_tokens": list(c.target_tokens),
-             "target_words": list(c.target_words), "base_log_p": c.base_log_p}
+             "target_words": list(c.target_words), "base_log_p": c.base_log_p,
+             "targets_derived": c.targets_derived}
             for c in concepts
         ],
         "methods": list(plan.config.methods),
@@ -304,6 +339,8 @@ def describe_plan(plan: JobPlan) -> str:
     ]
     for rc in plan.concepts:
         tokens = ", ".join(f"{w}->{t!r}({i})" for w, t, i in zip(rc.targets.words, rc.targets.strings, rc.targets.ids))
+        if rc.targets.pending:
+            tokens = "none given: derived by each actor from the concept vector (recorded in the run)"
         lines.append(f"  {rc.concept.name:<20} {len(rc.concept.examples)} examples; targets {tokens}")
     sizes = sorted({len(s.neurons) for s in plan.shards})
     lines += [

@@ -11,7 +11,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from attribution.concepts import Concept, TargetTokens, load_concept_file, resolve_targets
 from attribution.models import ModelSource, load_tokenizer, read_model_config, resolve_model_source
@@ -157,6 +157,14 @@ def resolve_job(config: JobConfig) -> JobPlan:
     macs = arch.block_macs(model_config)
     costs = layer_costs(n_layers, head_macs(model_config) / macs)
     d_mlp = getattr(model_config, "intermediate_size", None) or model_config.n_inner or 4 * model_config.n_embd
+    if config.method_options.screen_top:
+        if "neat" not in config.methods:
+            raise ConfigError(f"config {config.source}: key 'method_options.screen_top' has value "
+                              f"{config.method_options.screen_top}: the AtP screen selects neurons for exact "
+                              f"NEAT, so methods must include neat (methods: {list(config.methods)})")
+        if "atp" not in config.methods:  # the screen's first pass
+            config = replace(config, methods=("atp", *config.methods))
+            warnings.append("method_options.screen_top: added method atp (the screen's first pass)")
     shards: tuple[Shard, ...] = ()
     for method in config.methods:
         if method in WHOLE_MODEL_METHODS:  # one pass per concept scores every layer: one shard per layer

@@ -12,6 +12,7 @@ import torch
 
 from attribution.ablation import ablation_values, read_reference_texts, reference_means
 from attribution.atp import atp_effects, log_p_gradients
+from attribution.auto_targets import derive_targets
 from attribution.models import ModelSource, load_model
 from attribution.neat import NEAT_ENGINES, CleanPass, clean_pass, concept_vector
 from attribution.neuron_scores import EXTRA_COLUMNS, NeuronScores
@@ -68,6 +69,7 @@ class ConceptSummary:
     target_tokens: tuple[str, ...]
     target_words: tuple[str, ...]
     base_log_p: float
+    targets_derived: bool = False  # no targets in the concept file: derived from the concept vector
 
 
 @dataclass
@@ -92,9 +94,7 @@ class ShardScorer:
         self.clean: dict[str, CleanPass] = {}
         self.grads: dict[str, torch.Tensor] = {}  # concept -> d log p(T) / d a, [n_layers, d_mlp] (AtP)
         self.whole: dict[tuple[str, str], NeuronScores] = {}  # (method, concept) -> every neuron's scores
-        for rc in spec.concepts:
-            vector = concept_vector(self.model, rc.concept.examples, concept=rc.concept.name)
-            self.clean[rc.concept.name] = clean_pass(self.model, vector, rc.targets.ids)
+        self.concepts = self._with_targets(spec.concepts)  # concepts without targets get derived ones
         needs_reference = {"mean", "range"} & set(spec.ablations)
         reference = reference_means(self.model, read_reference_texts()) if needs_reference else None
         # range ablation sets an activation inside the concept's range to the neutral mean (_ablate_to)
@@ -107,11 +107,25 @@ class ShardScorer:
             versions=library_versions(),
         )
 
+    def _with_targets(self, concepts: tuple[ResolvedConcept, ...]) -> tuple[ResolvedConcept, ...]:
+        """Compute each concept's vector and clean pass; derive the targets of concepts that have none."""
+        out = []
+        baseline = None
+        for rc in concepts:
+            vector = concept_vector(self.model, rc.concept.examples, concept=rc.concept.name)
+            if rc.targets.pending:
+                if baseline is None:  # the neutral text's mean hidden state, the same for every concept
+                    baseline = concept_vector(self.model, read_reference_texts(), concept="neutral reference")
+                rc = ResolvedConcept(rc.concept, derive_targets(self.model, vector, baseline, concept=rc.concept.name))
+            self.clean[rc.concept.name] = clean_pass(self.model, vector, rc.targets.ids)
+            out.append(rc)
+        return tuple(out)
+
     def describe(self) -> tuple[ScorerInfo, tuple[ConceptSummary, ...]]:
         summaries = tuple(
             ConceptSummary(rc.concept.name, rc.targets.ids, rc.targets.strings, rc.targets.words,
-                           self.clean[rc.concept.name].log_p)
-            for rc in self.spec.concepts
+                           self.clean[rc.concept.name].log_p, rc.targets.derived)
+            for rc in self.concepts
         )
         return self.info, summaries
 
@@ -120,7 +134,7 @@ class ShardScorer:
         columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
         neurons = list(shard.neurons)
         n = len(neurons)
-        for rc in self.spec.concepts:
+        for rc in self.concepts:
             for mode in ablations_for(shard.method, self.spec.ablations):
                 values = self._values(shard, rc, mode)
                 columns["model"] += [self.spec.model.name] * n

@@ -17,7 +17,7 @@ from cluster.screen import screen_report, screen_shards
 from cluster.progress import Progress, format_seconds
 from cluster.scorer import ScorerSpec, ShardResult, ShardScorer
 from storage.commit import commit_run, run_committed
-from storage.staging import delete_staging, read_staged, staged_shards
+from storage.staging import claim_staging, delete_staging, read_staged, staged_shards
 
 IN_FLIGHT_PER_ACTOR = 2  # one computing, one queued: no idle gap between shards
 # At-least-once (DESIGN.md section 6). An actor whose process dies (node lost, OOM kill, crash) is
@@ -191,6 +191,7 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
     if run_committed(cfg.atlas, plan.run_id, storage_options=cfg.storage_options):
         raise RunError(f"run {plan.run_id!r} is already committed in atlas {cfg.atlas}: choose another --run-id")
     started = time.perf_counter()
+    claim_staging(cfg.atlas, run_id=plan.run_id, fingerprint=plan.fingerprint, storage_options=cfg.storage_options)
     todo, resumed = todo_shards(plan)
     progress = Progress(shards=len(todo), rows=sum(plan.shard_rows(s) for s in todo),
                         cost=sum(plan.shard_cost(s) for s in todo), stream=progress_stream)

@@ -6,6 +6,7 @@ the number of actors, so any pool size computes the same shards in the same batc
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -106,6 +107,21 @@ class JobPlan:
         if shard.method == "neg":  # 7 sweep points per neuron and prompt, the suffix at one position
             return 7.0 * len(shard.neurons) * self.layer_cost[shard.layer] * examples
         return len(shard.neurons) * self.layer_cost[shard.layer] * rows
+
+    @property
+    def fingerprint(self) -> str:
+        """What the scores depend on (model revision, layers, methods, concepts, batch make-up...),
+        hashed: staged shards of a run id may only be resumed by a plan with the same fingerprint."""
+        cfg = self.config
+        what = {
+            "model": [self.model.name, self.model.revision], "layers": list(self.layers),
+            "methods": list(cfg.methods), "ablation": list(cfg.ablation), "dtype": cfg.dtype,
+            "batch_rows": cfg.batch_rows, "shard_neurons": cfg.shard_neurons,
+            "method_options": dataclasses.asdict(cfg.method_options),
+            "concepts": [[rc.concept.name, list(rc.concept.examples), list(rc.concept.negatives),
+                          list(rc.targets.ids)] for rc in self.concepts],
+        }
+        return "sha256:" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
     def estimated_flops(self) -> float:
         return 2.0 * self.macs_per_block * sum(self.shard_cost(s) for s in self.shards)

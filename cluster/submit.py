@@ -39,9 +39,10 @@ class SubmitError(Exception):
 
 @dataclass(frozen=True)
 class Submission:
-    submission_id: str  # = the run id
+    submission_id: str  # the run id; ID-resume-N for a resumed run
     address: str
     entrypoint: str
+    run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,15 +156,53 @@ def _existing_job(client, address: str, submission_id: str):
         raise
 
 
-def submit_job(config: JobConfig, *, address: str, run_id: str | None = None) -> Submission:
-    """Submit the run to the cluster; the run id is the submission id. A used run id is refused."""
+RESUME_TRIES = 100  # resume attempts of one run id: ID-resume-1 .. ID-resume-100
+
+
+def attempt_ids(run_id: str) -> list[str]:
+    """Submission ids of a run: the run id itself, then one per resume."""
+    return [run_id] + [f"{run_id}-resume-{n}" for n in range(1, RESUME_TRIES + 1)]
+
+
+def latest_attempt(client, address: str, run_id: str) -> tuple[str, object] | None:
+    """The newest submission of a run (its id and Ray's job info), or None if it was never submitted."""
+    found = None
+    for submission_id in attempt_ids(run_id):
+        info = _existing_job(client, address, submission_id)
+        if info is None:
+            return found
+        found = (submission_id, info)
+    return found
+
+
+def submit_job(config: JobConfig, *, address: str, run_id: str | None = None, resume: bool = False) -> Submission:
+    """Submit the run to the cluster; the run id is the submission id. A used run id is refused.
+
+    `resume`: the run's last submission FAILED or was STOPPED; submit it again as `ID-resume-N` with the
+    same run id, so the new job scores only the shards the failed one did not stage, and commits once.
+    """
     run_id = run_id or config.run_id or submission_run_id(config)
     config = replace(config, run_id=run_id)
     client = _client(address)
-    existing = _existing_job(client, address, run_id)
-    if existing is not None:
-        raise SubmitError(f"run id {run_id!r} was already submitted to the Ray cluster at {address} "
-                          f"(status {existing.status}): choose another --run-id")
+    latest = latest_attempt(client, address, run_id)
+    submission_id = run_id
+    if latest is not None:
+        last_id, info = latest
+        status = str(info.status)
+        if not resume:
+            hint = (f"; it ended {status}: resume it with --resume (only its unfinished shards are computed)"
+                    if status in ("FAILED", "STOPPED") else "")
+            raise SubmitError(f"run id {run_id!r} was already submitted to the Ray cluster at {address} "
+                              f"(job {last_id}, status {status}): choose another --run-id{hint}")
+        if status not in ("FAILED", "STOPPED"):
+            raise SubmitError(f"run {run_id!r} cannot be resumed: its job {last_id} is {status} "
+                              f"on the Ray cluster at {address}")
+        index = attempt_ids(run_id).index(last_id) + 1
+        if index >= len(attempt_ids(run_id)):
+            raise SubmitError(f"run {run_id!r} was resumed {RESUME_TRIES} times: choose another --run-id")
+        submission_id = attempt_ids(run_id)[index]
+    elif resume:
+        raise SubmitError(f"run {run_id!r} was never submitted to the Ray cluster at {address}: nothing to resume")
     with tempfile.TemporaryDirectory(prefix="neuron-atlas-job-") as tmp:
         config_path = package_job(config, Path(tmp))
         entrypoint = f"python -m jobs.cli run {config_path} --run-id {run_id}"
@@ -171,14 +210,15 @@ def submit_job(config: JobConfig, *, address: str, run_id: str | None = None) ->
         deadline = time.monotonic() + AGENT_WAIT_SECONDS
         while True:
             try:
-                _call(address, run_id, lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                                                   submission_id=run_id,
-                                                                   metadata={"neuron_atlas_run_id": run_id}))
+                _call(address, submission_id,
+                      lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                                submission_id=submission_id,
+                                                metadata={"neuron_atlas_run_id": run_id}))
                 break
             except SubmitError as err:
                 if "already exists" in str(err):  # submitted by someone else since the check above
-                    raise SubmitError(f"run id {run_id!r} was already submitted to the Ray cluster at {address}: "
-                                      f"choose another --run-id") from None
+                    raise SubmitError(f"run id {run_id!r} was already submitted to the Ray cluster at {address} "
+                                      f"(job {submission_id}): choose another --run-id") from None
                 # A head that has just started answers this until its job agent is up.
                 if "No available agent" not in str(err):
                     raise
@@ -187,7 +227,7 @@ def submit_job(config: JobConfig, *, address: str, run_id: str | None = None) ->
                                       f"(ray start --dashboard-agent-listen-port, default 52365) taken by "
                                       f"another process on the head?") from None
                 time.sleep(2)
-    return Submission(submission_id=run_id, address=address, entrypoint=entrypoint)
+    return Submission(submission_id=submission_id, address=address, entrypoint=entrypoint, run_id=run_id)
 
 
 def job_state(address: str, submission_id: str) -> JobState:

@@ -54,10 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--actors", type=int, help="number of actors (model replicas)")
     run.add_argument("--atlas", help="atlas directory or fsspec URL")
     run.add_argument("--run-id", help="run id (slug); re-using an unfinished run's id resumes it")
-    run.add_argument("--method", dest="methods", action="append", help="scoring method (repeatable): neat")
-    run.add_argument("--ablation", action="append", help="zero | mean (repeatable)")
+    run.add_argument("--method", dest="methods", action="append",
+                     help="scoring method (repeatable): neat | atp | neurgrad | neg | neuronlens | selectivity | ig")
+    run.add_argument("--ablation", action="append", help="zero | mean | range (repeatable; for neat and atp)")
     run.add_argument("--device", help="auto | cpu | cuda")
-    run.add_argument("--dtype", help="float32")
+    run.add_argument("--dtype", help="float32 | bf16")
     run.add_argument("--dry-run", action="store_true", help="print the resolved plan and run nothing")
 
     submit = sub.add_parser("submit", help="submit the run to a Ray cluster (Ray Jobs API); prints the submission id")
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", help="Ray Jobs API, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
     submit.add_argument("--run-id", help="run id = submission id (slug); a run id already submitted is refused")
     submit.add_argument("--wait", action="store_true", help="follow the job's logs; exit 1 if it does not succeed")
+    submit.add_argument("--resume", action="store_true",
+                        help="the run's job FAILED or was STOPPED: submit it again (as ID-resume-N) to compute "
+                             "only its unfinished shards")
     for flag in ("--model", "--concepts", "--layers", "--atlas", "--device", "--dtype"):
         submit.add_argument(flag, help=f"as for run ({flag})")
     submit.add_argument("--actors", type=int, help="number of actors (model replicas)")
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--concept", required=True)
     query.add_argument("--model")
     query.add_argument("--method", default="neat")
-    query.add_argument("--ablation", help="zero | mean (default: all in the run)")
+    query.add_argument("--ablation", help="zero | mean | range | none (default: all in the run)")
     query.add_argument("--run", dest="run_id", help="a specific run id instead of the latest")
     query.add_argument("--top", type=int, default=20)
     query.add_argument("--rank-by", choices=("score", "contrastive"), default="score",
@@ -177,12 +181,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         actors=args.actors, atlas=args.atlas, run_id=args.run_id, methods=args.methods,
         ablation=args.ablation, device=args.device, dtype=args.dtype,
     )
-    job = submit_job(config, address=address)
+    if args.resume and not config.run_id:
+        raise UsageError("--resume needs the --run-id of the run to resume")
+    job = submit_job(config, address=address, resume=args.resume)
     print(job.submission_id, flush=True)
     if withheld_options(config):
         print(f"warning: storage options {', '.join(withheld_options(config))} are credentials and were not sent "
               f"with the job: the cluster's nodes need their own (the AWS chain)", file=sys.stderr)
-    print(f"submitted run {job.submission_id} to {address}: {job.entrypoint}\n"
+    what = f"run {job.run_id} as job {job.submission_id}" if job.submission_id != job.run_id else f"run {job.run_id}"
+    print(f"submitted {what} to {address}: {job.entrypoint}\n"
           f"  neuron-atlas status {job.submission_id} --address {address}\n"
           f"  neuron-atlas logs {job.submission_id} --address {address} --follow", file=sys.stderr, flush=True)
     if not args.wait:

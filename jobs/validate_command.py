@@ -81,7 +81,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for concept in load_concept_file(meta["config"]["concepts"]):
         if concept.name not in recorded:
             continue
-        targets = resolve_targets(model.tokenizer, concept).ids
+        # A concept without targets in its file ran with targets the actors derived: use the recorded ones.
+        targets = resolve_targets(model.tokenizer, concept).ids or recorded[concept.name]
         if targets != recorded[concept.name]:
             raise ConceptError(f"concept {concept.name!r} in {meta['config']['concepts']} no longer has the targets "
                                f"run {run_id} used ({recorded[concept.name]}); validate against the file it ran with")

@@ -122,3 +122,36 @@ def delete_staging(atlas_uri: str | os.PathLike, *, run_id: str, storage_options
     fs.invalidate_cache(directory)
     if fs.exists(directory):
         fs.rm(directory, recursive=True)
+
+
+_PLAN_MARK = "_plan.json"  # not a shard: staged_shards lists only *.parquet
+
+
+def claim_staging(atlas_uri: str | os.PathLike, *, run_id: str, fingerprint: str,
+                  storage_options: dict | None = None) -> bool:
+    """Record which plan a run's staged shards belong to; True when shards of it may already be staged.
+
+    Raises AtlasError when the run id already holds shards of a different plan (another config, model
+    revision or concept file): resuming them would mix two computations in one run.
+    """
+    import json
+
+    validate_name("run", run_id)
+    fs, root = atlas_filesystem(atlas_uri, storage_options)
+    directory = staging_dir(root, run_id)
+    mark = f"{directory}/{_PLAN_MARK}"
+    fs.invalidate_cache(directory)
+    if fs.exists(mark):
+        with fs.open(mark, "rb") as f:
+            found = json.loads(f.read().decode()).get("fingerprint")
+        if found != fingerprint:
+            raise AtlasError(
+                f"run {run_id!r} has staged shards of a different plan in {normalize_uri(atlas_uri)}/_staging/{run_id} "
+                f"(plan {found}, this config {fingerprint}): the config, model or concept file changed; "
+                f"resume with the same config, or choose another --run-id"
+            )
+        return True
+    fs.makedirs(directory, exist_ok=True)
+    with fs.open(mark, "wb") as f:
+        f.write(json.dumps({"run_id": run_id, "fingerprint": fingerprint}).encode())
+    return False

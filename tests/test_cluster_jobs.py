@@ -15,14 +15,18 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
 import yaml
 
+from cluster.config import load_job_config
+from cluster.plan import resolve_job
+from cluster.scorer import ScorerSpec, ShardScorer
 from storage.read import open_neurons, run_metadata
+from storage.staging import claim_staging
 
 BIN = Path(sys.executable).parent
 UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
@@ -174,13 +178,36 @@ def test_submit_status_logs_and_a_refused_duplicate_run_id(ray_cluster, tiny_sou
     assert unknown.returncode == 2 and "no job 'no-such-run'" in unknown.stderr
 
 
-def test_submit_wait_exits_1_when_the_job_fails(ray_cluster, tmp_path):
-    config = write_config(tmp_path / "bad.yaml", model=str(tmp_path / "no-such-model"), atlas=str(tmp_path / "atlas"))
-    waited = cli(ray_cluster, "submit", str(config), "--address", ray_cluster.jobs_api, "--run-id", "jobs-bad", "--wait")
+def test_a_failed_job_exits_1_with_wait_and_resumes_under_its_run_id(ray_cluster, tiny_sources, tmp_path):
+    atlas = tmp_path / "atlas"
+    api = ["--address", ray_cluster.jobs_api]
+    config = write_config(tmp_path / "bad.yaml", model=str(tmp_path / "no-such-model"), atlas=str(atlas))
+    waited = cli(ray_cluster, "submit", str(config), *api, "--run-id", "jobs-bad", "--wait")
     assert waited.returncode == 1, waited.stderr
     assert "no-such-model" in waited.stderr  # the job's own error, streamed from its logs
     assert "job jobs-bad FAILED" in waited.stderr
-    assert not (tmp_path / "atlas").exists()
+    assert not atlas.exists()
+
+    again = cli(ray_cluster, "submit", str(config), *api, "--run-id", "jobs-bad")
+    assert again.returncode == 2 and "resume it with --resume" in again.stderr
+
+    # The fixed config resumes the run: a new job under the same run id, which scores only what the
+    # failed attempt did not stage (here one shard, staged as a dying job would have left it).
+    good = write_config(tmp_path / "good.yaml", model=tiny_sources["llama"].path, atlas=str(atlas))
+    plan = resolve_job(replace(load_job_config(good), run_id="jobs-bad"))
+    claim_staging(str(atlas), run_id="jobs-bad", fingerprint=plan.fingerprint)
+    ShardScorer(ScorerSpec.from_plan(plan)).score(plan.shards[0])
+    resumed = cli(ray_cluster, "submit", str(good), *api, "--run-id", "jobs-bad", "--resume", "--wait")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip() == "jobs-bad-resume-1"
+    meta = run_metadata(str(atlas), "jobs-bad")
+    assert meta["shards"] == {"planned": len(plan.shards), "resumed": 1, "computed": len(plan.shards) - 1}
+    assert open_neurons(str(atlas)).to_pyarrow_table().num_rows == plan.total_rows
+
+    done = cli(ray_cluster, "submit", str(good), *api, "--run-id", "jobs-bad", "--resume")
+    assert done.returncode == 2 and "jobs-bad-resume-1 is SUCCEEDED" in done.stderr
+    never = cli(ray_cluster, "submit", str(good), *api, "--run-id", "jobs-never", "--resume")
+    assert never.returncode == 2 and "never submitted" in never.stderr
 
 
 def test_a_client_without_the_token_is_refused(ray_cluster, tmp_path):

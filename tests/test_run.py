@@ -18,7 +18,9 @@ from cluster.driver import RunError, run_job, todo_shards
 from cluster.plan import Shard, resolve_job
 from cluster.scorer import ScorerSpec, ShardScorer
 from jobs.cli import main
+from storage.errors import AtlasError
 from storage.read import open_neurons, run_metadata, top_neurons
+from storage.staging import claim_staging
 
 UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
 KEY = ["concept", "ablation", "layer", "neuron"]
@@ -81,11 +83,18 @@ def test_interrupted_run_resumes_only_missing_shards_with_identical_rows(tmp_pat
     reference = resolve_job(make_config(tmp_path, source, atlas=tmp_path / "ref", run_id="same"))
     run_job(reference)
     plan = resolve_job(make_config(tmp_path, source, atlas=tmp_path / "resumed", run_id="same"))
-    scorer = ShardScorer(ScorerSpec.from_plan(plan))  # a run that died after staging three shards
+    # A run that died after staging three shards (the driver claims the staging area first).
+    claim_staging(str(tmp_path / "resumed"), run_id="same", fingerprint=plan.fingerprint)
+    scorer = ShardScorer(ScorerSpec.from_plan(plan))
     for shard in plan.shards[:3]:
         scorer.score(shard)
     todo, done = todo_shards(plan)
     assert done == 3 and len(todo) == len(plan.shards) - 3
+    # The same run id with another batch make-up would mix two computations: refused, nothing lost.
+    changed = resolve_job(make_config(tmp_path, source, atlas=tmp_path / "resumed", run_id="same", batch_rows=16))
+    with pytest.raises(AtlasError, match="staged shards of a different plan"):
+        run_job(changed)
+    assert todo_shards(plan)[1] == 3
     summary = run_job(plan)
     assert summary.shards_resumed == 3
     assert run_metadata(str(tmp_path / "resumed"), "same")["shards"] == {

@@ -16,11 +16,17 @@ from attribution.models import SiteModel
 
 @dataclass(frozen=True)
 class NeuronMask:
-    """Set `neurons` of `layer` to `values` (0.0 for zero ablation, reference means for mean ablation)."""
+    """Set `neurons` of `layer` to `values` (0.0 for zero ablation, reference means for mean ablation).
+
+    Range ablation (NeuronLens): with `low` and `high`, a neuron's activation is replaced only at the
+    positions where it lies inside [low, high]; elsewhere it is left as it is.
+    """
 
     layer: int
     neurons: tuple[int, ...]
     values: tuple[float, ...]
+    low: tuple[float, ...] | None = None
+    high: tuple[float, ...] | None = None
 
 
 @contextmanager
@@ -32,7 +38,15 @@ def masked(model: SiteModel, *masks: NeuronMask) -> Iterator[None]:
         def hook(module, args):
             acts = args[0].clone()  # [batch, pos, d_mlp]
             index = torch.tensor(mask.neurons, device=acts.device)
-            acts[..., index] = torch.tensor(mask.values, dtype=acts.dtype, device=acts.device)
+            values = torch.tensor(mask.values, dtype=acts.dtype, device=acts.device)  # [n]
+            if mask.low is None:
+                acts[..., index] = values
+            else:
+                current = acts[..., index]  # [batch, pos, n]
+                low = torch.tensor(mask.low, dtype=acts.dtype, device=acts.device)
+                high = torch.tensor(mask.high, dtype=acts.dtype, device=acts.device)
+                inside = (current >= low) & (current <= high)
+                acts[..., index] = torch.where(inside, values, current)
             return (acts, *args[1:])
         return hook
 

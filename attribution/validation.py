@@ -26,6 +26,7 @@ class ConceptProbe:
     name: str
     clean: CleanPass
     target_ids: tuple[int, ...]
+    prompts: tuple = ()  # attribution.prompts.Prompt: the concept's cloze prompts with gold tokens
 
 
 @dataclass(frozen=True)
@@ -40,20 +41,33 @@ class ValidationResult:
     draws: int
     other_changes: dict[str, float] = field(default_factory=dict)  # other concept -> its change
     neutral_loss_change: float = 0.0  # mean next-token loss on neutral text, ablated - clean (nats)
+    # The same ablation on real text: mean log p(gold | prompt) over the concept's prompts, ablated -
+    # clean, for the top-k and for the random draws (None when the probe has no prompts).
+    prompt_change: float | None = None
+    prompt_random_mean: float | None = None
 
 
-def _masks(neurons: list[Neuron], ablate_to: Tensor) -> list[NeuronMask]:
+def _masks(neurons: list[Neuron], ablate_to: Tensor, ranges: tuple[Tensor, Tensor] | None = None) -> list[NeuronMask]:
+    """One mask per layer; with `ranges` ([n_layers, d_mlp] low and high), range ablation masks."""
     by_layer: dict[int, list[int]] = {}
     for layer, neuron in neurons:
         by_layer.setdefault(layer, []).append(neuron)
-    return [NeuronMask(layer, tuple(ns), tuple(float(ablate_to[layer, n]) for n in ns))
-            for layer, ns in sorted(by_layer.items())]
+    masks = []
+    for layer, ns in sorted(by_layer.items()):
+        values = tuple(float(ablate_to[layer, n]) for n in ns)
+        if ranges is None:
+            masks.append(NeuronMask(layer, tuple(ns), values))
+        else:
+            masks.append(NeuronMask(layer, tuple(ns), values, low=tuple(float(ranges[0][layer, n]) for n in ns),
+                                    high=tuple(float(ranges[1][layer, n]) for n in ns)))
+    return masks
 
 
 @torch.no_grad()
-def ablation_change(model: SiteModel, probe: ConceptProbe, neurons: list[Neuron], ablate_to: Tensor) -> float:
+def ablation_change(model: SiteModel, probe: ConceptProbe, neurons: list[Neuron], ablate_to: Tensor,
+                    ranges: tuple[Tensor, Tensor] | None = None) -> float:
     """log p(T | neurons ablated together) - log p(T), one full forward of the concept vector."""
-    with masked(model, *_masks(neurons, ablate_to)):
+    with masked(model, *_masks(neurons, ablate_to, ranges)):
         logits = model.hf(inputs_embeds=probe.clean.vector.view(1, 1, -1).to(model.device, model.dtype)).logits
     targets = torch.tensor(probe.target_ids, device=model.device)
     return float(log_p_targets(logits[:, -1], targets)[0]) - probe.clean.log_p
@@ -74,31 +88,57 @@ def neutral_loss(model: SiteModel, texts: list[str], masks: list[NeuronMask] = (
     return total / count
 
 
+@torch.no_grad()
+def prompts_log_p(model: SiteModel, prompts, masks: list[NeuronMask] = ()) -> float:
+    """Mean over prompts of log p(gold | prompt) at the prompt's last real token, masks applied."""
+    from attribution.prompts import prompt_batch
+
+    batch = prompt_batch(model, list(prompts))
+    with masked(model, *masks):
+        logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    last = logits[torch.arange(len(prompts), device=logits.device), batch.last]  # [prompts, vocab]
+    values = [log_p_targets(last[i:i + 1], torch.tensor(p.target_ids, device=last.device))[0]
+              for i, p in enumerate(prompts)]
+    return float(torch.stack(values).mean())
+
+
 def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], ks: list[int], *,
                      others: list[ConceptProbe], ablate_to: Tensor, layers: list[int], draws: int = 20,
+                     ranges: tuple[Tensor, Tensor] | None = None,
                      seed: int = 0, neutral_texts: list[str] = ()) -> list[ValidationResult]:
     """For each k: the top-k ablation against `draws` random k-neuron ablations from `layers`."""
     generator = torch.Generator().manual_seed(seed)
     clean_loss = neutral_loss(model, list(neutral_texts)) if neutral_texts else 0.0
+    clean_prompts = prompts_log_p(model, probe.prompts) if probe.prompts else 0.0
+
+    def prompt_change(neurons: list[Neuron]) -> float | None:
+        if not probe.prompts:
+            return None
+        return prompts_log_p(model, probe.prompts, _masks(neurons, ablate_to, ranges)) - clean_prompts
+
     population = len(layers) * model.d_mlp
     results = []
     for k in ks:
         chosen = top[:k]
-        top_change = ablation_change(model, probe, chosen, ablate_to)
-        random_changes = []
+        top_change = ablation_change(model, probe, chosen, ablate_to, ranges)
+        random_changes, random_prompt_changes = [], []
         for _ in range(draws):
             picks = torch.randperm(population, generator=generator)[:k].tolist()
             neurons = [(layers[p // model.d_mlp], p % model.d_mlp) for p in picks]
-            random_changes.append(ablation_change(model, probe, neurons, ablate_to))
+            random_changes.append(ablation_change(model, probe, neurons, ablate_to, ranges))
+            random_prompt_changes.append(prompt_change(neurons))
         changes = torch.tensor(random_changes, dtype=torch.float64)
         mean, std = float(changes.mean()), float(changes.std()) if draws > 1 else 0.0
         as_far = int((changes.abs() >= abs(top_change)).sum())
-        loss = neutral_loss(model, list(neutral_texts), _masks(chosen, ablate_to)) if neutral_texts else 0.0
+        loss = neutral_loss(model, list(neutral_texts), _masks(chosen, ablate_to, ranges)) if neutral_texts else 0.0
         results.append(ValidationResult(
             concept=probe.name, k=len(chosen), top_change=top_change, random_mean=mean, random_std=std,
             z_score=(top_change - mean) / std if std > 0 else float("inf"),
             p_value=(as_far + 1) / (draws + 1), draws=draws,
-            other_changes={o.name: ablation_change(model, o, chosen, ablate_to) for o in others},
+            other_changes={o.name: ablation_change(model, o, chosen, ablate_to, ranges) for o in others},
             neutral_loss_change=loss - clean_loss,
+            prompt_change=prompt_change(chosen),
+            prompt_random_mean=(float(torch.tensor(random_prompt_changes, dtype=torch.float64).mean())
+                                if probe.prompts else None),
         ))
     return results

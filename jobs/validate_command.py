@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -17,7 +18,12 @@ def register(sub) -> None:
     parser.add_argument("--concept", required=True)
     parser.add_argument("--model")
     parser.add_argument("--method", default="neat")
-    parser.add_argument("--ablation", help="zero | mean (default: the run's first)")
+    parser.add_argument("--ablation", help="which rows rank the neurons: zero | mean | range | none "
+                                           "(default: the run's first for the method)")
+    parser.add_argument("--intervention", choices=("zero", "mean", "range"),
+                        help="what the ablated neurons are set to (default: the rows' ablation, zero for "
+                             "methods without one); range: the neutral mean, only inside the concept's "
+                             "NeuronLens activation range")
     parser.add_argument("--run", dest="run_id", help="a specific run id instead of the latest")
     parser.add_argument("--rank-by", choices=("score", "contrastive"), default="score",
                         help="which top-k to ablate: by score, or by the contrastive score (see query)")
@@ -49,6 +55,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from attribution.errors import ConceptError
     from attribution.models import load_model, resolve_model_source
     from attribution.neat import clean_pass, concept_vector
+    from attribution.prompts import concept_prompts
     from attribution.validation import ConceptProbe, validate_ranking
     from jobs.cli import UsageError, write_table
     from storage.read import run_metadata, top_neurons
@@ -73,8 +80,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     neurons = [(row["layer"], row["neuron"]) for row in top.select(["layer", "neuron"]).to_pylist()]
     method = args.method if args.rank_by == "score" else f"{args.method}/contrastive"
 
-    print(f"validating {args.concept} ({method}, {ablation}) of run {run_id}: loading {meta['config']['model']}",
-          file=sys.stderr)
+    intervention = args.intervention or (ablation if ablation in ("zero", "mean", "range") else "zero")
+    print(f"validating {args.concept} ({method}, {ablation}; set to {intervention}) of run {run_id}: "
+          f"loading {meta['config']['model']}", file=sys.stderr)
     model = load_model(resolve_model_source(meta["config"]["model"]), device=args.device)
     recorded = {c["name"]: tuple(c["target_ids"]) for c in meta["concepts"]}
     probes = {}
@@ -86,22 +94,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if targets != recorded[concept.name]:
             raise ConceptError(f"concept {concept.name!r} in {meta['config']['concepts']} no longer has the targets "
                                f"run {run_id} used ({recorded[concept.name]}); validate against the file it ran with")
+        words = concept.targets or tuple(next(c for c in meta["concepts"] if c["name"] == concept.name)["target_words"])
+        prompts = tuple(concept_prompts(model.tokenizer, replace(concept, targets=words), targets))
         probes[concept.name] = ConceptProbe(concept.name, clean_pass(model, concept_vector(model, concept.examples),
-                                                                     targets), targets)
+                                                                     targets), targets, prompts)
     texts = read_reference_texts()
-    reference = reference_means(model, texts) if ablation == "mean" else None
+    reference = reference_means(model, texts) if intervention in ("mean", "range") else None
+    ablate_to = ablation_values(model, "mean" if intervention == "range" else intervention, reference)
+    ranges = None
+    if intervention == "range":
+        from attribution.neuronlens import neuronlens_scores
+
+        concept = next(c for c in load_concept_file(meta["config"]["concepts"]) if c.name == args.concept)
+        tau = meta["config"].get("method_options", {}).get("range_tau", 2.0)
+        lens = neuronlens_scores(model, concept, tau=tau)
+        ranges = (lens.extra["range_low"], lens.extra["range_high"])
     results = validate_ranking(
         model, probes[args.concept], neurons, ks, others=[p for n, p in probes.items() if n != args.concept],
-        ablate_to=ablation_values(model, ablation, reference), layers=list(meta["layers"]), draws=args.draws,
+        ablate_to=ablate_to, ranges=ranges, layers=list(meta["layers"]), draws=args.draws,
         seed=args.seed, neutral_texts=texts,
     )
+    shared = _shared_top_k(args.atlas, neurons, ks, concept=args.concept, others=[n for n in probes if n != args.concept],
+                           model=model_name, method=args.method, ablation=ablation, run_id=run_id)
     now = datetime.now(timezone.utc)
     rows = pa.Table.from_pylist([
         {"run_id": run_id, "model": model_name, "concept": r.concept, "method": method, "ablation": ablation,
          "k": r.k, "top_change": r.top_change, "random_mean": r.random_mean, "random_std": r.random_std,
          "z_score": r.z_score, "p_value": r.p_value, "draws": r.draws,
          "other_changes_json": json.dumps(r.other_changes, sort_keys=True),
-         "neutral_loss_change": r.neutral_loss_change, "created_at": now}
+         "neutral_loss_change": r.neutral_loss_change, "created_at": now, "intervention": intervention,
+         "prompt_change": r.prompt_change, "prompt_random_mean": r.prompt_random_mean, "shared_top_k": shared[r.k]}
         for r in results
     ], schema=VALIDATION_SCHEMA)
     append_validations(args.atlas, rows)
@@ -117,8 +139,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
         worst = max(r.other_changes.items(), key=lambda item: abs(item[1]), default=("-", 0.0))
         shown.append({"k": r.k, "top_change": r.top_change, "random": f"{r.random_mean:+.4f} ± {r.random_std:.4f}",
                       "z": r.z_score, "p": r.p_value, "most_moved_other": f"{worst[0]} {worst[1]:+.3f}",
-                      "neutral_loss_change": r.neutral_loss_change})
+                      "prompt_change": r.prompt_change, "prompt_random": r.prompt_random_mean,
+                      "shared_top_k": shared[r.k], "neutral_loss_change": r.neutral_loss_change})
     write_table(pa.Table.from_pylist(shown), "table")
-    print(f"log p(T) change in nats when the top-k are ablated together; random: {args.draws} draws of k neurons "
-          f"from the run's layers; stored in {args.atlas}/validations", file=sys.stderr)
+    print(f"log p(T) change of the concept vector in nats when the top-k are ablated together (prompt_change: "
+          f"log p(gold) on the concept's prompts); random: {args.draws} draws of k neurons from the run's layers; "
+          f"shared_top_k: share also top-k for another concept; stored in {args.atlas}/validations", file=sys.stderr)
     return 0
+
+
+def _shared_top_k(atlas: str, neurons: list[tuple[int, int]], ks: list[int], *, concept: str, others: list[str],
+                  model: str, method: str, ablation: str, run_id: str) -> dict[int, float]:
+    """k -> share of the concept's top-k that rank in the top-k (by score) of another concept of the run."""
+    from storage.read import top_neurons
+
+    if not others:
+        return {k: float("nan") for k in ks}
+    ranked = {}
+    for other in others:
+        rows = top_neurons(atlas, concept=other, model=model, method=method, ablation=ablation, run_id=run_id,
+                           top=max(ks)).select(["layer", "neuron"]).to_pylist()
+        ranked[other] = [(r["layer"], r["neuron"]) for r in rows]
+    out = {}
+    for k in ks:
+        theirs = set().union(*(set(r[:k]) for r in ranked.values()))
+        mine = neurons[:k]
+        out[len(mine)] = sum(n in theirs for n in mine) / len(mine) if mine else float("nan")
+    return out

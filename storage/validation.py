@@ -25,7 +25,13 @@ VALIDATION_SCHEMA = pa.schema([
     ("other_changes_json", pa.string()),  # {"other concept": its change}
     ("neutral_loss_change", pa.float64()),  # next-token loss on neutral text, ablated - clean (nats)
     ("created_at", pa.timestamp("us", tz="UTC")),
+    # Added later (an older table gains them at its next append; null for its old rows):
+    ("intervention", pa.string()),  # what the ablated neurons were set to: zero | mean | range
+    ("prompt_change", pa.float64()),  # mean log p(gold | prompt) over the concept's prompts, ablated - clean
+    ("prompt_random_mean", pa.float64()),  # the same for the random draws
+    ("shared_top_k", pa.float64()),  # share of the top-k that are also top-k for another concept of the run
 ])
+_LATER = ("intervention", "prompt_change", "prompt_random_mean", "shared_top_k")
 
 
 def append_validations(atlas_uri: str | os.PathLike, rows: pa.Table, *, storage_options: dict | None = None) -> int:
@@ -35,7 +41,7 @@ def append_validations(atlas_uri: str | os.PathLike, rows: pa.Table, *, storage_
         for value in set(rows.column(name).to_pylist()):
             validate_name(name, value)
     uri = table_uri(atlas_uri, VALIDATIONS)
-    write_deltalake(uri, rows, mode="append", storage_options=delta_options(storage_options))
+    write_deltalake(uri, rows, mode="append", storage_options=delta_options(storage_options), schema_mode="merge")
     return DeltaTable(uri, storage_options=delta_options(storage_options)).version()
 
 
@@ -47,6 +53,10 @@ def read_validations(atlas_uri: str | os.PathLike, *, concept: str | None = None
     except TableNotFoundError:
         return VALIDATION_SCHEMA.empty_table()
     rows = table.to_pyarrow_table()
+    for name in _LATER:
+        if name not in rows.column_names:
+            rows = rows.append_column(VALIDATION_SCHEMA.field(name), pa.nulls(rows.num_rows, VALIDATION_SCHEMA.field(name).type))
+    rows = rows.select(VALIDATION_SCHEMA.names)
     if concept is not None:
         rows = rows.filter(pc.equal(rows["concept"], concept))
     return rows.sort_by([("created_at", "descending"), ("k", "ascending")])

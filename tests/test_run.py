@@ -172,6 +172,13 @@ def test_validate_command_stores_and_shows_a_validation(tmp_path, tiny_sources, 
     assert [r["k"] for r in rows] == [1, 3] and set(rows[0]["other_changes"]) == {"weather"}
     stored = read_validations(str(atlas), concept="music")
     assert stored.num_rows == 2 and set(stored["run_id"].to_pylist()) == {"v1"}
+    assert set(stored["intervention"].to_pylist()) == {"zero"}
+    # The music concept's prompts (text before a target word) moved, and the top-1 is shared or not.
+    assert all(r["prompt_change"] is not None and r["shared_top_k"] in (0.0, 1.0) for r in rows[:1])
+    # The top-k sets are checked against weather's top-k of the same run.
+    weather = {(r["layer"], r["neuron"]) for r in top_neurons(str(atlas), concept="weather", top=3).to_pylist()}
+    music = [(r["layer"], r["neuron"]) for r in top_neurons(str(atlas), concept="music", top=3).to_pylist()]
+    assert rows[1]["shared_top_k"] == pytest.approx(sum(n in weather for n in music) / 3)
     assert main(["validate", "--atlas", str(atlas), "--concept", "music", "--k", "0"]) == 2
 
 

@@ -53,3 +53,36 @@ def test_neutral_loss_is_the_models_cross_entropy(tiny_models):
     ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
     expected = float(model.hf(input_ids=ids, labels=ids).loss)
     assert neutral_loss(model, [text]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_prompt_change_is_the_change_of_mean_log_p_gold_on_the_prompts(tiny_models):
+    from attribution.prompts import Prompt
+    from attribution.validation import ConceptProbe, prompts_log_p
+
+    model = tiny_models["gpt2"]
+    prompts = (Prompt("The king wore a golden", (model.tokenizer.encode(" crown")[0],)),
+               Prompt("She sat on the", (model.tokenizer.encode(" throne")[0], model.tokenizer.encode(" chair")[0])))
+
+    def plain(neurons) -> float:  # one unpadded forward per prompt, the neurons zeroed in the weights
+        saved = model.w_out(1).detach().clone()
+        try:
+            with torch.no_grad():
+                for layer, neuron in neurons:
+                    model.blocks[layer].mlp.c_proj.weight[neuron, :] = 0.0  # GPT-2 Conv1D: row = neuron
+                values = []
+                for p in prompts:
+                    ids = model.tokenizer(p.text, return_tensors="pt")["input_ids"]
+                    log_p = torch.log_softmax(model.hf(input_ids=ids).logits[0, -1].float(), dim=-1)
+                    values.append(float(log_p[list(p.target_ids)].mean()))
+        finally:
+            with torch.no_grad():
+                model.blocks[1].mlp.c_proj.weight.copy_(saved.T)
+        return sum(values) / len(values)
+
+    neurons = [(1, 3), (1, 40)]
+    assert prompts_log_p(model, prompts) == pytest.approx(plain([]), abs=1e-5)
+    probe = ConceptProbe("royalty", clean_pass(model, concept_vector(model, ["The king."]), prompts[0].target_ids),
+                         prompts[0].target_ids, prompts)
+    zeros = torch.zeros(model.n_layers, model.d_mlp)
+    result, = validate_ranking(model, probe, neurons, [2], others=[], ablate_to=zeros, layers=[1], draws=2)
+    assert result.prompt_change == pytest.approx(plain(neurons) - plain([]), abs=1e-5)

@@ -286,6 +286,10 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
             entry["neuron_scores_per_second"] = round(entry["rows"] / entry["seconds"], 1)
     # Scheduling overhead: per actor slot, the wall time from the start of scoring to its last shard
     # minus the time its shards computed (dispatch, result transfer, restarts after a failure).
+    by_method: dict[str, float] = {}
+    for result in results:  # shard ids start with their method: "neat-L003-n000000-000512"
+        method = result.shard_id.split("-", 1)[0]
+        by_method[method] = round(by_method.get(method, 0.0) + result.seconds, 2)
     busy = sum(slot.busy_until for slot in slots)
     compute = sum(slot.compute_seconds for slot in slots)
     scheduling = {"actor_wall_seconds": round(busy, 3), "compute_seconds": round(compute, 3),
@@ -312,7 +316,7 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
         "shards": {"planned": len(plan.shards), "resumed": resumed, "computed": len(results)},
         "timings": {"wall_seconds": round(wall_seconds, 2),
                     "compute_seconds": round(sum(r.seconds for r in results), 2),
-                    "actors": per_actor, "scheduling": scheduling},
+                    "actors": per_actor, "methods": by_method, "scheduling": scheduling},
         "warnings": list(plan.warnings),
     }
 

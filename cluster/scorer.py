@@ -205,8 +205,12 @@ class ShardScorer:
         return self.whole[key]
 
     def _prompts(self, rc: ResolvedConcept):
+        from dataclasses import replace
+
         from attribution.prompts import concept_prompts
 
+        if rc.targets.derived:  # the prompts cut examples before a target word: the derived ones
+            rc = ResolvedConcept(replace(rc.concept, targets=rc.targets.words), rc.targets)
         return concept_prompts(self.model.tokenizer, rc.concept, rc.targets.ids)
 
     def _ablate_to(self, rc: ResolvedConcept, mode: str) -> torch.Tensor:  # [n_layers, d_mlp]

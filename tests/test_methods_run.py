@@ -1,0 +1,81 @@
+"""Every method through the whole service: a Ray run writes each method's rows, equal to the pure
+scoring functions called directly, with the method-specific columns, and the run records how the
+methods agree."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+import ray
+import torch
+import yaml
+
+from attribution.concepts import load_concept_file, resolve_targets
+from attribution.integrated_gradients import ig_scores
+from attribution.neurgrad import neg_slopes, neurgrad_scores
+from attribution.prompts import concept_prompts
+from cluster.config import load_job_config
+from cluster.driver import run_job
+from cluster.plan import resolve_job, sample_neurons
+from storage.read import open_neurons, run_metadata
+
+UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
+LAYERS = [0, 3]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gradient_run(tmp_path_factory, tiny_sources):
+    """One run of the prompt-gradient methods on the tiny Llama: (atlas rows, metadata)."""
+    tmp = tmp_path_factory.mktemp("methods")
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": tiny_sources["llama"].path, "concepts": str(UNSEEN), "layers": LAYERS, "atlas": str(tmp / "atlas"),
+        "methods": ["neurgrad", "neg", "ig"], "run_id": "grads", "cluster": {"actors": 2},
+        "method_options": {"neg_sample": 6, "ig_steps": 8},
+    }))
+    plan = resolve_job(load_job_config(path))
+    assert sorted({s.method for s in plan.shards}) == ["ig", "neg", "neurgrad"]
+    run_job(plan)
+    return open_neurons(str(tmp / "atlas")).to_pyarrow_table(), run_metadata(str(tmp / "atlas"), "grads")
+
+
+def _of(rows, method: str, concept: str) -> dict[tuple[int, int], dict]:
+    part = rows.filter(pc.and_(pc.equal(rows["method"], method), pc.equal(rows["concept"], concept)))
+    return {(r["layer"], r["neuron"]): r for r in part.to_pylist()}
+
+
+def test_gradient_methods_rows_equal_the_scoring_functions(gradient_run, tiny_models):
+    rows, meta = gradient_run
+    model = tiny_models["llama"]
+    for concept in load_concept_file(UNSEEN):
+        prompts = concept_prompts(model.tokenizer, concept, resolve_targets(model.tokenizer, concept).ids)
+        expected = {"neurgrad": neurgrad_scores(model, prompts), "ig": ig_scores(model, prompts, steps=8)}
+        for method, scores in expected.items():
+            got = _of(rows, method, concept.name)
+            assert len(got) == len(LAYERS) * model.d_mlp
+            for (layer, neuron), row in got.items():
+                assert row["ablation"] == "none"
+                assert row["effect"] == pytest.approx(float(scores.effect[layer, neuron]), abs=1e-6, rel=1e-5)
+                assert row["score"] == pytest.approx(float(scores.ranking_score[layer, neuron]), abs=1e-6, rel=1e-5)
+                assert row["activation"] == pytest.approx(float(scores.activation[layer, neuron]), abs=1e-6, rel=1e-5)
+        # NEG: only the seeded sample of each layer, its slopes as effects.
+        neg = _of(rows, "neg", concept.name)
+        sample = [(layer, n) for layer in LAYERS for n in sample_neurons(layer, model.d_mlp, 6)]
+        assert sorted(neg) == sorted(sample)
+        slopes = neg_slopes(model, prompts, sample)
+        for key, slope in zip(sample, slopes.tolist()):
+            assert neg[key]["effect"] == pytest.approx(slope, abs=1e-6, rel=1e-5)
+        assert sorted(r["rank"] for r in neg.values()) == list(range(1, len(sample) + 1))
+    agreement = {c["concept"]: c for c in meta["checks"]["neg_vs_neurgrad"]}
+    assert set(agreement) == {"weather", "music"}
+    assert all(c["neurons"] == 12 and -1 <= c["spearman_signed"] <= 1 for c in agreement.values())
+    assert set(meta["timings"]["methods"]) == {"neurgrad", "neg", "ig"}

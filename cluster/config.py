@@ -37,7 +37,8 @@ class ClusterConfig:
 class MethodOptions:
     """Knobs of the methods other than NEAT; the defaults are the papers' (README "Methods")."""
 
-    neg_sample: int = 16  # NEG: neurons per layer whose activation is swept (a seeded sample)
+    neg_sample: int = 4  # NEG: neurons per layer whose activation is swept (a seeded sample) ...
+    neg_points: int = 8  # ... at this many shifts in [-2, 2] (the paper: 40; 8 fit the same slopes here)
     ig_steps: int = 20  # integrated gradients: Riemann steps from 0 to the clean activation
     range_tau: float = 2.0  # NeuronLens: the concept range is mu +- tau * sigma
     screen_top: int = 0  # AtP screen: > 0 scores exact NEAT only on AtP's top-K per concept ...

@@ -104,8 +104,8 @@ class JobPlan:
             return 3.0 * full * 12 * examples * per_layer
         if shard.method == "ig":  # per prompt, a forward + backward of ig_steps rows at the last position
             return 3.0 * full * examples * self.config.method_options.ig_steps
-        if shard.method == "neg":  # 7 sweep points per neuron and prompt, the suffix at one position
-            return 7.0 * len(shard.neurons) * self.layer_cost[shard.layer] * examples
+        if shard.method == "neg":  # one single-token forward per neuron, sweep point and prompt
+            return (self.config.method_options.neg_points + 1) * len(shard.neurons) * full * examples
         return len(shard.neurons) * self.layer_cost[shard.layer] * rows
 
     @property

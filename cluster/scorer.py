@@ -170,7 +170,8 @@ class ShardScorer:
         if shard.method == "neg":
             from attribution.neurgrad import neg_slopes
 
-            slopes = neg_slopes(self.model, self._prompts(rc), [(shard.layer, i) for i in shard.neurons])
+            slopes = neg_slopes(self.model, self._prompts(rc), [(shard.layer, i) for i in shard.neurons],
+                                points=self.spec.method_options.neg_points)
             activation = self._whole("neurgrad", rc).activation[shard.layer][index]
             return {"score": slopes.abs(), "effect": slopes, "activation": activation}
         scores = self._whole(shard.method, rc)

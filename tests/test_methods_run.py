@@ -40,7 +40,7 @@ def gradient_run(tmp_path_factory, tiny_sources):
     path.write_text(yaml.safe_dump({
         "model": tiny_sources["llama"].path, "concepts": str(UNSEEN), "layers": LAYERS, "atlas": str(tmp / "atlas"),
         "methods": ["neurgrad", "neg", "ig"], "run_id": "grads", "cluster": {"actors": 2},
-        "method_options": {"neg_sample": 6, "ig_steps": 8},
+        "method_options": {"neg_sample": 6, "neg_points": 6, "ig_steps": 8},
     }))
     plan = resolve_job(load_job_config(path))
     assert sorted({s.method for s in plan.shards}) == ["ig", "neg", "neurgrad"]
@@ -71,7 +71,7 @@ def test_gradient_methods_rows_equal_the_scoring_functions(gradient_run, tiny_mo
         neg = _of(rows, "neg", concept.name)
         sample = [(layer, n) for layer in LAYERS for n in sample_neurons(layer, model.d_mlp, 6)]
         assert sorted(neg) == sorted(sample)
-        slopes = neg_slopes(model, prompts, sample)
+        slopes = neg_slopes(model, prompts, sample, points=6)
         for key, slope in zip(sample, slopes.tolist()):
             assert neg[key]["effect"] == pytest.approx(slope, abs=1e-6, rel=1e-5)
         assert sorted(r["rank"] for r in neg.values()) == list(range(1, len(sample) + 1))

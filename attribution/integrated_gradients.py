@@ -21,7 +21,8 @@ def ig_alphas(steps: int) -> Tensor:  # [steps]
     return torch.arange(1, steps + 1, dtype=torch.float32) / steps
 
 
-def ig_scores(model: SiteModel, prompts: list[Prompt], *, steps: int = 20, batch_rows: int = 256) -> NeuronScores:
+def ig_scores(model: SiteModel, prompts: list[Prompt], *, steps: int = 20, batch_rows: int = 256,
+              layers: list[int] | None = None) -> NeuronScores:
     """Integrated-gradient attribution of every neuron, averaged over prompts.
 
     For each layer, that layer's whole activation vector at the prompt's last real token is scaled
@@ -30,8 +31,10 @@ def ig_scores(model: SiteModel, prompts: list[Prompt], *, steps: int = 20, batch
     changes, so each prompt's prefix runs once into a KV cache and every (layer, step) pair is one
     row of single-token forwards, about `batch_rows` rows (whole layers) per forward + backward.
     effect = attribution, activation = mean clean activation at the last token, score = |effect|.
+    Each layer is its own integral: `layers` (default all) computes only those, zeros elsewhere.
     """
     check_prompts(model, prompts)
+    chosen = list(range(model.n_layers)) if layers is None else sorted(set(layers))
     alphas = ig_alphas(steps).to(model.device)
     effect = torch.zeros(model.n_layers, model.d_mlp)
     activation = torch.zeros(model.n_layers, model.d_mlp)
@@ -50,24 +53,25 @@ def ig_scores(model: SiteModel, prompts: list[Prompt], *, steps: int = 20, batch
         return hook
 
     try:
-        for layer in range(model.n_layers):
+        for layer in chosen:
             handles.append(model.site(layer).register_forward_pre_hook(replace(layer)))
         for prompt in prompts:
             prefix = prefix_cache(model, prompt)
-            clean = last_token_acts(model, prefix, list(range(model.n_layers)))  # layer -> [d_mlp]
-            for first in range(0, model.n_layers, layers_per_forward):
-                layers = range(first, min(first + layers_per_forward, model.n_layers))
+            clean = last_token_acts(model, prefix, chosen)  # layer -> [d_mlp]
+            for first in range(0, len(chosen), layers_per_forward):
+                group = chosen[first:first + layers_per_forward]
                 scaled.clear()
-                for slot, layer in enumerate(layers):
+                for slot, layer in enumerate(group):
                     rows = torch.arange(slot * steps, (slot + 1) * steps, device=model.device)
                     scaled[layer] = (rows, (alphas[:, None] * clean[layer]).requires_grad_(True))
                 with torch.enable_grad():
-                    probs = gold_probs(last_token_logits(model, prefix, len(layers) * steps), prompt.target_ids)
-                    grads = torch.autograd.grad(probs.sum(), [scaled[layer][1] for layer in layers])
-                for layer, grad in zip(layers, grads):  # grad: [steps, d_mlp]
+                    probs = gold_probs(last_token_logits(model, prefix, len(group) * steps), prompt.target_ids)
+                    grads = torch.autograd.grad(probs.sum(), [scaled[layer][1] for layer in group])
+                for layer, grad in zip(group, grads):  # grad: [steps, d_mlp]
                     effect[layer] += (clean[layer] * grad.mean(dim=0)).float().cpu()
                 scaled.clear()
-            activation += torch.stack([clean[layer] for layer in range(model.n_layers)]).float().cpu()
+            for layer in chosen:
+                activation[layer] += clean[layer].float().cpu()
     finally:
         scaled.clear()
         for handle in handles:

@@ -33,16 +33,20 @@ from attribution.validation import ConceptProbe, validate_ranking  # noqa: E402
 from cluster.config import METHODS, apply_overrides, load_job_config  # noqa: E402
 from cluster.driver import run_job  # noqa: E402
 from cluster.plan import resolve_job  # noqa: E402
+from storage.commit import run_committed  # noqa: E402
 from storage.contrast import contrastive_table  # noqa: E402
 from storage.read import open_neurons, run_metadata  # noqa: E402
 
 NEAT = "neat"
 
 
-def run_all_methods(atlas: str, layers: str, run_id: str) -> tuple:
-    config = apply_overrides(load_job_config(ROOT / "configs" / "demo.yaml"), atlas=atlas, layers=layers,
-                             methods=list(METHODS), ablation=["zero"], run_id=run_id)
-    plan = resolve_job(config)
+def job_config(atlas: str, layers: str, methods: list[str], run_id: str):
+    return apply_overrides(load_job_config(ROOT / "configs" / "demo.yaml"), atlas=atlas, layers=layers,
+                           methods=methods, ablation=["zero"], run_id=run_id)
+
+
+def run_all_methods(atlas: str, layers: str, methods: list[str], run_id: str) -> tuple:
+    plan = resolve_job(job_config(atlas, layers, methods, run_id))
     started = time.perf_counter()
     summary = run_job(plan, progress_stream=sys.stderr)
     print(f"run {run_id}: {summary.rows:,} rows in {time.perf_counter() - started:.0f} s", file=sys.stderr)
@@ -70,19 +74,21 @@ def main() -> int:
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--atlas", help="reuse or keep the atlas here (default: a temporary directory)")
     parser.add_argument("--run-id", default="compare-methods")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (neat is required)")
     parser.add_argument("--json", help="write the per-concept numbers here")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    methods = [m for m in args.methods.split(",") if m]
+    if NEAT not in methods:
+        parser.error("--methods must include neat: the others are compared against it")
 
     with tempfile.TemporaryDirectory() as tmp:
         atlas = args.atlas or str(Path(tmp) / "atlas")
-        try:
+        if args.atlas and run_committed(atlas, args.run_id):  # validate an earlier run again
             meta = run_metadata(atlas, args.run_id)
-            plan = resolve_job(apply_overrides(load_job_config(ROOT / "configs" / "demo.yaml"), atlas=atlas,
-                                               layers=args.layers, methods=list(METHODS), ablation=["zero"],
-                                               run_id=args.run_id))
-        except Exception:
-            plan, meta = run_all_methods(atlas, args.layers, args.run_id)
+            plan = resolve_job(job_config(atlas, args.layers, methods, args.run_id))
+        else:
+            plan, meta = run_all_methods(atlas, args.layers, methods, args.run_id)
         table = open_neurons(atlas).to_pyarrow_table()
         rows = table.filter(pc.equal(table["run_id"], args.run_id))
 
@@ -96,7 +102,8 @@ def main() -> int:
         }
         zeros = ablation_values(model, "zero")
         texts = read_reference_texts()
-        variants = [(m, False) for m in METHODS] + [(NEAT, True)]
+        # NEG scores only a sample of neurons (the same for every concept): it checks NeurGrad instead.
+        variants = [(m, False) for m in methods if m != "neg"] + [(NEAT, True)]
         per_concept = []
         for method, contrastive in variants:
             label = f"{method}/contrastive" if contrastive else method
@@ -123,28 +130,29 @@ def main() -> int:
                       f"prompts {result.prompt_change:+.3f} others {per_concept[-1]['other_mean_abs_change']:.3f} "
                       f"shared {per_concept[-1]['shared_top_k']:.2f} rho {rho:.3f}", file=sys.stderr)
 
-    print(f"\nSmolLM2-135M, {len(probes)} built-in concepts, layers {args.layers}, top-{args.k} ablated together "
-          f"(zero), {args.draws} random draws; means over concepts\n")
-    header = ("| method | concept log p change | random k | z | prompts log p(gold) change | random k (prompts) "
-              "| other concepts, mean abs change | neutral loss change | top-k shared with other concepts "
-              "| Spearman vs NEAT |")
+    print(f"\nSmolLM2-135M, {len(probes)} built-in concepts, layers {args.layers}, top-{args.k} of each method "
+          f"ablated together (set to zero) vs {args.draws} random {args.k}-neuron draws; means over concepts of "
+          f"absolute changes (a ranking by |score| holds neurons that raise and that lower a concept)\n")
+    header = ("| method | concept vector: top-k | random | z | concept prompts: top-k | random "
+              "| other concepts | neutral text loss | top-k shared with other concepts | Spearman vs NEAT | actor-s |")
     print(header)
     print("|---|" + "---:|" * (header.count("|") - 2))
+    seconds = meta["timings"].get("methods", {})
     for method, contrastive in variants:
         label = f"{method}/contrastive" if contrastive else method
         mine = [r for r in per_concept if r["method"] == label]
-        mean = lambda key: statistics.mean(r[key] for r in mine)  # noqa: E731
-        print(f"| {label} | {mean('top_change'):+.3f} | {mean('random_mean'):+.4f} | {mean('z_score'):.1f} | "
-              f"{mean('prompt_change'):+.3f} | {mean('prompt_random_mean'):+.4f} | {mean('other_mean_abs_change'):.3f} | "
-              f"{mean('neutral_loss_change'):+.4f} | {mean('shared_top_k'):.2f} | {mean('spearman_vs_neat'):.3f} |")
-    seconds = meta["timings"].get("methods", {})
-    if seconds:
-        print("\nactor-seconds per method: " + ", ".join(f"{m} {s:.0f}" for m, s in seconds.items()))
+        mean = lambda key: statistics.mean(abs(r[key]) for r in mine)  # noqa: E731
+        print(f"| {label} | {mean('top_change'):.3f} | {mean('random_mean'):.4f} | {mean('z_score'):.1f} | "
+              f"{mean('prompt_change'):.3f} | {mean('prompt_random_mean'):.4f} | {mean('other_mean_abs_change'):.3f} | "
+              f"{statistics.mean(r['neutral_loss_change'] for r in mine):+.4f} | {mean('shared_top_k'):.2f} | "
+              f"{statistics.mean(r['spearman_vs_neat'] for r in mine):.3f} | "
+              f"{'' if contrastive else round(seconds.get(method, 0))} |")
     checks = meta.get("checks", {})
     if checks.get("neg_vs_neurgrad"):
         rhos = [c["spearman_signed"] for c in checks["neg_vs_neurgrad"]]
-        print(f"\nNeurGrad vs NEG (swept slopes, {checks['neg_vs_neurgrad'][0]['neurons']} sampled neurons): "
-              f"Spearman {statistics.mean(rhos):.3f} (signed, mean over concepts)")
+        print(f"\nneg (not in the table: it scores a sample, {checks['neg_vs_neurgrad'][0]['neurons']} neurons, "
+              f"to check NeurGrad; actor-s {round(seconds.get('neg', 0))}): NeurGrad vs NEG Spearman "
+              f"{statistics.mean(rhos):.3f} (signed values, mean over concepts)")
     if args.json:
         Path(args.json).write_text(json.dumps({"per_concept": per_concept, "checks": checks}, indent=1))
     return 0

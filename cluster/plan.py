@@ -103,7 +103,7 @@ class JobPlan:
         if shard.method in ("neurgrad", "neuronlens", "selectivity"):  # passes over the texts (~12 tokens)
             return 3.0 * full * 12 * examples * per_layer
         if shard.method == "ig":  # per prompt, a forward + backward of ig_steps rows at the last position
-            return 3.0 * full * examples * self.config.method_options.ig_steps
+            return 3.0 * full * examples * self.config.method_options.ig_steps * len(self.concepts)
         if shard.method == "neg":  # one single-token forward per neuron, sweep point and prompt
             return (self.config.method_options.neg_points + 1) * len(shard.neurons) * full * examples
         return len(shard.neurons) * self.layer_cost[shard.layer] * rows

@@ -93,7 +93,7 @@ class ShardScorer:
         loaded = time.perf_counter()
         self.clean: dict[str, CleanPass] = {}
         self.grads: dict[str, torch.Tensor] = {}  # concept -> d log p(T) / d a, [n_layers, d_mlp] (AtP)
-        self.whole: dict[tuple[str, str], NeuronScores] = {}  # (method, concept) -> every neuron's scores
+        self.whole: dict[tuple, NeuronScores] = {}  # (method, concept, layer or None) -> neurons' scores
         self.concepts = self._with_targets(spec.concepts)  # concepts without targets get derived ones
         needs_reference = {"mean", "range"} & set(spec.ablations)
         reference = reference_means(self.model, read_reference_texts()) if needs_reference else None
@@ -174,14 +174,15 @@ class ShardScorer:
                                 points=self.spec.method_options.neg_points)
             activation = self._whole("neurgrad", rc).activation[shard.layer][index]
             return {"score": slopes.abs(), "effect": slopes, "activation": activation}
-        scores = self._whole(shard.method, rc)
+        # IG integrates each layer on its own: an actor computes only its shard's layer.
+        scores = self._whole(shard.method, rc, layer=shard.layer if shard.method == "ig" else None)
         out = {"score": scores.ranking_score, "effect": scores.effect, "activation": scores.activation,
                **scores.extra}
         return {key: value[shard.layer][index] for key, value in out.items()}
 
-    def _whole(self, method: str, rc: ResolvedConcept) -> NeuronScores:
-        """A whole-model method's scores for every neuron, computed once per concept and actor."""
-        key = (method, rc.concept.name)
+    def _whole(self, method: str, rc: ResolvedConcept, *, layer: int | None = None) -> NeuronScores:
+        """A whole-model method's scores for every neuron (or one layer's), once per concept and actor."""
+        key = (method, rc.concept.name, layer)
         if key not in self.whole:  # imported here: an actor loads only the methods its run uses
             options = self.spec.method_options
             if method == "neurgrad":
@@ -191,7 +192,8 @@ class ShardScorer:
             elif method == "ig":
                 from attribution.integrated_gradients import ig_scores
 
-                scores = ig_scores(self.model, self._prompts(rc), steps=options.ig_steps)
+                scores = ig_scores(self.model, self._prompts(rc), steps=options.ig_steps,
+                                   layers=None if layer is None else [layer])
             elif method == "neuronlens":
                 from attribution.neuronlens import neuronlens_scores
 

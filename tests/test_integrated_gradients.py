@@ -118,3 +118,13 @@ def test_no_hooks_remain_after_an_exception(tiny_models):
     finally:
         handle.remove()
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.hf.modules())
+
+
+def test_ig_of_chosen_layers_equals_the_whole_model_run(tiny_models):
+    model = tiny_models["llama"]
+    prompts = _prompts(model)
+    whole = ig_scores(model, prompts, steps=4)
+    some = ig_scores(model, prompts, steps=4, layers=[1, 3])
+    assert torch.allclose(some.effect[[1, 3]], whole.effect[[1, 3]], atol=1e-7, rtol=1e-5)
+    assert torch.allclose(some.activation[[1, 3]], whole.activation[[1, 3]])
+    assert not some.effect[[0, 2]].any()

@@ -29,7 +29,7 @@ def reference_means(model: SiteModel, texts: list[str]) -> Tensor:  # [n_layers,
         with recording(model, range(model.n_layers)) as acts:
             model.hf.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         for layer in range(model.n_layers):
-            total[layer] += (acts[layer].double() * keep).sum(dim=(0, 1))
+            total[layer] += (acts[layer].to(keep.device).double() * keep).sum(dim=(0, 1))  # split replicas
         count += float(keep.sum())
     return (total / count).float()
 

@@ -14,12 +14,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from attribution.errors import ModelError
 from attribution.sites import Architecture, LowPrecisionMatmul, architecture_for
+
+if TYPE_CHECKING:
+    from attribution.placement import Placement
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,15 @@ class SiteModel:
     def w_out(self, layer: int) -> Tensor:  # [d_model, d_mlp]
         return self.arch.w_out(self.blocks[layer])
 
+    def block_device(self, layer: int) -> torch.device:  # where block `layer` lives (meta: not held)
+        return self.w_out(layer).device
+
+    @property
+    def head_device(self) -> torch.device:  # final norm + LM head
+        return self.hf.get_output_embeddings().weight.device
+
     def head(self, resid: Tensor) -> Tensor:  # [rows, d_model] -> logits [rows, vocab] float32
+        resid = resid.to(self.head_device)  # a replica split over devices keeps the head on its last one
         return self.hf.get_output_embeddings()(self.arch.final_norm(self.hf)(resid)).float()
 
 
@@ -225,18 +237,30 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_model(source: ModelSource, *, device: str = "auto", dtype: str = "float32") -> SiteModel:
-    """Load a resolved model once: safetensors only, no remote code, eval mode, gradients off."""
+def load_model(source: ModelSource, *, device: str = "auto", dtype: str = "float32",
+               placement: "Placement | None" = None) -> SiteModel:
+    """Load a resolved model once: safetensors only, no remote code, eval mode, gradients off.
+
+    placement (attribution/placement.py): split the replica over the actor's devices by layer, or hold
+    only blocks L.. (a suffix replica); None: the whole model on `device`.
+    """
     from transformers import AutoModelForCausalLM
 
     config = read_model_config(source)
     torch_device = pick_device(device)
+    arch = architecture_for(config.model_type, model_name=source.name)
+    if placement is not None:
+        from attribution.placement import load_placed, slot_device
+
+        hf = load_placed(source.path, config, arch, placement, torch_device)
+        first = placement.embed if placement.embed is not None else placement.blocks[placement.first_layer]
+        return SiteModel(source=source, hf=hf, tokenizer=load_tokenizer(source), arch=arch,
+                         device=slot_device(first, torch_device), dtype=torch.float32)
     # Weights stay float32: dtype bf16 runs only the matrix multiplies of differences in bf16 (neat.py).
     hf = AutoModelForCausalLM.from_pretrained(
         source.path, config=config, dtype=torch.float32, use_safetensors=True,
         trust_remote_code=False, local_files_only=True,
     )
     hf.eval().requires_grad_(False).to(torch_device)
-    arch = architecture_for(config.model_type, model_name=source.name)
     return SiteModel(source=source, hf=hf, tokenizer=load_tokenizer(source), arch=arch,
                      device=torch_device, dtype=torch.float32)

@@ -43,7 +43,7 @@ def concept_vector(model: SiteModel, examples: tuple[str, ...] | list[str], *, c
     for batch in text_batches(model, examples, concept=concept):
         out = model.hf.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   output_hidden_states=True)
-        hidden = out.hidden_states[-1].float()  # [texts, pos, d_model], after the final norm
+        hidden = out.hidden_states[-1].float().to(batch.keep.device)  # [texts, pos, d_model], after the final norm
         keep = batch.keep.unsqueeze(-1)  # [texts, pos, 1]
         per_example.append((hidden * keep).sum(dim=1) / keep.sum(dim=1))
     return torch.cat(per_example).mean(dim=0)
@@ -95,11 +95,11 @@ def clean_pass(model: SiteModel, vector: Tensor, target_ids: tuple[int, ...]) ->
     finally:
         for handle in handles:
             handle.remove()
-    targets = torch.tensor(target_ids, device=model.device)
+    targets = torch.tensor(target_ids, device=logits.device)
     return CleanPass(
         vector=vector,
-        resid=tuple(resid[layer] for layer in range(model.n_layers)),
-        acts=torch.stack([acts[layer][0, -1] for layer in range(model.n_layers)]),  # [n_layers, d_mlp]
+        resid=tuple(resid[layer] for layer in range(model.n_layers)),  # each on its block's device
+        acts=torch.stack([acts[layer][0, -1].to(model.device) for layer in range(model.n_layers)]),  # [n_layers, d_mlp]
         log_p=float(log_p_targets(logits[:, -1], targets)[0]),
     )
 
@@ -114,8 +114,8 @@ def neuron_index(neurons: range | tuple[int, ...], device: torch.device) -> Tens
 @torch.no_grad()
 def run_suffix(model: SiteModel, resid: Tensor, after_layer: int) -> Tensor:
     """Blocks after_layer+1 .. last, final norm and head, at one position: [rows, d_model] -> logits."""
-    for layer in range(after_layer + 1, model.n_layers):
-        resid = model.arch.step(model.blocks[layer], resid)
+    for layer in range(after_layer + 1, model.n_layers):  # rows follow the blocks of a split replica
+        resid = model.arch.step(model.blocks[layer], resid.to(model.block_device(layer)))
     return model.head(resid)
 
 
@@ -130,14 +130,15 @@ def neat_effects(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...]
     """
     if batch_rows < 2:
         raise ValueError(f"batch_rows must be at least 2 (one clean row plus ablations), got {batch_rows}")
-    targets = torch.tensor(target_ids, device=model.device)
+    device = model.block_device(layer)  # a split or suffix replica: not necessarily model.device
+    targets = torch.tensor(target_ids, device=model.head_device)
     w_out = model.w_out(layer)  # [d_model, d_mlp]
-    index = neuron_index(neurons, model.device)
-    delta = ablate_to.to(model.device)[index] - clean.acts[layer][index]  # [n]
+    index = neuron_index(neurons, device)
+    delta = ablate_to.to(device)[index] - clean.acts[layer].to(device)[index]  # [n]
     effects = []
     for chunk in range(0, len(index), batch_rows - 1):
         rows = index[chunk:chunk + batch_rows - 1]
-        resid = clean.resid[layer].expand(len(rows) + 1, -1).clone()  # [1 + rows, d_model]
+        resid = clean.resid[layer].to(device).expand(len(rows) + 1, -1).clone()  # [1 + rows, d_model]
         resid[1:] += delta[chunk:chunk + len(rows), None] * w_out[:, rows].T
         log_p = log_p_targets(run_suffix(model, resid, layer), targets)  # [1 + rows]
         effects.append(log_p[1:] - log_p[0])
@@ -154,17 +155,19 @@ def neat_effects_bf16(model: SiteModel, clean: CleanPass, target_ids: tuple[int,
     difference in bf16 (their rounding is relative to the small difference), norms, activations and
     residual adds run in float32 on clean + difference, and the logits are clean logits + W_U diff.
     """
-    targets = torch.tensor(target_ids, device=model.device)
+    device = model.block_device(layer)
+    targets = torch.tensor(target_ids, device=model.head_device)
     w_out = model.w_out(layer)  # [d_model, d_mlp]
-    index = neuron_index(neurons, model.device)
-    delta = ablate_to.to(model.device)[index] - clean.acts[layer][index]  # [n]
+    index = neuron_index(neurons, device)
+    delta = ablate_to.to(device)[index] - clean.acts[layer].to(device)[index]  # [n]
     effects = []
     for chunk in range(0, len(index), batch_rows):
         rows = index[chunk:chunk + batch_rows]
-        resid = clean.resid[layer].view(1, -1)  # [1, d_model] float32
+        resid = clean.resid[layer].to(device).view(1, -1)  # [1, d_model] float32
         diff = delta[chunk:chunk + len(rows), None] * w_out[:, rows].T  # [rows, d_model], exact rank-1
-        for later in range(layer + 1, model.n_layers):
-            resid, diff = model.arch.diff_step(model.bf16, model.blocks[later], resid, diff)
+        for later in range(layer + 1, model.n_layers):  # rows follow the blocks of a split replica
+            at = model.block_device(later)
+            resid, diff = model.arch.diff_step(model.bf16, model.blocks[later], resid.to(at), diff.to(at))
         effects.append(_log_p_change(model, resid, diff, targets))
     return torch.cat(effects).float().cpu()
 
@@ -173,6 +176,7 @@ def _log_p_change(model: SiteModel, resid: Tensor, diff: Tensor, targets: Tensor
     """log p(T | clean + diff) - log p(T | clean), as mean_t dlogit_t - log sum_v p_v exp(dlogit_v)."""
     norm = model.arch.final_norm(model.hf)
     head = model.hf.get_output_embeddings()
+    resid, diff = resid.to(model.head_device), diff.to(model.head_device)
     normed = norm(resid)  # [1, d_model]
     clean_logits = head(normed).float()  # [1, vocab]
     dlogits = model.bf16(norm(resid + diff) - normed, head.weight)  # [rows, vocab]

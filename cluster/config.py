@@ -31,6 +31,14 @@ class ClusterConfig:
     cpus_per_actor: int = 1  # also the actor's torch thread count: fixes float summation order
     gpus_per_actor: float = 0
     address: str | None = None  # a running Ray cluster ("auto", "ray://..."); None starts local Ray
+    # Big models (README "Big models", cluster/replicas.py): an actor with gpus_per_actor >= 2 holds a
+    # replica split over its GPUs by layer; suffix actors hold only layers suffix_from_layer.. (None:
+    # chosen by the planner) and score the NEAT shards of those layers. gpu_memory_gb (decimal GB per
+    # GPU) lets the planner check that replicas fit and pick suffix_from_layer.
+    suffix_actors: int = 0
+    suffix_from_layer: int | None = None
+    gpus_per_suffix_actor: float | None = None  # None: gpus_per_actor
+    gpu_memory_gb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,17 @@ def _parse_cluster(source: str, value: object) -> ClusterConfig:
         if value["address"] is not None and not isinstance(value["address"], str):
             raise _fail(source, "cluster.address", value["address"], "a Ray address string")
         out["address"] = value["address"]
+    for key, minimum, nullable in (("suffix_actors", 0, False), ("suffix_from_layer", 1, True)):
+        if key in value and not (nullable and value[key] is None):
+            if not _is_int(value[key]) or value[key] < minimum:
+                raise _fail(source, f"cluster.{key}", value[key], f"an integer >= {minimum}")
+            out[key] = value[key]
+    for key, positive in (("gpus_per_suffix_actor", False), ("gpu_memory_gb", True)):
+        v = value.get(key)
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (positive and v == 0):
+                raise _fail(source, f"cluster.{key}", v, "a number > 0" if positive else "a number >= 0")
+            out[key] = v
     return ClusterConfig(**out)
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 from cluster.checks import neg_agreement
 from cluster.plan import JobPlan, Shard
+from cluster.replicas import ReplicaPlan, SuffixScorer, describe_replicas, plan_replicas
 from cluster.screen import screen_report, screen_shards
 from cluster.progress import Progress, format_seconds
 from cluster.scorer import ScorerSpec, ShardResult, ShardScorer
@@ -72,7 +73,7 @@ def _connect_ray(plan: JobPlan) -> bool:
     if address:
         ray.init(address=address, runtime_env=env, logging_level="ERROR", log_to_driver=False)
     else:
-        cpus = max(os.cpu_count() or 1, cluster.actors * cluster.cpus_per_actor)
+        cpus = max(os.cpu_count() or 1, (cluster.actors + cluster.suffix_actors) * cluster.cpus_per_actor)
         # "local": a new cluster of our own, even where `ray start` left its address in /tmp/ray
         # (plain ray.init() would connect there and then refuse num_cpus).
         ray.init(address="local", num_cpus=cpus, num_gpus=None, object_store_memory=256 * 1024**2,
@@ -105,16 +106,31 @@ def _describe_cluster() -> str:
             f"{res.get('GPU', 0):g} GPUs")
 
 
-def _start_actors(plan: JobPlan, count: int):
+def _start_actors(plan: JobPlan, count: int, replicas: ReplicaPlan | None = None):
     import ray
 
     cluster = plan.config.cluster
     spec = ScorerSpec.from_plan(plan)
+    if replicas is not None:  # a replica split over the actor's GPUs (cluster/replicas.py)
+        spec = replace(spec, placement=replicas.full.placement)
     remote_cls = ray.remote(
         num_cpus=cluster.cpus_per_actor, num_gpus=cluster.gpus_per_actor,
         max_restarts=ACTOR_RESTARTS, max_task_retries=SHARD_TRIES - 1,
     )(ShardScorer)
     return [remote_cls.remote(spec) for _ in range(count)]
+
+
+def _start_suffix_actors(plan: JobPlan, count: int, replicas: ReplicaPlan, prepared):
+    """Actors holding only layers suffix_from_layer..; `prepared` is the ObjectRef of a full actor's
+    concepts, clean passes and ablation values (small CPU tensors), owned by the driver for the run."""
+    import ray
+
+    spec = replace(ScorerSpec.from_plan(plan), placement=replicas.suffix.placement)
+    remote_cls = ray.remote(
+        num_cpus=plan.config.cluster.cpus_per_actor, num_gpus=replicas.suffix.gpus_per_actor,
+        max_restarts=ACTOR_RESTARTS, max_task_retries=SHARD_TRIES - 1,
+    )(SuffixScorer)
+    return [remote_cls.remote(spec, [prepared]) for _ in range(count)]  # nested: loads before it resolves
 
 
 @dataclass
@@ -126,12 +142,19 @@ class ActorSlot:
     busy_until: float = 0.0  # seconds after scoring started when its last shard came back
 
 
-def _score_all(plan: JobPlan, actors, shards: list[Shard], progress: Progress) -> tuple[list[ShardResult], list[ActorSlot]]:
-    """Keep IN_FLIGHT_PER_ACTOR shards queued on every actor until all are scored."""
+def _score_all(plan: JobPlan, actors, shards: list[Shard], progress: Progress, *, groups: list[str] | None = None,
+               group_of=None) -> tuple[list[ShardResult], list[ActorSlot]]:
+    """Keep IN_FLIGHT_PER_ACTOR shards queued on every actor until all are scored.
+
+    groups[i] names actor i's replica kind and group_of(shard) the kind that scores a shard (suffix
+    actors take the NEAT shards of late layers, cluster/replicas.py); by default one group does all.
+    """
     import ray
     from ray.exceptions import RayTaskError
 
-    pending = list(reversed(shards))
+    groups = groups or ["full"] * len(actors)
+    route = (lambda shard: group_of(shard) if group_of(shard) in groups else "full") if group_of else (lambda s: "full")
+    queues = {kind: list(reversed([s for s in shards if route(s) == kind])) for kind in set(groups)}
     in_flight: dict = {}
     results: list[ShardResult] = []
     failures: dict[str, int] = {}
@@ -139,6 +162,7 @@ def _score_all(plan: JobPlan, actors, shards: list[Shard], progress: Progress) -
     started = time.perf_counter()
 
     def submit(index: int) -> None:
+        pending = queues[groups[index]]
         if pending:
             shard = pending.pop()
             in_flight[actors[index].score.remote(shard)] = (index, shard)
@@ -158,7 +182,7 @@ def _score_all(plan: JobPlan, actors, shards: list[Shard], progress: Progress) -
                                f"{_error_name(err)}: {_first_line(err)}") from err
             progress.message(f"shard {shard.shard_id} failed (try {failures[shard.shard_id]} of {SHARD_TRIES}): "
                              f"{_error_name(err)}: {_first_line(err)}; retrying")
-            pending.append(shard)
+            queues[route(shard)].append(shard)
             submit(index)
             continue
         except Exception as err:  # its actor died more often than Ray retries (max_task_retries/max_restarts)
@@ -190,27 +214,36 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
     cfg = plan.config
     if run_committed(cfg.atlas, plan.run_id, storage_options=cfg.storage_options):
         raise RunError(f"run {plan.run_id!r} is already committed in atlas {cfg.atlas}: choose another --run-id")
+    replicas = plan_replicas(plan)  # raises ConfigError before anything starts when a replica cannot fit
     started = time.perf_counter()
     claim_staging(cfg.atlas, run_id=plan.run_id, fingerprint=plan.fingerprint, storage_options=cfg.storage_options)
     todo, resumed = todo_shards(plan)
     progress = Progress(shards=len(todo), rows=sum(plan.shard_rows(s) for s in todo),
                         cost=sum(plan.shard_cost(s) for s in todo), stream=progress_stream)
-    actor_count = max(1, min(cfg.cluster.actors, len(todo)))
+    late = sum(1 for s in todo if replicas.group_of(s) == "suffix")
+    suffix_count = min(cfg.cluster.suffix_actors, late)
+    actor_count = max(1, min(cfg.cluster.actors, len(todo) - late))  # one at least: it prepares the concepts
+    suffix_text = f" + {suffix_count} suffix actors (layers {replicas.suffix_from_layer}..)" if suffix_count else ""
     progress.message(
         f"run {plan.run_id}: {plan.model.name}, {len(plan.layers)} layers, {len(plan.concepts)} concepts, "
-        f"{len(plan.shards)} shards ({resumed} already staged), {actor_count} actors"
+        f"{len(plan.shards)} shards ({resumed} already staged), {actor_count} actors{suffix_text}"
     )
     started_ray = _connect_ray(plan)
     progress.message(_describe_cluster())
     actors = []
     try:
-        actors = _start_actors(plan, actor_count)
+        actors = _start_actors(plan, actor_count, replicas)
+        groups = ["full"] * actor_count
+        if suffix_count:
+            prepared = actors[0].prepared.remote()  # kept referenced until the run ends
+            actors += _start_suffix_actors(plan, suffix_count, replicas, prepared)
+            groups += ["suffix"] * suffix_count
         infos = ray.get([a.describe.remote() for a in actors])
         progress.restart()  # rates count scoring time, not Ray start-up and model loading
-        results, slots = _score_all(plan, actors, todo, progress)
+        results, slots = _score_all(plan, actors, todo, progress, groups=groups, group_of=replicas.group_of)
         progress.close()
         if cfg.method_options.screen_top:  # second pass: exact NEAT on what the AtP pass selected
-            plan, more, more_resumed = _screen_pass(plan, actors, progress_stream)
+            plan, more, more_resumed = _screen_pass(plan, actors, progress_stream, groups, replicas)
             results += more
             resumed += more_resumed
         rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
@@ -220,6 +253,8 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
         wall = time.perf_counter() - started
         metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall, slots=slots)
         metadata["checks"] = method_checks(plan, rows)
+        if suffix_count:
+            metadata["replicas"] = {"suffix_actors": suffix_count, "suffix_from_layer": replicas.suffix_from_layer}
         version = commit_run(cfg.atlas, rows, run_id=plan.run_id, metadata=metadata,
                              storage_options=cfg.storage_options)
         delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
@@ -236,7 +271,8 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
                       neuron_scores_per_second=round(computed / seconds, 1) if seconds else 0.0)
 
 
-def _screen_pass(plan: JobPlan, actors, progress_stream) -> tuple[JobPlan, list[ShardResult], int]:
+def _screen_pass(plan: JobPlan, actors, progress_stream, groups: list[str] | None = None,
+                 replicas: ReplicaPlan | None = None) -> tuple[JobPlan, list[ShardResult], int]:
     """Plan the NEAT shards of the AtP screen from the staged AtP rows and score those not staged yet."""
     cfg = plan.config
     atp_ids = [s.shard_id for s in plan.shards if s.method == "atp"]
@@ -247,7 +283,8 @@ def _screen_pass(plan: JobPlan, actors, progress_stream) -> tuple[JobPlan, list[
                         cost=sum(plan.shard_cost(s) for s in todo), stream=progress_stream)
     neurons = sum(len(s.neurons) for s in plan.shards if s.method == "neat")
     progress.message(f"AtP screen: exact NEAT on {neurons} neurons in {len(todo)} shards")
-    results, _ = _score_all(plan, actors, todo, progress)
+    results, _ = _score_all(plan, actors, todo, progress, groups=groups,
+                            group_of=replicas.group_of if replicas is not None else None)
     progress.close()
     screened = sum(1 for s in plan.shards if s.method == "neat")
     return plan, results, screened - len(todo)
@@ -356,5 +393,8 @@ def describe_plan(plan: JobPlan) -> str:
         f"estimate    {plan.estimated_flops() / 1e12:.1f} TFLOP, about {format_seconds(estimate)} "
         f"at {flops_per_second / 1e9:.0f} GFLOP/s per CPU core ({cfg.dtype}; a GPU is much faster)",
     ]
+    cluster = cfg.cluster
+    if cluster.gpus_per_actor or cluster.suffix_actors or cluster.gpu_memory_gb:  # README "Big models"
+        lines += describe_replicas(plan, plan_replicas(plan))
     lines += [f"warning     {w}" for w in plan.warnings]
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from attribution.auto_targets import derive_targets
 from attribution.models import ModelSource, load_model
 from attribution.neat import NEAT_ENGINES, CleanPass, clean_pass, concept_vector
 from attribution.neuron_scores import EXTRA_COLUMNS, NeuronScores
+from attribution.placement import Placement
 from cluster.config import MethodOptions
 from cluster.plan import JobPlan, ResolvedConcept, Shard, ablations_for
 from storage.schema import SHARD_SCHEMA
@@ -40,6 +41,7 @@ class ScorerSpec:
     batch_rows: int
     method_options: MethodOptions = field(default_factory=MethodOptions)
     storage_options: dict | None = field(default=None, repr=False)  # may hold credentials: never printed
+    placement: Placement | None = None  # a replica split over the actor's GPUs, or a suffix (cluster/replicas.py)
 
     @classmethod
     def from_plan(cls, plan: JobPlan) -> "ScorerSpec":
@@ -89,7 +91,7 @@ class ShardScorer:
         # The thread count fixes the float summation order: 1 or N actors give bit-identical scores.
         torch.set_num_threads(spec.threads)
         self.spec = spec
-        self.model = load_model(spec.model, device=spec.device, dtype=spec.dtype)
+        self.model = load_model(spec.model, device=spec.device, dtype=spec.dtype, placement=spec.placement)
         loaded = time.perf_counter()
         self.clean: dict[str, CleanPass] = {}
         self.grads: dict[str, torch.Tensor] = {}  # concept -> d log p(T) / d a, [n_layers, d_mlp] (AtP)
@@ -120,6 +122,12 @@ class ShardScorer:
             self.clean[rc.concept.name] = clean_pass(self.model, vector, rc.targets.ids)
             out.append(rc)
         return tuple(out)
+
+    def prepared(self):
+        """Concepts, clean passes and ablation values on the CPU, for suffix actors (cluster/replicas.py)."""
+        from cluster.replicas import prepared_concepts
+
+        return prepared_concepts(self)
 
     def describe(self) -> tuple[ScorerInfo, tuple[ConceptSummary, ...]]:
         summaries = tuple(

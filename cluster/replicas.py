@@ -1,0 +1,270 @@
+"""Which replica each actor holds and which shards it scores (README "Big models").
+
+Full actors hold the whole model, split by layer over their GPUs when they own several. Suffix actors
+hold only blocks L.. plus the final norm and head, and score the NEAT shards of layers >= L from the
+clean passes a full actor computed (a suffix replica cannot run them). The shard plan is untouched:
+only which actor scores a shard changes, and either kind runs the same kernels on the same inputs.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from attribution.models import load_model, read_model_config
+from attribution.neat import CleanPass
+from attribution.placement import Placement
+from cluster.capacity import (GB, activation_bytes, first_fitting_layer, gpus_needed, replica_bytes,
+                              split_layers)
+from cluster.config import ConfigError
+from cluster.plan import JobPlan, ResolvedConcept, Shard
+from cluster.progress import format_seconds
+from cluster.scorer import ScorerInfo, ScorerSpec, ShardScorer, library_versions
+
+# Assumed sustained throughput of one actor on a GPU: 40% of an H100 SXM's dense peak (bf16 989
+# TFLOP/s, float32 without TF32 67 TFLOP/s). A split replica computes on one of its GPUs at a time.
+GPU_FLOPS = {"bf16": 0.4 * 989e12, "float32": 0.4 * 67e12}
+
+
+@dataclass(frozen=True)
+class ReplicaGroup:
+    """Actors holding the same kind of replica."""
+
+    kind: str  # "full" | "suffix"
+    actors: int
+    gpus_per_actor: float
+    placement: Placement | None  # None: the whole model on the actor's one device
+    device_bytes: tuple[int, ...]  # weights and engine caches per device (cluster/capacity.py)
+    headroom: int  # activations and CUDA overhead reserved on every device
+
+    @property
+    def first_layer(self) -> int:
+        return self.placement.first_layer if self.placement is not None else 0
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    full: ReplicaGroup
+    suffix: ReplicaGroup | None = None
+    gpu_memory: float | None = None  # bytes per GPU, when the config gives it
+    full_gpus_needed: int | None = None  # the fewest GPUs a full replica fits on
+
+    @property
+    def suffix_from_layer(self) -> int | None:
+        return self.suffix.first_layer if self.suffix is not None else None
+
+    def group_of(self, shard: Shard) -> str:
+        """'suffix' for NEAT shards of layers >= suffix_from_layer when there are suffix actors, else 'full'."""
+        if self.suffix is not None and shard.method == "neat" and shard.layer >= self.suffix.first_layer:
+            return "suffix"
+        return "full"
+
+
+def plan_replicas(plan: JobPlan, *, model_config=None) -> ReplicaPlan:
+    """Placements of the full and suffix replicas; checks they fit when cluster.gpu_memory_gb is given.
+
+    suffix_from_layer, when not given, is the layer that balances the cost per actor of the two groups
+    (each actor computes on one GPU at a time), no earlier than the first suffix that fits the
+    suffix actors' GPUs; ties go to the later layer (a smaller replica).
+    """
+    cfg, cluster = plan.config, plan.config.cluster
+    if not (cluster.suffix_actors or cluster.gpu_memory_gb or cluster.gpus_per_actor >= 2
+            or cluster.suffix_from_layer is not None):  # whole replicas on one device each: nothing to plan
+        return ReplicaPlan(ReplicaGroup("full", cluster.actors, cluster.gpus_per_actor, None, (), 0))
+    model_config = model_config if model_config is not None else read_model_config(plan.model)
+    engine = cfg.dtype
+    gpu_memory = cluster.gpu_memory_gb * GB if cluster.gpu_memory_gb else None
+    headroom = activation_bytes(model_config, engine=engine, batch_rows=cfg.batch_rows)
+    name = plan.model.name
+
+    full_bytes = replica_bytes(model_config, engine=engine)
+    devices = _devices(cfg.source, "cluster.gpus_per_actor", cluster.gpus_per_actor)
+    needed = gpus_needed(full_bytes, gpu_memory=gpu_memory, headroom=headroom) if gpu_memory else None
+    if devices > plan.n_layers:
+        raise ConfigError(f"config {cfg.source}: key 'cluster.gpus_per_actor' has value {cluster.gpus_per_actor}: "
+                          f"more GPUs than the {plan.n_layers} layers of model {name}")
+    split = split_layers(full_bytes, devices)
+    if gpu_memory and cluster.gpus_per_actor > 0:
+        usable = gpu_memory * min(1.0, cluster.gpus_per_actor)
+        if max(split.device_bytes) + headroom > usable:
+            raise ConfigError(
+                f"config {cfg.source}: key 'cluster.gpus_per_actor' has value {cluster.gpus_per_actor}: a full "
+                f"replica of {name} ({full_bytes.total / GB:.1f} GB with {engine} engine caches, plus "
+                f"{headroom / GB:.1f} GB per GPU for {cfg.batch_rows}-row batches) does not fit "
+                f"{devices} GPU(s) of {cluster.gpu_memory_gb} GB: it needs {needed or 'more than 64'}")
+    full = ReplicaGroup("full", cluster.actors, cluster.gpus_per_actor,
+                        Placement.from_ranges(split.ranges, plan.n_layers) if devices > 1 else None,
+                        split.device_bytes, headroom)
+
+    if not cluster.suffix_actors:
+        if cluster.suffix_from_layer is not None:
+            raise ConfigError(f"config {cfg.source}: key 'cluster.suffix_from_layer' has value "
+                              f"{cluster.suffix_from_layer}, but cluster.suffix_actors is 0")
+        return ReplicaPlan(full, None, gpu_memory, needed)
+    if "neat" not in cfg.methods:
+        raise ConfigError(f"config {cfg.source}: key 'cluster.suffix_actors' has value {cluster.suffix_actors}: "
+                          f"suffix actors score NEAT shards, and methods {list(cfg.methods)} has no neat")
+    gpus = cluster.gpus_per_suffix_actor if cluster.gpus_per_suffix_actor is not None else cluster.gpus_per_actor
+    suffix_devices = _devices(cfg.source, "cluster.gpus_per_suffix_actor", gpus)
+    earliest = 1
+    if gpu_memory and gpus > 0:
+        earliest = first_fitting_layer(model_config, engine=engine, devices=suffix_devices,
+                                       gpu_memory=gpu_memory * min(1.0, gpus), headroom=headroom)
+        if earliest is None:
+            raise ConfigError(f"config {cfg.source}: key 'cluster.gpus_per_suffix_actor' has value {gpus}: "
+                              f"not even the last layer of {name} fits {suffix_devices} GPU(s) of "
+                              f"{cluster.gpu_memory_gb} GB with its final norm and head")
+    layer = cluster.suffix_from_layer
+    if layer is None:
+        layer = balanced_suffix_layer(plan, earliest=earliest, full_actors=cluster.actors,
+                                      suffix_actors=cluster.suffix_actors)
+    elif not earliest <= layer < plan.n_layers:
+        reason = (f"a suffix from layer {layer} does not fit {suffix_devices} GPU(s) of {cluster.gpu_memory_gb} GB "
+                  f"(the earliest that fits is {earliest})" if layer < earliest
+                  else f"layer not in 1..{plan.n_layers - 1} for model {name}")
+        raise ConfigError(f"config {cfg.source}: key 'cluster.suffix_from_layer' has value {layer}: {reason}")
+    if plan.n_layers - layer < suffix_devices:
+        raise ConfigError(f"config {cfg.source}: key 'cluster.gpus_per_suffix_actor' has value {gpus}: more GPUs "
+                          f"than the {plan.n_layers - layer} layers of a suffix from layer {layer}")
+    suffix_split = split_layers(replica_bytes(model_config, engine=engine, first_layer=layer), suffix_devices)
+    suffix = ReplicaGroup("suffix", cluster.suffix_actors, gpus,
+                          Placement.from_ranges(suffix_split.ranges, plan.n_layers, suffix=True),
+                          suffix_split.device_bytes, headroom)
+    return ReplicaPlan(full, suffix, gpu_memory, needed)
+
+
+def balanced_suffix_layer(plan: JobPlan, *, earliest: int, full_actors: int, suffix_actors: int) -> int:
+    """The L >= earliest minimising the larger of (cost of the full actors' shards) / full_actors and
+    (cost of NEAT shards of layers >= L) / suffix_actors; ties go to the later L."""
+    neat = [0.0] * plan.n_layers
+    total = 0.0
+    for shard in plan.shards:
+        cost = plan.shard_cost(shard)
+        total += cost
+        if shard.method == "neat":
+            neat[shard.layer] += cost
+    best, best_time = plan.n_layers - 1, float("inf")
+    late = sum(neat[earliest:])
+    for layer in range(earliest, plan.n_layers):
+        slowest = max((total - late) / full_actors, late / suffix_actors)
+        if slowest <= best_time:
+            best, best_time = layer, slowest
+        late -= neat[layer]
+    return best
+
+
+def group_costs(plan: JobPlan, replicas: ReplicaPlan) -> dict[str, tuple[int, float]]:
+    """kind -> (shards, cost in block-equivalents) of the shards that group scores."""
+    out = {"full": (0, 0.0), "suffix": (0, 0.0)}
+    for shard in plan.shards:
+        kind = replicas.group_of(shard)
+        count, cost = out[kind]
+        out[kind] = (count + 1, cost + plan.shard_cost(shard))
+    return out
+
+
+def describe_replicas(plan: JobPlan, replicas: ReplicaPlan) -> list[str]:
+    """Lines for --dry-run: who holds what, memory per GPU, and the GPU time estimate."""
+    cluster, dtype = plan.config.cluster, plan.config.dtype
+    costs = group_costs(plan, replicas)
+    total = sum(cost for _, cost in costs.values()) or 1.0
+    lines = []
+    for group in (replicas.full, replicas.suffix):
+        if group is None:
+            continue
+        shards, cost = costs[group.kind]
+        layers = f"layers {group.first_layer}-{plan.n_layers - 1}"
+        split = group.placement is not None and group.placement.devices > 1
+        where = group.placement.describe() if split else "one device"
+        memory = ", ".join(f"{size / GB:.1f}" for size in group.device_bytes)
+        lines.append(f"replicas    {group.kind}: {group.actors} actors x {group.gpus_per_actor:g} GPU, {layers} "
+                     f"({where}); {shards} shards, {100 * cost / total:.1f}% of the cost")
+        lines.append(f"  memory    {memory} GB per device + {group.headroom / GB:.1f} GB headroom"
+                     + (f" (of {replicas.gpu_memory / GB:g} GB)" if replicas.gpu_memory else ""))
+    if replicas.full_gpus_needed:
+        lines.append(f"  capacity  a full replica ({dtype} engine) needs {replicas.full_gpus_needed} GPU(s) of "
+                     f"{replicas.gpu_memory / GB:g} GB")
+    if cluster.gpus_per_actor > 0:
+        flops = 2.0 * plan.macs_per_block
+        slowest = max(costs[g.kind][1] / g.actors for g in (replicas.full, replicas.suffix) if g is not None)
+        lines.append(f"  GPU time  about {format_seconds(flops * slowest / GPU_FLOPS[dtype])} of scoring at an "
+                     f"assumed {GPU_FLOPS[dtype] / 1e12:.0f} TFLOP/s per actor (40% of an H100's dense {dtype} peak)")
+    return lines
+
+
+def _devices(source: str, key: str, gpus: float) -> int:
+    """Devices a replica is split over: 1 below 2 GPUs, else the whole number of GPUs."""
+    if gpus < 2:
+        return 1
+    if gpus != int(gpus):
+        raise ConfigError(f"config {source}: key {key!r} has value {gpus}: a replica split over several GPUs "
+                          f"needs a whole number of them")
+    return int(gpus)
+
+
+@dataclass(frozen=True)
+class PreparedConcepts:
+    """What a suffix replica needs from a full one, on the CPU: concepts (with derived targets), their
+    clean passes ([n_layers, d_model] residuals + [n_layers, d_mlp] activations each), ablation values."""
+
+    concepts: tuple[ResolvedConcept, ...]
+    clean: dict[str, CleanPass] = field(repr=False)
+    ablate_to: dict[tuple[str, str], torch.Tensor] = field(repr=False)  # (concept, mode) -> [n_layers, d_mlp]
+
+
+def prepared_concepts(scorer: ShardScorer) -> PreparedConcepts:
+    """A full replica's concept preparation, moved to the CPU for suffix actors."""
+    clean = {name: CleanPass(vector=c.vector.cpu(), resid=tuple(r.cpu() for r in c.resid), acts=c.acts.cpu(),
+                             log_p=c.log_p) for name, c in scorer.clean.items()}
+    ablate_to = {}
+    for rc in scorer.concepts:
+        for mode in scorer.spec.ablations:
+            ablate_to[(rc.concept.name, mode)] = scorer._ablate_to(rc, mode).cpu()
+    return PreparedConcepts(scorer.concepts, clean, ablate_to)
+
+
+class SuffixScorer(ShardScorer):
+    """An actor holding only blocks L.. (spec.placement is a suffix placement): scores NEAT shards of
+    those layers from a full replica's PreparedConcepts. `SuffixScorer(spec, prepared).score(shard)`.
+
+    On Ray, `prepared` is a one-element list holding the ObjectRef of a full actor's `prepared()`:
+    Ray leaves a nested reference unresolved, so this actor loads its replica while the full actor
+    is still preparing, and a restarted actor gets the same reference again.
+    """
+
+    def __init__(self, spec: ScorerSpec, prepared: PreparedConcepts | list):  # no super().__init__: no clean pass
+        if spec.placement is None or not spec.placement.suffix_only:
+            raise ValueError("SuffixScorer needs a suffix placement (Placement.from_ranges(..., suffix=True))")
+        started = time.perf_counter()
+        torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.model = load_model(spec.model, device=spec.device, dtype=spec.dtype, placement=spec.placement)
+        loaded = time.perf_counter()
+        if isinstance(prepared, list):
+            import ray
+
+            prepared = ray.get(prepared[0])
+        self.first_layer = spec.placement.first_layer
+        self.clean = dict(prepared.clean)
+        self.grads: dict = {}
+        self.whole: dict = {}
+        self.concepts = prepared.concepts
+        self.prepared_ablate_to = prepared.ablate_to
+        self.ablate_to = {}
+        self.info = ScorerInfo(
+            actor=f"{os.uname().nodename}:{os.getpid()}", device=str(self.model.device), dtype=spec.dtype,
+            threads=torch.get_num_threads(), load_seconds=loaded - started,
+            prepare_seconds=time.perf_counter() - loaded,  # waiting for the full actor's preparation
+            versions=library_versions(),
+        )
+
+    def _ablate_to(self, rc: ResolvedConcept, mode: str) -> torch.Tensor:  # [n_layers, d_mlp]
+        return self.prepared_ablate_to[(rc.concept.name, mode)]
+
+    def score_table(self, shard: Shard):
+        if shard.method != "neat" or shard.layer < self.first_layer:
+            raise ValueError(f"shard {shard.shard_id}: a suffix replica of layers {self.first_layer}.. scores "
+                             f"only NEAT shards of those layers")
+        return super().score_table(shard)

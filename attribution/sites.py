@@ -135,6 +135,7 @@ class Architecture:
     step: Callable[[nn.Module, Tensor], Tensor]
     block_macs: Callable[[object], int]  # transformers config -> multiply-adds of `step` for one row
     diff_step: Callable[..., tuple[Tensor, Tensor]]  # (matmul, block, clean, diff) -> (clean, diff)
+    encoder: bool = False  # no LM head: only the probing methods (neuronlens, selectivity) apply
 
 
 def head_macs(config) -> int:
@@ -183,7 +184,30 @@ GPT2 = Architecture(
     diff_step=_gpt2_diff_step,
 )
 
-ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2)
+def _no_lm_head(*args, **kwargs):
+    raise ModelError("an encoder has no LM head: NEAT, AtP, NeurGrad, NEG and IG need a causal LM "
+                     "(encoders support the methods neuronlens and selectivity)")
+
+
+def _bert_macs(config) -> int:
+    d, d_mlp = config.hidden_size, config.intermediate_size
+    return 4 * d * d + 2 * d * d_mlp  # Q, K, V, O and the two MLP matrices
+
+
+BERT = Architecture(  # BERT-family encoders (MiniLM), loaded with AutoModel: the model is the encoder
+    family="bert",
+    model_types=("bert",),
+    blocks=lambda model: model.encoder.layer,
+    site=lambda block: block.output.dense,  # its input is GELU(intermediate.dense(x)): [batch, pos, d_mlp]
+    w_out=lambda block: block.output.dense.weight,  # nn.Linear: [d_model, d_mlp]
+    final_norm=_no_lm_head,
+    step=_no_lm_head,
+    block_macs=_bert_macs,
+    diff_step=_no_lm_head,
+    encoder=True,
+)
+
+ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2, BERT)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ARCHITECTURES for t in a.model_types)
 
 

@@ -381,7 +381,9 @@ def describe_plan(plan: JobPlan) -> str:
     ]
     for rc in plan.concepts:
         tokens = ", ".join(f"{w}->{t!r}({i})" for w, t, i in zip(rc.targets.words, rc.targets.strings, rc.targets.ids))
-        if rc.targets.pending:
+        if plan.encoder:
+            tokens = "not used (an encoder: probing methods only)"
+        elif rc.targets.pending:
             tokens = "none given: derived by each actor from the concept vector (recorded in the run)"
         lines.append(f"  {rc.concept.name:<20} {len(rc.concept.examples)} examples; targets {tokens}")
     sizes = sorted({len(s.neurons) for s in plan.shards})

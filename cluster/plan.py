@@ -22,6 +22,8 @@ from cluster.config import ConfigError, JobConfig
 
 # Methods whose rows come once per ablation mode of the run; the others write ablation "none".
 ABLATION_METHODS = ("neat", "atp")
+# What an encoder (no LM head) supports: the methods that read activations only.
+ENCODER_METHODS = ("neuronlens", "selectivity")
 # Methods that score every neuron of the model in one pass per concept: one shard per layer.
 WHOLE_MODEL_METHODS = ("atp", "neurgrad", "neuronlens", "selectivity", "ig")
 
@@ -81,6 +83,7 @@ class JobPlan:
     layer_cost: tuple[float, ...]  # per layer: cost of one neuron-concept score, in block-equivalents
     macs_per_block: int
     warnings: tuple[str, ...] = ()
+    encoder: bool = False  # a BERT-family encoder: no LM head, no target tokens
 
     def rows_per_neuron(self, method: str) -> int:  # one row per concept and ablation
         return len(self.concepts) * len(ablations_for(method, self.config.ablation))
@@ -165,9 +168,16 @@ def resolve_job(config: JobConfig) -> JobPlan:
             )
     tokenizer = load_tokenizer(source)
     warnings: list[str] = []
+    if arch.encoder:
+        unsupported = [m for m in config.methods if m not in ENCODER_METHODS]
+        if unsupported:
+            raise ConfigError(f"config {config.source}: key 'methods' has value {unsupported}: model {source.name} "
+                              f"is an encoder ({model_config.model_type}, no LM head); it supports "
+                              f"{', '.join(ENCODER_METHODS)}")
     concepts = []
     for concept in load_concept_file(config.concepts):
-        targets = resolve_targets(tokenizer, concept)
+        # An encoder's probing methods read activations only: target words play no part.
+        targets = TargetTokens((), (), ()) if arch.encoder else resolve_targets(tokenizer, concept)
         warnings.extend(targets.warnings)
         concepts.append(ResolvedConcept(concept, targets))
     macs = arch.block_macs(model_config)
@@ -197,5 +207,5 @@ def resolve_job(config: JobConfig) -> JobPlan:
         config=config, model=source, model_type=model_config.model_type, n_layers=n_layers, d_mlp=d_mlp,
         layers=layers, concepts=tuple(concepts), shards=shards,
         run_id=config.run_id or default_run_id(config, source),
-        layer_cost=costs, macs_per_block=macs, warnings=tuple(warnings),
+        layer_cost=costs, macs_per_block=macs, warnings=tuple(warnings), encoder=arch.encoder,
     )

@@ -70,7 +70,7 @@ class ConceptSummary:
     target_ids: tuple[int, ...]
     target_tokens: tuple[str, ...]
     target_words: tuple[str, ...]
-    base_log_p: float
+    base_log_p: float | None  # None for an encoder (no LM head)
     targets_derived: bool = False  # no targets in the concept file: derived from the concept vector
 
 
@@ -111,6 +111,8 @@ class ShardScorer:
 
     def _with_targets(self, concepts: tuple[ResolvedConcept, ...]) -> tuple[ResolvedConcept, ...]:
         """Compute each concept's vector and clean pass; derive the targets of concepts that have none."""
+        if self.model.arch.encoder:  # no LM head: the probing methods need neither
+            return concepts
         out = []
         baseline = None
         for rc in concepts:
@@ -132,7 +134,8 @@ class ShardScorer:
     def describe(self) -> tuple[ScorerInfo, tuple[ConceptSummary, ...]]:
         summaries = tuple(
             ConceptSummary(rc.concept.name, rc.targets.ids, rc.targets.strings, rc.targets.words,
-                           self.clean[rc.concept.name].log_p, rc.targets.derived)
+                           self.clean[rc.concept.name].log_p if rc.concept.name in self.clean else None,
+                           rc.targets.derived)
             for rc in self.concepts
         )
         return self.info, summaries

@@ -29,7 +29,7 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_smollm2_run_query_and_exactness_through_the_cli(tmp_path):
     atlas = tmp_path / "atlas"
     proc = cli("run", "configs/demo.yaml", "--concepts", str(UNSEEN), "--layers", "0,29", "--atlas", str(atlas),
-               "--run-id", "e2e")
+               "--run-id", "e2e", "--method", "neat")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["rows"] == 2 * 2 * 1536 and summary["version"] == 1

@@ -34,7 +34,7 @@ def test_plan_does_not_depend_on_the_number_of_actors():
     config = load_job_config(REPO / "configs" / "demo.yaml")
     one = resolve_job(apply_overrides(config, actors=1, run_id="r"))
     two = resolve_job(apply_overrides(config, actors=2, run_id="r"))
-    assert one.shards == two.shards and one.total_rows == two.total_rows == 46080 * 6
+    assert one.shards == two.shards and one.total_rows == two.total_rows == 46080 * 6 * len(config.methods)
 
 
 def test_smollm2_costs_match_the_measured_head_weight():

@@ -72,14 +72,14 @@ def test_cli_rejects_bad_input_with_status_2_and_writes_nothing(tmp_path, capsys
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
-    from transformers import BertConfig
+    from transformers import T5Config
 
-    model_dir = tmp_path / "bert"
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(model_dir)
+    model_dir = tmp_path / "t5"
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=37).save_pretrained(model_dir)
     (model_dir / "model.safetensors").write_bytes(b"")
     assert main(["run", str(write_config(tmp_path, model=str(model_dir)))]) == 2
     err = capsys.readouterr().err
-    assert "architecture 'bert'" in err and "llama, mistral, qwen2, gpt2" in err
+    assert "architecture 't5'" in err and "llama, mistral, qwen2, gpt2, bert" in err
 
 
 def test_model_directory_without_safetensors_is_refused(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-weight models saved as real HF directories, and the packaged SmolLM2."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -34,3 +35,24 @@ def tiny_models(tiny_sources):
 @pytest.fixture(scope="session")
 def smollm2():
     return load_model(resolve_model_source("smollm2-135m"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs for one test module (request it, or `pytestmark = usefixtures("local_ray")`)."""
+    import ray
+
+    with local_ray_session():
+        yield ray
+
+
+@contextlib.contextmanager
+def local_ray_session():
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -269,16 +269,6 @@ def test_suffix_scorer_takes_a_full_replicas_preparation_and_refuses_earlier_lay
 
 # --- a real local Ray run with suffix actors ---------------------------------------------------------
 
-@pytest.fixture
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
-
-
 def test_a_run_with_suffix_actors_commits_the_same_atlas(local_ray, tiny_sources, tmp_path):
     import pyarrow.compute as pc
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import psutil
 import pyarrow.compute as pc
 import pytest
-import ray
 import yaml
 
 from cluster.config import load_job_config
@@ -31,12 +30,7 @@ KEY = ["concept", "ablation", "layer", "neuron"]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def write_config(directory: Path, source, *, atlas: Path) -> Path:

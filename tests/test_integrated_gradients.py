@@ -10,6 +10,7 @@ import torch
 from attribution.integrated_gradients import ig_alphas, ig_scores
 from attribution.models import SiteModel
 from attribution.prompts import Prompt
+from tiny_models import hook_counts
 
 FAMILIES = ("llama", "gpt2")
 
@@ -112,18 +113,15 @@ def test_no_hooks_remain_after_an_exception(tiny_models):
         raise RuntimeError("boom")
 
     # transformers may keep hooks of its own (output recording): compare with what was there before.
-    before = _hook_counts(model)
+    before = hook_counts(model)
     handle = model.blocks[-1].register_forward_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
             ig_scores(model, _prompts(model), steps=2)
     finally:
         handle.remove()
-    assert _hook_counts(model) == before
+    assert hook_counts(model) == before
 
-
-def _hook_counts(model) -> list[tuple[int, int]]:
-    return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.hf.modules()]
 
 
 def test_ig_of_chosen_layers_equals_the_whole_model_run(tiny_models):

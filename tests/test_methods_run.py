@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
-import ray
 import torch
 import yaml
 
@@ -24,12 +23,7 @@ UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
 LAYERS = [0, 3]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-import ray
 import torch
 
 from attribution.concepts import load_concept_file
@@ -14,6 +13,7 @@ from attribution.models import load_model, resolve_model_source
 from attribution.selectivity import selectivity_scores
 from jobs.cli import main
 from storage.read import open_neurons
+from conftest import local_ray_session
 
 BUILTIN = Path(__file__).parent.parent / "configs" / "concepts" / "builtin.yaml"
 DEMO = Path(__file__).parent.parent / "configs" / "demo.yaml"
@@ -74,12 +74,8 @@ def test_an_encoder_runs_the_probing_methods_and_refuses_the_others(tmp_path, ca
     common = ["run", str(DEMO), "--model", "minilm-l6", "--layers", "0,5", "--atlas", str(atlas), "--actors", "1"]
     assert main(common + ["--method", "neat"]) == 2
     assert "is an encoder" in capsys.readouterr().err and not atlas.exists()
-    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    try:
+    with local_ray_session():
         assert main(common + ["--method", "selectivity", "--method", "neuronlens", "--run-id", "enc"]) == 0
-    finally:
-        ray.shutdown()
     rows = open_neurons(str(atlas)).to_pyarrow_table()
     assert rows.num_rows == 6 * 2 * 2 * 1536  # concepts x methods x layers x neurons
     assert set(rows["model"].to_pylist()) == {"minilm-l6"}

@@ -11,6 +11,7 @@ from attribution.concepts import Concept, resolve_targets
 from attribution.models import SiteModel
 from attribution.neurgrad import last_token_gradients, neg_slopes, neurgrad_scores, sweep_shifts
 from attribution.prompts import Prompt, concept_prompts
+from tiny_models import hook_counts
 
 FAMILIES = ("llama", "gpt2")
 NEURONS = [(0, 3), (0, 50), (1, 17), (2, 64), (3, 0), (3, 90)]
@@ -174,7 +175,7 @@ def test_no_hooks_remain_after_an_exception(tiny_models):
         raise RuntimeError("boom")
 
     # transformers may keep hooks of its own (output recording): compare with what was there before.
-    before = _hook_counts(model)
+    before = hook_counts(model)
     handle = model.blocks[-1].register_forward_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
@@ -183,11 +184,8 @@ def test_no_hooks_remain_after_an_exception(tiny_models):
             neg_slopes(model, _prompts(model), NEURONS, points=2)
     finally:
         handle.remove()
-    assert _hook_counts(model) == before
+    assert hook_counts(model) == before
 
-
-def _hook_counts(model) -> list[tuple[int, int]]:
-    return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.hf.modules()]
 
 
 ROYAL = ("king", "queen", "crown", "throne")

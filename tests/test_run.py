@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
-import ray
 import yaml
 
 import naive_neat
@@ -26,12 +25,7 @@ UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
 KEY = ["concept", "ablation", "layer", "neuron"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def make_config(tmp_path: Path, source, *, atlas: Path, actors: int = 2, **extra):

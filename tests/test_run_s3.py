@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 
 from cluster.config import load_job_config
@@ -14,6 +13,7 @@ from cluster.plan import resolve_job
 from s3_server import SECRET_KEY, start_moto
 from storage.atlas import Atlas
 from storage.read import run_metadata
+from conftest import local_ray_session
 
 UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
 
@@ -39,12 +39,8 @@ def test_a_run_with_storage_options_in_the_config_lands_on_s3(tmp_path, tiny_sou
         "storage_options": s3.storage_options,
     }))
     plan = resolve_job(load_job_config(path))
-    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    try:
+    with local_ray_session():
         summary = run_job(plan)
-    finally:
-        ray.shutdown()
     assert summary.version == 1 and summary.rows == 2 * 128, summary
     assert s3.keys(bucket, "atlas/_staging/") == []  # staged by the actors, removed after the commit
     atlas = Atlas.open(uri, s3.storage_options)

@@ -47,3 +47,62 @@ def save_tiny_model(family: str, directory: Path, *, seed: int = 0) -> ModelSour
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return ModelSource(name=f"tiny-{family}", path=str(directory), revision=weights_revision(directory))
+
+
+def hook_counts(model) -> list[tuple[int, int]]:
+    """Forward pre-hooks and hooks per module: compare before and after to find a leaked hook
+    (transformers keeps hooks of its own once hidden states were recorded)."""
+    return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.hf.modules()]
+
+
+def save_tiny_encoder(family: str, directory: Path, *, seed: int = 0) -> ModelSource:
+    """A seeded random-weight BERT or RoBERTa encoder (2 layers, d_mlp 48) with MiniLM-L6's WordPiece
+    tokenizer ([CLS] ... [SEP]), as a safetensors directory."""
+    from transformers import AutoModel, BertConfig, RobertaConfig
+
+    tokenizer = load_tokenizer(resolve_model_source("minilm-l6"))
+    shape = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    config = BertConfig(**shape) if family == "bert" else RobertaConfig(**shape, type_vocab_size=1)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return ModelSource(name=f"tiny-{family}", path=str(directory), revision=weights_revision(directory))
+
+
+@torch.no_grad()
+def plain_neurons(model, texts: list[str]):
+    """Test oracle: every layer's neuron vector recomputed from the MLP's own modules, not read at the site.
+
+    One padded batch, the tokenizer's own padding and special-token mask. Returns (acts [texts, layers,
+    pos, d_mlp] float64, real [texts, pos] bool: attended and not a special token).
+    GPT-2: GELU output of `mlp.act`; Llama: act_fn(gate_proj(x)) * up_proj(x) from the MLP's input x;
+    BERT/RoBERTa: F.gelu(intermediate.dense(x)).
+    """
+    import torch.nn.functional as F
+
+    family = model.arch.family
+    enc = model.tokenizer(list(texts), padding=True, return_tensors="pt", return_special_tokens_mask=True)
+    special = enc.pop("special_tokens_mask").bool()
+    outs: list[torch.Tensor] = []
+    if family == "gpt2":
+        hooks = [(b.mlp.act, lambda m, a, o: outs.append(o)) for b in model.blocks]
+    elif family == "llama":
+        hooks = [(b.mlp, lambda m, a, o: outs.append(m.act_fn(m.gate_proj(a[0])) * m.up_proj(a[0]))) for b in model.blocks]
+    elif family == "bert":
+        hooks = [(b.intermediate.dense, lambda m, a, o: outs.append(F.gelu(o))) for b in model.blocks]
+    else:
+        raise ValueError(family)
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        if model.is_encoder:
+            model.hf(**enc)
+        else:
+            model.hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    acts = torch.stack(outs, dim=1).double()  # [texts, layers, pos, d_mlp]
+    return acts.numpy(), (enc["attention_mask"].bool() & ~special).numpy()

@@ -25,8 +25,17 @@ class NeuronMask:
     layer: int
     neurons: tuple[int, ...]
     values: tuple[float, ...]
-    low: tuple[float, ...] | None = None
-    high: tuple[float, ...] | None = None
+    low: tuple[float, ...] | None = None  # None: replace everywhere (zero / mean ablation)
+    high: tuple[float, ...] | None = None  # +-inf bounds are allowed: (-inf, inf) is the plain mask
+
+    def __post_init__(self) -> None:
+        if (self.low is None) != (self.high is None):
+            raise ValueError(f"NeuronMask of layer {self.layer}: give both low and high (range ablation) or neither")
+        for name in ("values", "low", "high"):
+            given = getattr(self, name)
+            if given is not None and len(given) != len(self.neurons):
+                raise ValueError(f"NeuronMask of layer {self.layer}: {len(given)} {name} for "
+                                 f"{len(self.neurons)} neurons")
 
 
 @contextmanager

@@ -207,10 +207,11 @@ def load_tokenizer(source: ModelSource):
 
 @dataclass
 class SiteModel:
-    """A loaded causal LM plus its architecture's neuron sites; the only model type methods see."""
+    """A loaded causal LM (or encoder: `is_encoder`) plus its architecture's neuron sites; the only
+    model type methods see."""
 
     source: ModelSource
-    hf: nn.Module  # transformers *ForCausalLM, eval mode, no grad
+    hf: nn.Module  # transformers *ForCausalLM (an encoder: its AutoModel), eval mode, no grad
     tokenizer: object
     arch: Architecture
     device: torch.device
@@ -225,6 +226,14 @@ class SiteModel:
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def is_encoder(self) -> bool:  # BERT family: loaded with AutoModel, bidirectional attention
+        return self.arch.encoder
+
+    @property
+    def has_lm_head(self) -> bool:  # False: only the probing methods (neuronlens, selectivity) apply
+        return not self.arch.encoder
 
     @property
     def d_mlp(self) -> int:

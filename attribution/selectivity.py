@@ -1,11 +1,6 @@
-"""Selectivity probing (seed 004, the NeuroLens tool): does a neuron fire for the concept's examples
-and not for its negatives, and does it do so consistently?
-
-Per text, a neuron's activation is its mean over the text's real tokens. Over positives P
-(examples) and negatives N (negatives):
-    selectivity = (mean_P - mean_N) / sqrt((var_P + var_N) / 2)        (a pooled-std effect size)
-    consistency = share of positives beyond the negatives' mean + one std, on the selective side
-Importance (the tool's ablation effect) is NEAT's effect, scored by `neat` in the same run.
+"""Selectivity probing (seed 004, the NeuroLens tool): does a neuron fire for a concept's examples and
+not for its negatives (selectivity = (mean_pos - mean_neg) / pooled std), and on most examples
+(consistency = share of positives past the negatives' mean + one std, on the selective side)?
 """
 from __future__ import annotations
 
@@ -23,6 +18,10 @@ def selectivity_scores(model: SiteModel, concept: Concept) -> NeuronScores:
     """selectivity, consistency, act_mean and act_std (over positives) of every neuron.
 
     effect = selectivity, score = |selectivity|, activation = mean over positives.
+    A text's activation is the neuron's mean over the text's real tokens (special tokens such as BOS,
+    [CLS], [SEP] excluded), for causal LMs and encoders alike: it uses every token's evidence and, unlike
+    the max, does not grow with the text's length. (The NeuroLens tool's code, dakshjain-1616/
+    Neuron-Activation-Mapper, was not available to us; its write-up only says "activation difference".)
     """
     if not concept.negatives:
         raise ValueError(f"concept {concept.name!r} has no negatives: selectivity probing compares "
@@ -33,12 +32,19 @@ def selectivity_scores(model: SiteModel, concept: Concept) -> NeuronScores:
 
 
 def selectivity_from_activations(pos: torch.Tensor, neg: torch.Tensor) -> NeuronScores:
-    """The statistics from per-text activations: pos [P, n_layers, d_mlp], neg [N, n_layers, d_mlp]."""
-    mean_pos, mean_neg = pos.mean(dim=0), neg.mean(dim=0)
+    """The statistics from per-text activations: pos [P, n_layers, d_mlp], neg [N, n_layers, d_mlp].
+
+    Variances are population variances; pooled std = sqrt((var_P + var_N) / 2) (Cohen's d with equal
+    weights). Threshold for consistency: mean_N + std_N for a neuron with selectivity >= 0 (the share of
+    positives above it), mean_N - std_N otherwise (the share below it): a neuron that is selective by
+    firing less on the concept is as consistent as one that fires more.
+    """
+    pos, neg = pos.float(), neg.float()
+    mean_pos, mean_neg = pos.mean(dim=0), neg.mean(dim=0)  # [n_layers, d_mlp]
     var_pos, var_neg = pos.var(dim=0, unbiased=False), neg.var(dim=0, unbiased=False)
     selectivity = (mean_pos - mean_neg) / (torch.sqrt((var_pos + var_neg) / 2) + EPS)
     std_neg = var_neg.sqrt()
-    above = (pos > mean_neg + std_neg).float().mean(dim=0)
+    above = (pos > mean_neg + std_neg).float().mean(dim=0)  # [n_layers, d_mlp]: share of positives
     below = (pos < mean_neg - std_neg).float().mean(dim=0)
     consistency = torch.where(selectivity >= 0, above, below)
     return NeuronScores(effect=selectivity, activation=mean_pos, score=selectivity.abs(), extra={

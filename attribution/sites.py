@@ -196,7 +196,7 @@ def _bert_macs(config) -> int:
 
 BERT = Architecture(  # BERT-family encoders (MiniLM), loaded with AutoModel: the model is the encoder
     family="bert",
-    model_types=("bert",),
+    model_types=("bert", "roberta"),  # RobertaModel has the same encoder.layer[L].output.dense
     blocks=lambda model: model.encoder.layer,
     site=lambda block: block.output.dense,  # its input is GELU(intermediate.dense(x)): [batch, pos, d_mlp]
     w_out=lambda block: block.output.dense.weight,  # nn.Linear: [d_model, d_mlp]

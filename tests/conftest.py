@@ -1,7 +1,6 @@
 """Shared fixtures: tiny random-weight models saved as real HF directories, and the packaged SmolLM2."""
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -12,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from attribution.models import load_model, resolve_model_source  # noqa: E402
+from ray_local import local_ray_session  # noqa: E402
 from tiny_models import save_tiny_model  # noqa: E402
 
 
@@ -44,15 +44,3 @@ def local_ray():
 
     with local_ray_session():
         yield ray
-
-
-@contextlib.contextmanager
-def local_ray_session():
-    import ray
-
-    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    try:
-        yield
-    finally:
-        ray.shutdown()

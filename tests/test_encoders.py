@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 import torch
 
@@ -12,10 +13,14 @@ from attribution.concepts import load_concept_file
 from attribution.models import load_model, resolve_model_source
 from attribution.neuronlens import neuronlens_scores
 from attribution.selectivity import selectivity_scores
+from jobs.cli import main
+from ray_local import local_ray_session
+from storage.read import open_neurons
 from test_selectivity import CONCEPT, plain_selectivity
 from tiny_models import plain_neurons, save_tiny_encoder
 
 BUILTIN = Path(__file__).parent.parent / "configs" / "concepts" / "builtin.yaml"
+DEMO = Path(__file__).parent.parent / "configs" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +108,17 @@ def test_probing_methods_on_minilm_find_royalty_neurons(minilm):
     lens = neuronlens_scores(minilm, royalty)
     assert np.allclose(lens.extra["act_mean"].numpy(), pos.mean(axis=0), atol=1e-4)
     assert int((lens.ranking_score > 0).sum()) == 6 * int(0.3 * 1536)
+
+
+def test_an_encoder_runs_the_probing_methods_and_refuses_the_others(tmp_path, capsys):
+    atlas = tmp_path / "atlas"
+    common = ["run", str(DEMO), "--model", "minilm-l6", "--layers", "0,5", "--atlas", str(atlas), "--actors", "1"]
+    assert main(common + ["--method", "neat"]) == 2
+    assert "is an encoder" in capsys.readouterr().err and not atlas.exists()
+    with local_ray_session():
+        assert main(common + ["--method", "selectivity", "--method", "neuronlens", "--run-id", "enc"]) == 0
+    rows = open_neurons(str(atlas)).to_pyarrow_table()
+    assert rows.num_rows == 6 * 2 * 2 * 1536  # concepts x methods x layers x neurons
+    assert set(rows["model"].to_pylist()) == {"minilm-l6"}
+    selective = rows.filter(pc.equal(rows["method"], "selectivity"))
+    assert selective["selectivity"].null_count == 0 and selective["range_low"].null_count == selective.num_rows

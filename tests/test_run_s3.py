@@ -13,7 +13,7 @@ from cluster.plan import resolve_job
 from s3_server import SECRET_KEY, start_moto
 from storage.atlas import Atlas
 from storage.read import run_metadata
-from conftest import local_ray_session
+from ray_local import local_ray_session
 
 UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
 

@@ -96,7 +96,7 @@ def test_without_credentials_the_server_refuses_and_the_cli_says_so(s3, bucket, 
 WRITER = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {storage_tests!r})
-    from conftest import build_rows
+    from atlas_rows import build_rows
     from storage.commit import commit_run
     uri, go, runs = sys.argv[1], sys.argv[2], sys.argv[3:]
     print("ready", flush=True)
@@ -137,7 +137,7 @@ DYING_WRITER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {storage_tests!r})
     import pyarrow.parquet as pq
-    from conftest import build_rows
+    from atlas_rows import build_rows
     from storage.location import atlas_filesystem
     from storage.staging import write_shard
     uri = sys.argv[1]

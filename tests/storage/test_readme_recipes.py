@@ -24,7 +24,7 @@ def s3_atlas(tmp_path_factory):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import build_rows
+    from atlas_rows import build_rows
 
     server, s3 = start_moto()
     try:

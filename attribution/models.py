@@ -194,7 +194,11 @@ def read_model_config(source: ModelSource):
     """The model's transformers config (no weights), with its architecture checked."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(source.path, trust_remote_code=False, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:  # no model_type, unknown model_type, unreadable JSON
+        raise ModelError(f"model directory {source.path!r}: transformers cannot read its config.json: "
+                         f"{_first_line(err)}") from None
     architecture_for(config.model_type, model_name=source.name)
     return config
 
@@ -202,7 +206,17 @@ def read_model_config(source: ModelSource):
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # no tokenizer files, or files it cannot parse
+        raise ModelError(f"model directory {source.path!r}: transformers cannot load its tokenizer "
+                         f"(expected tokenizer.json or the tokenizer files saved with the model): "
+                         f"{_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:  # transformers' messages run to paragraphs of advice
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
 
 
 @dataclass

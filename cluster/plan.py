@@ -12,9 +12,11 @@ import json
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from attribution.concepts import Concept, TargetTokens, load_concept_file, resolve_targets
+from attribution.errors import AttributionError
 from attribution.models import ModelSource, load_tokenizer, read_model_config, resolve_model_source
 from attribution.sites import architecture_for, head_macs
 from cluster.config import ConfigError, JobConfig
@@ -153,11 +155,35 @@ def default_run_id(config: JobConfig, model: ModelSource) -> str:
     return f"{stamp}-{digest.hexdigest()[:8]}"
 
 
+@contextmanager
+def config_value(config: JobConfig, key: str, value: object):
+    """A problem with what a config key points at (a model, a concept file) names the config and the key."""
+    try:
+        yield
+    except AttributionError as err:
+        raise ConfigError(f"config {config.source}: key {key!r} has value {str(value)!r}: {err}") from None
+
+
+def check_before_submit(config: JobConfig) -> str | None:
+    """What `submit` can check on this machine: the concept file always (it travels with the job), and
+    the whole plan when the model resolves here too. Returns a note when the model was left to the cluster."""
+    with config_value(config, "concepts", config.concepts):
+        load_concept_file(config.concepts)
+    try:
+        resolve_model_source(config.model)
+    except AttributionError:  # a directory or cached hub id that only the cluster's nodes have
+        return f"model {config.model!r} is not on this machine: the cluster checks it when the job starts"
+    resolve_job(config)
+    return None
+
+
 def resolve_job(config: JobConfig) -> JobPlan:
     """Check the config against the model (config + tokenizer, no weights) and plan the shards."""
-    source = resolve_model_source(config.model)
-    model_config = read_model_config(source)
-    arch = architecture_for(model_config.model_type, model_name=source.name)
+    with config_value(config, "model", config.model):
+        source = resolve_model_source(config.model)
+        model_config = read_model_config(source)
+        arch = architecture_for(model_config.model_type, model_name=source.name)
+        tokenizer = load_tokenizer(source)
     n_layers = getattr(model_config, "num_hidden_layers", None) or model_config.n_layer
     layers = config.layers if config.layers is not None else tuple(range(n_layers))
     for layer in layers:
@@ -166,7 +192,6 @@ def resolve_job(config: JobConfig) -> JobPlan:
                 f"config {config.source}: key 'layers' has value {layer}: "
                 f"layer not in 0..{n_layers - 1} for model {source.name}"
             )
-    tokenizer = load_tokenizer(source)
     warnings: list[str] = []
     if arch.encoder:
         unsupported = [m for m in config.methods if m not in ENCODER_METHODS]
@@ -175,11 +200,12 @@ def resolve_job(config: JobConfig) -> JobPlan:
                               f"is an encoder ({model_config.model_type}, no LM head); it supports "
                               f"{', '.join(ENCODER_METHODS)}")
     concepts = []
-    for concept in load_concept_file(config.concepts):
-        # An encoder's probing methods read activations only: target words play no part.
-        targets = TargetTokens((), (), ()) if arch.encoder else resolve_targets(tokenizer, concept)
-        warnings.extend(targets.warnings)
-        concepts.append(ResolvedConcept(concept, targets))
+    with config_value(config, "concepts", config.concepts):
+        for concept in load_concept_file(config.concepts):
+            # An encoder's probing methods read activations only: target words play no part.
+            targets = TargetTokens((), (), ()) if arch.encoder else resolve_targets(tokenizer, concept)
+            warnings.extend(targets.warnings)
+            concepts.append(ResolvedConcept(concept, targets))
     macs = arch.block_macs(model_config)
     costs = layer_costs(n_layers, head_macs(model_config) / macs)
     d_mlp = getattr(model_config, "intermediate_size", None) or model_config.n_inner or 4 * model_config.n_embd

@@ -27,7 +27,7 @@ def test_builtin_concepts_are_complete_and_encodable(smollm2):
     ("empty_examples.yaml", "'examples' is empty"),
     ("duplicate_name.yaml", "duplicate concept name 'royalty'"),
     ("bad_slug.yaml", "'Royal Family!' is not a slug"),
-    ("untokenizable_target.yaml", "targets[1] must be a non-empty string"),
+    ("empty_target.yaml", "targets[1] must be a non-empty string"),
     ("unknown_key.yaml", "unknown key 'exmaples'"),
     ("not_a_list.yaml", "'concepts' must be a non-empty list"),
 ])

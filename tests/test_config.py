@@ -1,6 +1,7 @@
 """Bad configs are rejected before anything runs: exit 2, one message naming file/key/value, atlas untouched."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from jobs.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 BUILTIN = REPO / "configs" / "concepts" / "builtin.yaml"
+BAD_CONCEPTS = REPO / "tests" / "data" / "bad_concepts"
 
 
 def write_config(tmp_path: Path, **overrides) -> Path:
@@ -56,9 +58,13 @@ def test_bad_config_values_name_the_file_key_and_value(tmp_path, overrides, mess
 
 @pytest.mark.parametrize("overrides, args, message", [
     ({"layers": [0, 30]}, [], "key 'layers' has value 30: layer not in 0..29 for model smollm2-135m"),
-    ({"model": "no-such-model"}, [], "model 'no-such-model' is not a built-in alias"),
+    ({"model": "no-such-model"}, [], "key 'model' has value 'no-such-model': model 'no-such-model' is not a built-in alias"),
+    ({"concepts": "missing.yaml"}, [], "key 'concepts' has value '"),
     ({"concepts": "missing.yaml"}, [], "missing.yaml' does not exist"),
-    ({}, ["--concepts", str(REPO / "tests" / "data" / "bad_concepts" / "duplicate_name.yaml")], "duplicate concept name"),
+    ({}, ["--concepts", str(BAD_CONCEPTS / "duplicate_name.yaml")], "duplicate concept name"),
+    ({}, ["--concepts", str(BAD_CONCEPTS / "untokenizable_target.yaml")],
+     f"key 'concepts' has value '{BAD_CONCEPTS / 'untokenizable_target.yaml'}': concept 'royalty': target word "
+     "'<|endoftext|>' cannot be encoded by the model's tokenizer: it encodes to a special or unknown token"),
     ({}, ["--layers", "-1"], "key 'layers' has value -1"),
     ({}, ["--dtype", "float16"], "key 'dtype' has value 'float16'"),
 ])
@@ -89,6 +95,36 @@ def test_model_directory_without_safetensors_is_refused(tmp_path, capsys):
     (model_dir / "pytorch_model.bin").write_bytes(b"")
     assert main(["run", str(write_config(tmp_path, model=str(model_dir)))]) == 2
     assert "loads safetensors only" in capsys.readouterr().err
+
+
+def _llama_directory(tmp_path: Path, **config_changes) -> Path:
+    """A model directory with a tiny Llama config.json and a weights file, but no tokenizer."""
+    from transformers import LlamaConfig
+
+    model_dir = tmp_path / "no-tokenizer"
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                vocab_size=64).save_pretrained(model_dir)
+    if config_changes:
+        data = json.loads((model_dir / "config.json").read_text())
+        data.update(config_changes)
+        data = {k: v for k, v in data.items() if v is not None}
+        (model_dir / "config.json").write_text(json.dumps(data))
+    (model_dir / "model.safetensors").write_bytes(b"")
+    return model_dir
+
+
+@pytest.mark.parametrize("config_changes, message", [
+    ({}, "transformers cannot load its tokenizer"),
+    ({"model_type": None}, "transformers cannot read its config.json"),
+    ({"model_type": "no-such-architecture"}, "transformers cannot read its config.json"),
+])
+def test_a_model_directory_transformers_cannot_read_exits_2_in_one_line(tmp_path, capsys, config_changes, message):
+    model_dir = _llama_directory(tmp_path, **config_changes)
+    assert main(["run", str(write_config(tmp_path, model=str(model_dir)))]) == 2
+    err = capsys.readouterr().err
+    assert f"key 'model' has value '{model_dir}'" in err and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "atlas").exists()
 
 
 def test_installed_command_exits_2_without_traceback(tmp_path):

@@ -173,6 +173,7 @@ def _jobs_address(args: argparse.Namespace) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from cluster.config import apply_overrides, load_job_config
+    from cluster.plan import check_before_submit
     from cluster.submit import follow_logs, submit_job, wait_for_job, withheld_options
 
     address = _jobs_address(args)
@@ -183,6 +184,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
     if args.resume and not config.run_id:
         raise UsageError("--resume needs the --run-id of the run to resume")
+    note = check_before_submit(config)  # a bad layer or concept file exits 2 here, not as a FAILED job
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     job = submit_job(config, address=address, resume=args.resume)
     print(job.submission_id, flush=True)
     if withheld_options(config):

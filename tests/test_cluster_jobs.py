@@ -184,6 +184,7 @@ def test_a_failed_job_exits_1_with_wait_and_resumes_under_its_run_id(ray_cluster
     config = write_config(tmp_path / "bad.yaml", model=str(tmp_path / "no-such-model"), atlas=str(atlas))
     waited = cli(ray_cluster, "submit", str(config), *api, "--run-id", "jobs-bad", "--wait")
     assert waited.returncode == 1, waited.stderr
+    assert "is not on this machine: the cluster checks it" in waited.stderr  # so submit could not
     assert "no-such-model" in waited.stderr  # the job's own error, streamed from its logs
     assert "job jobs-bad FAILED" in waited.stderr
     assert not atlas.exists()
@@ -208,6 +209,10 @@ def test_a_failed_job_exits_1_with_wait_and_resumes_under_its_run_id(ray_cluster
     assert done.returncode == 2 and "jobs-bad-resume-1 is SUCCEEDED" in done.stderr
     never = cli(ray_cluster, "submit", str(good), *api, "--run-id", "jobs-never", "--resume")
     assert never.returncode == 2 and "never submitted" in never.stderr
+    # A model this machine has is checked before anything is submitted.
+    wrong = cli(ray_cluster, "submit", str(good), *api, "--run-id", "jobs-wrong", "--layers", "0,99")
+    assert wrong.returncode == 2 and "key 'layers' has value 99" in wrong.stderr
+    assert "no job 'jobs-wrong'" in cli(ray_cluster, "status", "jobs-wrong", *api).stderr
 
 
 def test_a_client_without_the_token_is_refused(ray_cluster, tmp_path):

@@ -85,6 +85,11 @@ def plan_replicas(plan: JobPlan, *, model_config=None) -> ReplicaPlan:
     if devices > plan.n_layers:
         raise ConfigError(f"config {cfg.source}: key 'cluster.gpus_per_actor' has value {cluster.gpus_per_actor}: "
                           f"more GPUs than the {plan.n_layers} layers of model {name}")
+    others = [m for m in cfg.methods if m != "neat"]
+    if devices > 1 and others:  # only the NEAT engines move rows between a split replica's devices
+        raise ConfigError(f"config {cfg.source}: key 'cluster.gpus_per_actor' has value {cluster.gpus_per_actor}: "
+                          f"a replica split over {devices} GPUs scores neat only, and methods has {others}; "
+                          f"run those methods in a job with whole replicas (gpus_per_actor <= 1)")
     split = split_layers(full_bytes, devices)
     if gpu_memory and cluster.gpus_per_actor > 0:
         usable = gpu_memory * min(1.0, cluster.gpus_per_actor)

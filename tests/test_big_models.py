@@ -196,6 +196,11 @@ def test_70b_example_splits_full_replicas_over_6_gpus_and_gives_late_layers_to_s
         plan_replicas(example_plan(CONFIG_70B, model_dirs["70b"], tmp_path / "a", gpus_per_actor=4))
     with pytest.raises(ConfigError, match="suffix_from_layer.*earliest that fits is 50"):
         plan_replicas(example_plan(CONFIG_70B, model_dirs["70b"], tmp_path / "b", suffix_from_layer=40))
+    # Only the NEAT engines move rows across a split replica's GPUs: other methods are refused up front.
+    gradients = resolve_job(apply_overrides(load_job_config(CONFIG_70B), model=str(model_dirs["70b"]),
+                                            atlas=str(tmp_path / "c"), run_id="r", methods=["neat", "atp"]))
+    with pytest.raises(ConfigError, match=r"split over 6 GPUs scores neat only, and methods has \['atp'\]"):
+        plan_replicas(gradients)
 
 
 def test_70b_dry_run_prints_the_replicas(model_dirs, tmp_path, capsys):

@@ -84,6 +84,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"validating {args.concept} ({method}, {ablation}; set to {intervention}) of run {run_id}: "
           f"loading {meta['config']['model']}", file=sys.stderr)
     model = load_model(resolve_model_source(meta["config"]["model"]), device=args.device)
+    if not model.has_lm_head:  # validation measures log p(targets): it needs the model's LM head
+        raise UsageError(f"model {model_name} of run {run_id} is an encoder (no LM head): validate ablates "
+                         f"neurons and measures log p of the concept's targets, which needs a causal LM")
     recorded = {c["name"]: tuple(c["target_ids"]) for c in meta["concepts"]}
     probes = {}
     for concept in load_concept_file(meta["config"]["concepts"]):

@@ -122,3 +122,8 @@ def test_an_encoder_runs_the_probing_methods_and_refuses_the_others(tmp_path, ca
     assert set(rows["model"].to_pylist()) == {"minilm-l6"}
     selective = rows.filter(pc.equal(rows["method"], "selectivity"))
     assert selective["selectivity"].null_count == 0 and selective["range_low"].null_count == selective.num_rows
+    capsys.readouterr()
+    validate = ["validate", "--atlas", str(atlas), "--concept", "royalty", "--method", "selectivity", "--k", "1"]
+    assert main(validate) == 2  # no LM head, no log p(targets) to measure
+    err = capsys.readouterr().err
+    assert "minilm-l6 of run enc is an encoder (no LM head)" in err and "Traceback" not in err

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -36,6 +36,22 @@ class NeuronMask:
             if given is not None and len(given) != len(self.neurons):
                 raise ValueError(f"NeuronMask of layer {self.layer}: {len(given)} {name} for "
                                  f"{len(self.neurons)} neurons")
+
+
+def layer_masks(neurons: Iterable[tuple[int, int]], ablate_to: Tensor,
+                ranges: tuple[Tensor, Tensor] | None = None) -> list[NeuronMask]:
+    """(layer, neuron) pairs -> one mask per layer, each neuron set to ablate_to[layer, neuron]
+    ([n_layers, d_mlp]); with `ranges` ([n_layers, d_mlp] low and high), range-ablation masks."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, neuron in neurons:
+        by_layer.setdefault(int(layer), []).append(int(neuron))
+    masks = []
+    for layer, ns in sorted(by_layer.items()):
+        values = tuple(float(ablate_to[layer, n]) for n in ns)
+        bounds = {} if ranges is None else {"low": tuple(float(ranges[0][layer, n]) for n in ns),
+                                            "high": tuple(float(ranges[1][layer, n]) for n in ns)}
+        masks.append(NeuronMask(layer, tuple(ns), values, **bounds))
+    return masks
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from attribution.activations import text_activations
 from attribution.concepts import Concept
-from attribution.masking import NeuronMask
+from attribution.masking import NeuronMask, layer_masks
 from attribution.models import SiteModel
 from attribution.neuron_scores import NeuronScores
 
@@ -75,14 +75,8 @@ def range_masks(scores: NeuronScores, ablate_to: Tensor,
     `ablate_to` [n_layers, d_mlp] (the neutral-text mean, attribution.ablation.reference_means);
     outside it is left alone. `neurons`: (layer, neuron) pairs; None = every candidate (score > 0)."""
     if neurons is None:
-        neurons = [tuple(pair) for pair in (scores.ranking_score > 0).nonzero().tolist()]
-    low, high = scores.extra["range_low"], scores.extra["range_high"]  # [n_layers, d_mlp]
-    by_layer: dict[int, list[int]] = {}
-    for layer, neuron in neurons:
-        by_layer.setdefault(int(layer), []).append(int(neuron))
-    return [NeuronMask(layer, tuple(ns), values=tuple(float(ablate_to[layer, n]) for n in ns),
-                       low=tuple(float(low[layer, n]) for n in ns), high=tuple(float(high[layer, n]) for n in ns))
-            for layer, ns in sorted(by_layer.items())]
+        neurons = (scores.ranking_score > 0).nonzero().tolist()
+    return layer_masks(neurons, ablate_to, (scores.extra["range_low"], scores.extra["range_high"]))
 
 
 def _check_options(tau: float, candidate_share: float) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from attribution.masking import NeuronMask, masked
+from attribution.masking import NeuronMask, layer_masks, masked
 from attribution.models import SiteModel
 from attribution.neat import CleanPass, log_p_targets, text_batches
 
@@ -47,27 +47,11 @@ class ValidationResult:
     prompt_random_mean: float | None = None
 
 
-def _masks(neurons: list[Neuron], ablate_to: Tensor, ranges: tuple[Tensor, Tensor] | None = None) -> list[NeuronMask]:
-    """One mask per layer; with `ranges` ([n_layers, d_mlp] low and high), range ablation masks."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, neuron in neurons:
-        by_layer.setdefault(layer, []).append(neuron)
-    masks = []
-    for layer, ns in sorted(by_layer.items()):
-        values = tuple(float(ablate_to[layer, n]) for n in ns)
-        if ranges is None:
-            masks.append(NeuronMask(layer, tuple(ns), values))
-        else:
-            masks.append(NeuronMask(layer, tuple(ns), values, low=tuple(float(ranges[0][layer, n]) for n in ns),
-                                    high=tuple(float(ranges[1][layer, n]) for n in ns)))
-    return masks
-
-
 @torch.no_grad()
 def ablation_change(model: SiteModel, probe: ConceptProbe, neurons: list[Neuron], ablate_to: Tensor,
                     ranges: tuple[Tensor, Tensor] | None = None) -> float:
     """log p(T | neurons ablated together) - log p(T), one full forward of the concept vector."""
-    with masked(model, *_masks(neurons, ablate_to, ranges)):
+    with masked(model, *layer_masks(neurons, ablate_to, ranges)):
         logits = model.hf(inputs_embeds=probe.clean.vector.view(1, 1, -1).to(model.device, model.dtype)).logits
     targets = torch.tensor(probe.target_ids, device=model.device)
     return float(log_p_targets(logits[:, -1], targets)[0]) - probe.clean.log_p
@@ -114,7 +98,7 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
     def prompt_change(neurons: list[Neuron]) -> float | None:
         if not probe.prompts:
             return None
-        return prompts_log_p(model, probe.prompts, _masks(neurons, ablate_to, ranges)) - clean_prompts
+        return prompts_log_p(model, probe.prompts, layer_masks(neurons, ablate_to, ranges)) - clean_prompts
 
     population = len(layers) * model.d_mlp
     results = []
@@ -130,7 +114,7 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
         changes = torch.tensor(random_changes, dtype=torch.float64)
         mean, std = float(changes.mean()), float(changes.std()) if draws > 1 else 0.0
         as_far = int((changes.abs() >= abs(top_change)).sum())
-        loss = neutral_loss(model, list(neutral_texts), _masks(chosen, ablate_to, ranges)) if neutral_texts else 0.0
+        loss = neutral_loss(model, list(neutral_texts), layer_masks(chosen, ablate_to, ranges)) if neutral_texts else 0.0
         results.append(ValidationResult(
             concept=probe.name, k=len(chosen), top_change=top_change, random_mean=mean, random_std=std,
             z_score=(top_change - mean) / std if std > 0 else float("inf"),

@@ -1,6 +1,7 @@
 """Selectivity probing (seed 004, the NeuroLens tool): does a neuron fire for a concept's examples and
 not for its negatives (selectivity = (mean_pos - mean_neg) / pooled std), and on most examples
 (consistency = share of positives past the negatives' mean + one std, on the selective side)?
+The tool's third number, importance (the ablation effect), is NEAT's effect: `neat` in the same run.
 """
 from __future__ import annotations
 

@@ -270,9 +270,10 @@ class SiteModel:
     def head_device(self) -> torch.device:  # final norm + LM head
         return self.hf.get_output_embeddings().weight.device
 
-    def head(self, resid: Tensor) -> Tensor:  # [rows, d_model] -> logits [rows, vocab] float32
+    def head(self, resid: Tensor) -> Tensor:  # [rows, d_model] -> logits [rows, vocab] float32 (or float64)
         resid = resid.to(self.head_device)  # a replica split over devices keeps the head on its last one
-        return self.hf.get_output_embeddings()(self.arch.final_norm(self.hf)(resid)).float()
+        logits = self.hf.get_output_embeddings()(self.arch.final_norm(self.hf)(resid))
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -10,17 +10,19 @@ a rank-1 update of its clean output. `neat_effects_bf16` adds trick 4 (bf16 diff
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from attribution.errors import ConceptError
+from attribution.lm_head import HeadMoments, head_moments, log_p_change
 from attribution.masking import NeuronMask, masked, recording
 from attribution.models import SiteModel
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: a cache key for the head moments below
 class CleanPass:
     """Everything the engine needs from the unablated forward of one concept vector."""
 
@@ -30,9 +32,14 @@ class CleanPass:
     log_p: float  # log p(T) of the unablated model (float32 log-softmax)
 
 
+# CleanPass -> the head moments of the bf16 engine (attribution/lm_head.py), kept while the pass lives.
+_HEAD_MOMENTS: "weakref.WeakKeyDictionary[CleanPass, HeadMoments]" = weakref.WeakKeyDictionary()
+
+
 def log_p_targets(logits: Tensor, target_ids: Tensor) -> Tensor:  # [rows, vocab] -> [rows]
-    """Mean over targets of the float32 log-softmax, without materialising the whole log-softmax."""
-    logits = logits.float()
+    """Mean over targets of the float32 log-softmax (float64 for a float64 model, as references use),
+    without materialising the whole log-softmax."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return (logits[:, target_ids] - torch.logsumexp(logits, dim=-1, keepdim=True)).mean(dim=-1)
 
 
@@ -153,10 +160,15 @@ def neat_effects_bf16(model: SiteModel, clean: CleanPass, target_ids: tuple[int,
     Plain bf16 ruins the ranking (one neuron's effect is tiny next to the residual it rides on), so
     each row carries its *difference* from the float32 clean row: matrix multiplies act on the
     difference in bf16 (their rounding is relative to the small difference), norms, activations and
-    residual adds run in float32 on clean + difference, and the logits are clean logits + W_U diff.
+    residual adds run in float32 on clean + difference, and the head's log p(T) change comes from
+    attribution/lm_head.py (a second-order expansion where its remainder bound is below 1e-7 nats,
+    the whole vocabulary elsewhere).
     """
     device = model.block_device(layer)
     targets = torch.tensor(target_ids, device=model.head_device)
+    moments = _HEAD_MOMENTS.get(clean)
+    if moments is None:  # once per concept and actor: every shard of the concept reuses them
+        moments = _HEAD_MOMENTS[clean] = head_moments(model, clean.resid[-1])
     w_out = model.w_out(layer)  # [d_model, d_mlp]
     index = neuron_index(neurons, device)
     delta = ablate_to.to(device)[index] - clean.acts[layer].to(device)[index]  # [n]
@@ -168,25 +180,8 @@ def neat_effects_bf16(model: SiteModel, clean: CleanPass, target_ids: tuple[int,
         for later in range(layer + 1, model.n_layers):  # rows follow the blocks of a split replica
             at = model.block_device(later)
             resid, diff = model.arch.diff_step(model.bf16, model.blocks[later], resid.to(at), diff.to(at))
-        effects.append(_log_p_change(model, resid, diff, targets))
+        effects.append(log_p_change(model, moments, resid, diff, targets))
     return torch.cat(effects).float().cpu()
-
-
-def _log_p_change(model: SiteModel, resid: Tensor, diff: Tensor, targets: Tensor) -> Tensor:  # [rows]
-    """log p(T | clean + diff) - log p(T | clean), as mean_t dlogit_t - log sum_v p_v exp(dlogit_v)."""
-    norm = model.arch.final_norm(model.hf)
-    head = model.hf.get_output_embeddings()
-    resid, diff = resid.to(model.head_device), diff.to(model.head_device)
-    normed = norm(resid)  # [1, d_model]
-    clean_logits = head(normed).float()  # [1, vocab]
-    dlogits = model.bf16(norm(resid + diff) - normed, head.weight)  # [rows, vocab]
-    target_change = dlogits[:, targets].mean(dim=-1)
-    shift = dlogits.max(dim=-1, keepdim=True).values  # keeps exp() in range
-    probs = torch.softmax(clean_logits[0], dim=-1)  # [vocab]
-    # sum_v p_v exp(dlogit_v - shift), in place; torch.sum's cascade summation keeps the rounding of
-    # 49,152 terms near one ulp (a BLAS dot product here loses ~1e-5, the size of small effects).
-    ratio = dlogits.sub_(shift).exp_().mul_(probs).sum(dim=-1)  # [rows]
-    return target_change - (torch.log(ratio) + shift[:, 0])
 
 
 @torch.no_grad()

@@ -2,7 +2,10 @@
 
 Both engines score all 46,080 neurons of SmolLM2-135M for one concept in the same run; prints their
 neurons/s, the speed ratio, Spearman rank correlation of the scores, and top-k overlaps.
-Usage: python benchmarks/bench_bf16.py [--threads 2] [--concept royalty] [--layers all|0,15,29] [--json]
+With --float64, both are also compared with the same exact engine run on a float64 copy of the model
+(the truth float32 itself only approximates: concepts whose effects sit at float32's noise floor rank
+differently in float32 and float64).
+Usage: python benchmarks/bench_bf16.py [--threads 2] [--concept royalty] [--layers all|0,15,29] [--float64] [--json]
 """
 from __future__ import annotations
 
@@ -34,12 +37,26 @@ def score_all(engine, model, clean, targets, layers) -> tuple[torch.Tensor, floa
     return effects, time.perf_counter() - started
 
 
+def float64_effects(model, concept, targets, layers) -> torch.Tensor:
+    """The exact engine on a float64 copy of the model (weights upcast, every step in float64)."""
+    import dataclasses
+
+    high = load_model(model.source, device=str(model.device))
+    high.hf.double()
+    high = dataclasses.replace(high, dtype=torch.float64)
+    clean = clean_pass(high, concept_vector(model, concept.examples).double(), targets)
+    zeros = torch.zeros(high.d_mlp, dtype=torch.float64)
+    return torch.cat([neat_effects(high, clean, targets, layer, range(high.d_mlp), zeros).double()
+                      for layer in layers])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--concept", default="royalty")
     parser.add_argument("--layers", default="all")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--float64", action="store_true", help="also compare both with a float64 reference")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,6 +79,11 @@ def main() -> None:
     }
     for k in (20, 100, 1000):
         result[f"top{k}_overlap"] = top_overlap(exact.abs(), fast.abs(), k)
+    if args.float64:
+        truth = float64_effects(model, concept, targets, layers)
+        for name, effects in (("float32", exact), ("bf16", fast)):
+            result[f"{name}_vs_float64_spearman"] = round(spearman(truth.abs(), effects.double().abs()), 6)
+            result[f"{name}_vs_float64_top100_overlap"] = top_overlap(truth.abs(), effects.double().abs(), 100)
     if args.json:
         print(json.dumps(result))
         return
@@ -70,6 +92,10 @@ def main() -> None:
     print(f"bf16 diff-prop  {fast_s:7.1f} s  {result['bf16_neurons_per_s']:>6,} neurons/s   {result['speedup']}x")
     print(f"Spearman {result['spearman']}, top-20/100/1000 overlap {result['top20_overlap']:.2f}/"
           f"{result['top100_overlap']:.2f}/{result['top1000_overlap']:.3f}, max |diff| {result['max_abs_diff']:.2e}")
+    if args.float64:
+        for name in ("float32", "bf16"):
+            print(f"{name} vs float64: Spearman {result[f'{name}_vs_float64_spearman']}, "
+                  f"top-100 overlap {result[f'{name}_vs_float64_top100_overlap']:.2f}")
 
 
 if __name__ == "__main__":

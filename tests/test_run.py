@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
+import torch
 import yaml
 
 import naive_neat
@@ -70,6 +71,22 @@ def test_atlas_scores_equal_an_independent_naive_neat(tmp_path, tiny_sources, fa
             for neuron, effect in enumerate(expected):
                 assert abs(got[neuron]["effect"] - effect) <= 1e-5 + 1e-4 * abs(effect), (layer, neuron)
                 assert got[neuron]["score"] == pytest.approx(abs(got[neuron]["effect"]))
+
+
+def test_a_bf16_run_keeps_the_float32_ranking_and_records_its_dtype(tmp_path, tiny_sources):
+    from attribution.stats import spearman
+
+    runs = {}
+    for dtype in ("float32", "bf16"):
+        plan = resolve_job(make_config(tmp_path, tiny_sources["llama"], atlas=tmp_path / "atlas", run_id=dtype,
+                                       dtype=dtype, ablation="zero"))
+        run_job(plan)
+        runs[dtype] = atlas_rows(tmp_path / "atlas", dtype).drop_columns(["rank"])
+        assert run_metadata(str(tmp_path / "atlas"), dtype)["dtype"] == dtype
+    exact, fast = (torch.tensor(runs[d]["score"].to_pylist()) for d in ("float32", "bf16"))
+    assert runs["float32"].drop_columns(["score", "effect"]).equals(runs["bf16"].drop_columns(["score", "effect"]))
+    assert spearman(exact, fast) > 0.999 and float((exact - fast).abs().max()) <= 0.02 * float(exact.max())
+    assert set(exact.topk(10).indices.tolist()) == set(fast.topk(10).indices.tolist())
 
 
 def test_interrupted_run_resumes_only_missing_shards_with_identical_rows(tmp_path, tiny_sources):

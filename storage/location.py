@@ -108,6 +108,13 @@ def _fsspec_options(protocol: str, storage_options: dict | None) -> dict:
             options["profile"] = value
         elif low in ("aws_skip_signature", "skip_signature") and str(value).lower() in _TRUE:
             options["anon"] = True
+        elif low in ("max_retries", "aws_max_retries"):
+            # The same bound for s3fs as for delta-rs: botocore alone retries a refused connection for
+            # ~30 s (5 attempts, exponential backoff). (s3fs's own retries, of timeouts, are a class attribute.)
+            if not str(value).strip().isdigit():
+                raise ValueError(f"storage option {key}={value!r}: expected a whole number of retries")
+            attempts = int(value) + 1
+            options.setdefault("config_kwargs", {})["retries"] = {"total_max_attempts": attempts, "mode": "standard"}
     return options
 
 

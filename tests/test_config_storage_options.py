@@ -65,4 +65,9 @@ def test_s3fs_gets_the_same_options_under_its_own_names():
                                      "AWS_ALLOW_HTTP": "true"})
     assert options == {"skip_instance_cache": True, "endpoint_url": "http://127.0.0.1:9000", "key": "k", "secret": "s",
                        "client_kwargs": {"region_name": "eu-west-1"}, "profile": "lab"}
+    # delta-rs's retry bound applies to s3fs's botocore client too: 1 retry = 2 attempts
+    retried = _fsspec_options("s3", {"max_retries": "1"})
+    assert retried["config_kwargs"]["retries"] == {"total_max_attempts": 2, "mode": "standard"}
+    with pytest.raises(ValueError, match="storage option max_retries='often': expected a whole number"):
+        _fsspec_options("s3", {"max_retries": "often"})
     assert redact_options(None) is None

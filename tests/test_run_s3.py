@@ -52,3 +52,74 @@ def test_a_run_with_storage_options_in_the_config_lands_on_s3(tmp_path, tiny_sou
     for key in s3.keys(bucket, "atlas/"):
         if "_delta_log" in key:
             assert SECRET_KEY.encode() not in s3.read(bucket, key), key
+
+
+def test_a_run_whose_s3_server_goes_away_fails_and_resumes_when_it_returns(tmp_path, tiny_sources, monkeypatch):
+    """SeaweedFS (a real object store that keeps its data on disk) is killed while the actors stage
+    shards: the run fails naming a shard, the atlas reads at its previous version once the server is
+    back, and the same run id then computes only the shards that were not staged, and commits once."""
+    import threading
+    import time
+
+    from cluster.driver import RunError
+    from s3_server import WeedProcess
+    from storage.read import list_runs, open_neurons
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "weed").mkdir()
+    weed = WeedProcess(str(tmp_path / "weed")).start()
+    try:
+        weed.s3.client().create_bucket(Bucket="atlas")
+        uri = "s3://atlas/atlas"
+        # Few retries: a refused connection then fails a shard in seconds instead of minutes.
+        options = {**weed.s3.storage_options, "max_retries": "1", "retry_timeout": "2s"}
+
+        def plan_for(run_id: str, **extra):
+            path = tmp_path / f"{run_id}.yaml"
+            path.write_text(yaml.safe_dump({
+                "model": tiny_sources["llama"].path, "concepts": str(UNSEEN), "atlas": uri, "run_id": run_id,
+                "ablation": "zero", "batch_rows": 8, "cluster": {"actors": 2, "cpus_per_actor": 1},
+                "storage_options": options, **extra}))
+            return resolve_job(load_job_config(path))
+
+        def staged(run_id: str) -> int:
+            listing = weed.s3.client().list_objects_v2(Bucket="atlas", Prefix=f"atlas/_staging/{run_id}/")
+            return sum(key["Key"].endswith(".parquet") for key in listing.get("Contents", []))
+
+        with local_ray_session():
+            assert run_job(plan_for("before", layers=[1], shard_neurons=64)).version == 1
+            plan = plan_for("cut-off", layers="all", shard_neurons=4)  # 96 small shards
+            failure = {}
+
+            def run() -> None:
+                try:
+                    run_job(plan)
+                except Exception as err:  # what the CLI turns into exit status 1
+                    failure["error"] = err
+
+            runner = threading.Thread(target=run)
+            runner.start()
+            deadline = time.monotonic() + 120
+            while staged("cut-off") < 10:
+                assert runner.is_alive() and time.monotonic() < deadline, failure
+                time.sleep(0.05)
+            weed.stop()
+            stopped = time.monotonic()
+            runner.join(timeout=300)
+            assert not runner.is_alive()
+            assert isinstance(failure.get("error"), RunError) and "shard " in str(failure["error"]), failure
+            assert time.monotonic() - stopped < 60  # max_retries bounds s3fs's botocore as well (8 s here)
+
+            weed.start()  # same data directory: what was acknowledged is there again
+            assert open_neurons(uri, options).version() == 1
+            assert list_runs(uri, options).column("run_id").to_pylist() == ["before"]
+            done = staged("cut-off")
+            assert 10 <= done < len(plan.shards)
+            summary = run_job(plan)
+        meta = run_metadata(uri, "cut-off", options)
+        assert summary.version == 2 and meta["shards"]["resumed"] == done
+        assert meta["shards"]["computed"] == len(plan.shards) - done
+        assert list_runs(uri, options).column("run_id").to_pylist().count("cut-off") == 1
+    finally:
+        weed.stop()

@@ -11,9 +11,10 @@ the final residual so little that a second-order expansion is exact to well unde
     sum_v p_v exp(d_v) = 1 + a + b / 2 + R,   a = dn . (W^T p),   b = dn^T (W^T diag(p) W) dn,
     |R| = |sum_v p_v e^xi_v d_v^3 / 6| <= (D e^D / 6) b,   D = max_v ||W_v|| ||dn|| >= max_v |d_v|,
 
-which costs one [d_model, d_model] product per row. Rows whose bound on |R| is above TAYLOR_ABS + TAYLOR_REL
-* |change| take the whole vocabulary (in bf16, as the rest of the engine); so does every row when the
-bound never holds. The bound is rigorous, so the expansion is never the larger error of the two.
+which costs one [d_model, d_model] product per row. Rows whose bound on |R| is above TAYLOR_ABS +
+TAYLOR_REL * |change| take the sum over the whole vocabulary instead, with the logit changes in bf16
+like the rest of the engine. The bound is rigorous: where the expansion is used, its error is far
+below the bf16 rounding it replaces.
 """
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from cluster.schedule_config import ScheduleConfig, parse_schedule
+
 RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 # neat: exact ablation; atp: first-order attribution patching; neurgrad / neg: neuron empirical
 # gradients (estimate / swept slope); neuronlens: activation ranges; selectivity: probing with
@@ -72,6 +74,8 @@ class JobConfig:
     # delta-rs/object_store options for the atlas (AWS_ENDPOINT_URL, AWS_REGION, keys...); None: the
     # standard AWS environment and profile chain. Never printed (repr=False) nor stored (snapshot).
     storage_options: dict[str, str] | None = field(default=None, repr=False)
+    # When and on what to re-run this job (cluster/schedule_config.py); None: run on demand only.
+    schedule: ScheduleConfig | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """The config as plain data, for the run's metadata; credentials in storage_options redacted."""
@@ -83,6 +87,10 @@ class JobConfig:
             del data["storage_options"]  # configs without it keep their default run ids
         else:
             data["storage_options"] = redact_options(self.storage_options)
+        if self.schedule is None:
+            del data["schedule"]  # configs without one keep their default run ids
+        else:
+            data["schedule"] = self.schedule.as_data()
         return data
 
 
@@ -233,6 +241,8 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
             out[key] = data[key]
     if data.get("storage_options") is not None:
         out["storage_options"] = _parse_storage_options(source, data["storage_options"])
+    if data.get("schedule") is not None:
+        out["schedule"] = parse_schedule(source, data["schedule"], base_dir)
     return JobConfig(**out)
 
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from cluster.checks import neg_agreement
+from cluster.fingerprint import run_lineage
 from cluster.plan import JobPlan, Shard
 from cluster.replicas import ReplicaPlan, SuffixScorer, describe_replicas, plan_replicas
 from cluster.screen import screen_report, screen_shards
@@ -258,6 +259,10 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
         version = commit_run(cfg.atlas, rows, run_id=plan.run_id, metadata=metadata,
                              storage_options=cfg.storage_options)
         delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
+        if cfg.schedule is not None:  # a scheduled run: compare with the family's previous run (storage/drift.py)
+            from cluster.schedule import record_run_drift
+
+            record_run_drift(cfg, plan.run_id, stream=progress_stream)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -355,6 +360,7 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
                     "compute_seconds": round(sum(r.seconds for r in results), 2),
                     "actors": per_actor, "methods": by_method, "scheduling": scheduling},
         "warnings": list(plan.warnings),
+        **run_lineage(plan),  # fingerprint (and schedule): why this run happened (cluster/fingerprint.py)
     }
 
 

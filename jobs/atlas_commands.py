@@ -47,7 +47,7 @@ def register(sub) -> dict:
     diff = sub.add_parser("diff", help="how a concept's top-k and ranking moved between two runs")
     diff.add_argument("--atlas", required=True)
     diff.add_argument("--concept", required=True)
-    diff.add_argument("--run-a", required=True)
+    diff.add_argument("--run-a", help="default: the run --run-b's stored drift compares with (neuron-atlas drift)")
     diff.add_argument("--run-b", required=True)
     diff.add_argument("--k", type=int, default=100, help="top-k cut (default 100)")
     diff.add_argument("--method", default="neat")
@@ -122,6 +122,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise _usage(f"--k {args.k}: expected a positive number of neurons")
+    from storage.drift import stored_drift, summary_line
+
+    stored = stored_drift(args.atlas, args.run_b, args.concept, method=args.method, ablation=args.ablation,
+                          previous=args.run_a)
+    if args.run_a is None:
+        if stored is None:
+            raise _usage(f"--run-a is needed: run {args.run_b!r} has no stored drift for concept {args.concept!r}")
+        args.run_a = stored["previous_run_id"]
+    if stored is not None and args.format == "table":
+        print(summary_line(stored), file=sys.stderr)  # as recorded when the run committed
     diff = Atlas.open(args.atlas).diff(args.run_a, args.run_b, args.concept, k=args.k, method=args.method,
                                        ablation=args.ablation)
     if args.format == "json":

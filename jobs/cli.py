@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_validate(sub)
     from jobs.report_command import register as register_report  # report
     register_report(sub)
+    from jobs.schedule_command import register as register_schedule  # schedule, drift
+
+    register_schedule(sub)
     return parser
 
 

@@ -50,6 +50,9 @@ class RunDiff:
     kept: int  # neurons in both top-k lists
     entered: pa.Table = field(repr=False)  # in run_b's top-k, not in run_a's (DIFF_COLUMNS, by rank_b)
     left: pa.Table = field(repr=False)  # in run_a's top-k, not in run_b's (by rank_a)
+    # Neurons in either top-k and ranked in both runs, largest |rank_a - rank_b| first (DIFF_COLUMNS +
+    # rank_change = rank_a - rank_b: > 0 rose); used for drift (storage/drift.py).
+    movers: pa.Table | None = field(default=None, repr=False)
 
     def summary(self) -> str:
         return (f"concept {self.concept}, method {self.method}, ablation {self.ablation}: run {self.run_a} -> "
@@ -217,5 +220,10 @@ class Atlas:
         entered = both.filter(pc.and_(top_b, pc.invert(top_a))).sort_by("rank_b").select(DIFF_COLUMNS)
         left = both.filter(pc.and_(top_a, pc.invert(top_b))).sort_by("rank_a").select(DIFF_COLUMNS)
         kept = pc.sum(pc.and_(top_a, top_b).cast(pa.int64())).as_py() or 0
+        moved = both.filter(pc.and_(in_both, pc.or_(top_a, top_b))).select(DIFF_COLUMNS)
+        change = pc.subtract(moved.column("rank_a"), moved.column("rank_b"))
+        moved = moved.append_column("rank_change", change).append_column("size", pc.abs(change))
+        movers = moved.sort_by([("size", "descending"), ("rank_b", "ascending")]).drop_columns(["size"])
         return RunDiff(concept=concept, method=method, ablation=ablation, run_a=run_a, run_b=run_b, k=k,
-                       neurons=shared.num_rows, spearman=rho, kept=kept, entered=entered, left=left)
+                       neurons=shared.num_rows, spearman=rho, kept=kept, entered=entered, left=left,
+                       movers=movers)

@@ -259,6 +259,10 @@ def connect_views(
         where = f" WHERE run_id = '{run_id}'" if run_id is not None else ""  # a validated slug
         con.execute(f"CREATE VIEW neurons AS SELECT * FROM atlas_neurons{where}")
         con.execute("CREATE VIEW runs AS SELECT * FROM atlas_runs")
+        from storage.drift import drift_table  # drift between runs of a family (storage/drift.py)
+
+        con.register("atlas_drift", drift_table(uri, storage_options))
+        con.execute("CREATE VIEW drift AS SELECT * FROM atlas_drift")
         con.execute(_LATEST_VIEW)
     except BaseException:
         con.close()

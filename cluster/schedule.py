@@ -144,7 +144,10 @@ def due_jobs(config: JobConfig, scheduled_for: datetime) -> list[DueJob]:
     from cluster.plan import check_before_submit, config_value
 
     schedule = config.schedule
-    model_spec = newest_checkpoint(schedule.model, source=config.source) if schedule.model else config.model
+    spec = schedule.model or config.model
+    if any(c in spec for c in "*?[") and not os.path.isabs(spec):  # a glob in `model`: relative to the config
+        spec = str(Path(config.source).resolve().parent / spec)
+    model_spec = newest_checkpoint(spec, source=config.source)
     with config_value(config, "schedule.model" if schedule.model else "model", model_spec):
         try:
             model = resolve_model_source(model_spec)

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 from deltalake.exceptions import DeltaError
 
-from storage.commit import RUN_KEY_META, run_committed
+from storage.commit import RUN_KEY_META, run_committed, run_recorded
 from storage.errors import AtlasError
 from storage.location import NEURONS, RUNS, STAGING, atlas_filesystem, normalize_uri
 from storage.read import _open, list_runs, open_neurons
@@ -116,7 +116,9 @@ def _stale_staging(uri: str, storage_options: dict | None, cutoff: float) -> tup
         times = [t for t in (_modified(info) for info in files.values()) if t is not None]
         own = _modified(entry)
         newest = max(times + ([own] if own is not None else []), default=None)
-        if run_committed(uri, run_id, storage_options) or (newest is not None and newest < cutoff):
+        # A run committed to `neurons` without its runs row keeps its staged record for the repair.
+        done = run_committed(uri, run_id, storage_options) and run_recorded(uri, run_id, storage_options)
+        if done or (newest is not None and newest < cutoff):
             stale.append(run_id)
     return stale, fs, base
 

@@ -245,10 +245,15 @@ def cmd_query(args: argparse.Namespace) -> int:
                         ablation=args.ablation, run_id=args.run_id, top=args.top, as_of=args.as_of)
     if args.format == "table" and table.num_rows:
         # A person reads the ranking; what is the same on every row goes into one line on stderr.
+        from storage.read import describe_sources
+
         first = table.slice(0, 1).to_pylist()[0]
-        print(f"{first['model']} ({first['model_revision']}), run {first['run_id']}, concept {first['concept']}, "
+        print(f"{first['model']} ({first['model_revision']}), {describe_sources(table)}, concept {first['concept']}, "
               f"method {first['method']}", file=sys.stderr)
-        table = table.select(["rank", "layer", "neuron", "score", "effect", "activation", "ablation"])
+        columns = ["rank", "layer", "neuron", "score", "effect", "activation", "ablation"]
+        if len(set(table.column("run_id").to_pylist())) > 1:  # rows of several runs: say which row is whose
+            columns.append("run_id")
+        table = table.select(columns)
     write_table(table, args.format)
     return 0
 

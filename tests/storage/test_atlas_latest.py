@@ -1,5 +1,7 @@
 """Which run a read shows: per (model, concept, method, ablation, layer) the newest run holding it, so a
 one-layer rerun replaces only its layer; ranks recomputed across the layers shown; reads name their runs."""
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -94,3 +96,44 @@ def test_ranks_with_deep_shadowing_read_past_the_first_ranks(atlas, make_rows):
     expected = _reference_latest([full, rerun], "royalty", "neat", "zero")[:60]
     top = top_neurons(atlas, concept="royalty", top=60)
     assert list(zip(*(top.column(c).to_pylist() for c in ("rank", "layer", "neuron", "run_id")))) == expected
+
+
+def _everything(atlas: str, layer: int, neuron: int) -> dict:
+    """What readers see: every row, the latest view, a query and a passport."""
+    from storage.read import open_neurons
+
+    key = [(c, "ascending") for c in ("run_id", "concept", "method", "ablation", "layer", "neuron")]
+    return {
+        "rows": open_neurons(atlas).to_pyarrow_dataset().to_table().sort_by(key).to_pylist(),
+        "latest": sql_query(atlas, "SELECT * FROM latest ORDER BY concept, method, ablation, rank").to_pylist(),
+        "query": top_neurons(atlas, concept="royalty", top=25).to_pylist(),
+        "passport": Atlas.open(atlas).passport(layer, neuron, k=200).to_pylist(),
+        "runs": sql_query(atlas, "SELECT * EXCLUDE (neurons_version) FROM runs ORDER BY run_id").to_pylist(),
+    }
+
+
+def test_optimize_compacts_and_checkpoints_with_identical_reads(full_then_one_layer, make_rows, capsys):
+    import os
+
+    from deltalake import DeltaTable
+
+    from jobs.cli import main
+
+    atlas, _, _ = full_then_one_layer
+    for i in range(3):
+        commit_run(atlas, make_rows(f"more{i}", concepts=("music",), layers=LAYERS, neurons=30, seed=10 + i),
+                   run_id=f"more{i}", metadata={"i": i})
+    before = _everything(atlas, 1, 4)
+    files_before = len(DeltaTable(f"{atlas}/neurons").file_uris())
+    assert main(["atlas", "optimize", "--atlas", atlas, "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["neurons"]["files_removed"] == files_before and report["neurons"]["files_added"] == 2
+    assert report["runs"]["files_added"] == 1
+    for name in ("neurons", "runs"):
+        dt = DeltaTable(f"{atlas}/{name}")
+        assert any(f.endswith(".checkpoint.parquet") for f in os.listdir(f"{atlas}/{name}/_delta_log"))
+        protocol = dt.protocol()
+        assert (protocol.min_reader_version, protocol.min_writer_version) == (1, 2)
+        assert not protocol.reader_features and not protocol.writer_features
+    assert len(DeltaTable(f"{atlas}/neurons").file_uris()) == 2  # one per (model, concept)
+    assert _everything(atlas, 1, 4) == before

@@ -45,6 +45,10 @@ PARTITION_BY = ["model", "concept"]
 # Within a partition rows go (method, ablation, rank): small row groups let a `rank <= k` read stop
 # at the first row group of each block (Parquet min/max statistics). `atlas optimize` keeps them.
 WRITER = WriterProperties(max_row_group_size=16_384, compression="ZSTD")
+# A checkpoint every 20 versions (Delta's default: 100): opening a table reads at most 19 JSON
+# commits after the newest checkpoint, one request each on object storage.
+TABLE_CONFIG = {"delta.checkpointInterval": "20"}
+RUNS_FILES_MAX = 16  # the runs table is compacted by the commit that finds more files than this
 RUN_RECORD = "_run.json"  # beside the staged shards; staged_shards lists only *.parquet
 # Test hook: NEURON_ATLAS_CRASH_AT=between-commits kills this process (SIGKILL) right after the
 # `neurons` commit, before the runs row: the crash the rerun must repair.
@@ -93,32 +97,37 @@ def _open(uri: str, options: dict | None) -> DeltaTable | None:
         return None
 
 
-def _create(uri: str, schema: pa.Schema, *, partition_by: list[str] | None, options: dict | None) -> None:
-    """Create the empty table (version 0) unless it exists; losing a creation race is fine.
+def _create(uri: str, schema: pa.Schema, *, partition_by: list[str] | None, options: dict | None) -> DeltaTable:
+    """The table, created empty (version 0) if it does not exist; losing a creation race is fine.
 
     No commit retries: a retried create lands as a second CREATE TABLE version (new table id) when
     two writers race to create the atlas (seen with delta-rs 1.6 on S3).
     """
+    found = _open(uri, options)
+    if found is not None:
+        return found
     try:
         DeltaTable.create(uri, schema, mode="ignore", partition_by=partition_by, storage_options=options,
-                          commit_properties=CommitProperties(max_commit_retries=0))
+                          commit_properties=CommitProperties(max_commit_retries=0), configuration=TABLE_CONFIG)
     except DeltaError as e:
         if _open(uri, options) is None:
             raise AtlasError(f"cannot create the atlas table {uri}: {e}") from e
+    return DeltaTable(uri, storage_options=options)
 
 
-def _evolve(uri: str, schema: pa.Schema, options: dict | None) -> None:
+def _evolve(dt: DeltaTable, schema: pa.Schema) -> None:
     """Add the columns of `schema` a table created by an older release lacks (null for its old rows)."""
-    dt = DeltaTable(uri, storage_options=options)
     have = set(pa.schema(dt.schema().to_arrow()).names)
     missing = [f for f in schema if f.name not in have]
     if missing:
         try:
             dt.alter.add_columns([Field.from_arrow(f) for f in missing])
         except DeltaError:
-            present = set(pa.schema(DeltaTable(uri, storage_options=options).schema().to_arrow()).names)
+            dt.update_incremental()
+            present = set(pa.schema(dt.schema().to_arrow()).names)
             if not all(f.name in present for f in missing):  # not just a concurrent writer adding them first
                 raise
+        dt.update_incremental()
 
 
 def _metadata_json(metadata: dict, run_id: str) -> str:
@@ -131,8 +140,8 @@ def _metadata_json(metadata: dict, run_id: str) -> str:
         raise AtlasError(f"metadata of run {run_id!r} is not JSON (plain values, no NaN/Infinity): {e}") from e
 
 
-def _commit_actions(uri: str, actions: list[AddAction], *, app: str, options: dict | None,
-                    partition_by: list[str] | None, custom: dict, what: str) -> tuple[int, bool]:
+def _commit_actions(dt: DeltaTable, actions: list[AddAction], *, app: str, partition_by: list[str] | None,
+                    custom: dict, what: str) -> tuple[int, bool]:
     """Commit already-written files' add actions tagged with `app` unless it is recorded.
 
     Returns (the version holding `app`, whether this call committed it). Only the log entry is retried.
@@ -140,7 +149,7 @@ def _commit_actions(uri: str, actions: list[AddAction], *, app: str, options: di
     for attempt in range(_ATTEMPTS):
         if attempt:
             time.sleep(random.uniform(0, 0.02 * attempt))  # jitter: racing drivers stop colliding in step
-        dt = DeltaTable(uri, storage_options=options)
+            dt.update_incremental()  # only the log entries since: nothing else is re-read
         done = dt.transaction_version(app)
         if done is not None:
             return done, False
@@ -157,8 +166,8 @@ def _commit_actions(uri: str, actions: list[AddAction], *, app: str, options: di
         except CommitFailedError:
             continue  # another writer took `version` (maybe this very run): re-read the log
         except DeltaError as e:
-            raise AtlasError(f"cannot commit {what} to {uri}: {e}") from e
-    raise AtlasError(f"cannot commit {what} to {uri}: {_ATTEMPTS} attempts lost to concurrent commits")
+            raise AtlasError(f"cannot commit {what} to {dt.table_uri}: {e}") from e
+    raise AtlasError(f"cannot commit {what} to {dt.table_uri}: {_ATTEMPTS} attempts lost to concurrent commits")
 
 
 def commit_run(
@@ -312,8 +321,8 @@ def _commit_checked(uri: str, batches, *, run_id: str, metadata_json: str, stora
     options = delta_options(storage_options)
     neurons_uri = table_uri(uri, NEURONS)
     app = app_id(run_id)
-    _create(neurons_uri, ATLAS_SCHEMA, partition_by=PARTITION_BY, options=options)
-    version = DeltaTable(neurons_uri, storage_options=options).transaction_version(app)
+    neurons = _create(neurons_uri, ATLAS_SCHEMA, partition_by=PARTITION_BY, options=options)
+    version = neurons.transaction_version(app)
     runs_uri = table_uri(uri, RUNS)
     if version is not None:  # committed before: at most its runs row is missing
         runs = _open(runs_uri, options)
@@ -331,11 +340,12 @@ def _commit_checked(uri: str, batches, *, run_id: str, metadata_json: str, stora
                 raise AtlasError(f"{what}: staged {reduced.rows} rows, planned {expected_rows}")
             record = _record(reduced, metadata_json)
             _stage_record(uri, record, storage_options)
-            _evolve(neurons_uri, ATLAS_SCHEMA, options)
+            _evolve(neurons, ATLAS_SCHEMA)
             # userMetadata (what Spark shows in DESCRIBE HISTORY) names the run; its metadata is in `runs`.
             custom = {"userMetadata": json.dumps({"run_id": run_id}), RUN_KEY_META: run_id}
-            version, wrote = _commit_actions(neurons_uri, reduced.actions, app=app, options=options,
-                                             partition_by=PARTITION_BY, custom=custom, what=f"run {run_id!r}")
+            neurons.update_incremental()  # the reduce took a while: start from the newest version
+            version, wrote = _commit_actions(neurons, reduced.actions, app=app, partition_by=PARTITION_BY,
+                                             custom=custom, what=f"run {run_id!r}")
         except BaseException:
             remove_files(fs, reduced.paths)
             raise
@@ -353,10 +363,10 @@ def _commit_runs_row(uri: str, record: dict, version: int, storage_options: dict
     options = delta_options(storage_options)
     runs_uri = table_uri(uri, RUNS)
     app = app_id(record["run_id"])
-    _create(runs_uri, RUNS_SCHEMA, partition_by=None, options=options)
-    if DeltaTable(runs_uri, storage_options=options).transaction_version(app) is not None:
+    runs = _create(runs_uri, RUNS_SCHEMA, partition_by=None, options=options)
+    if runs.transaction_version(app) is not None:
         return
-    _evolve(runs_uri, RUNS_SCHEMA, options)
+    _evolve(runs, RUNS_SCHEMA)
     row = dict(record, neurons_version=version, created_at=datetime.fromisoformat(record["created_at"]))
     table = pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
     fs, root = atlas_filesystem(runs_uri, storage_options)
@@ -371,7 +381,7 @@ def _commit_runs_row(uri: str, record: dict, version: int, storage_options: dict
              "nullCount": {name: int(table.column(name).null_count) for name in RUNS_SCHEMA.names}}
     action = AddAction(relative, fs.size(path), {}, int(time.time() * 1000), True, json.dumps(stats))
     try:
-        _, wrote = _commit_actions(runs_uri, [action], app=app, options=options, partition_by=None,
+        _, wrote = _commit_actions(runs, [action], app=app, partition_by=None,
                                    custom={RUN_KEY_META: record["run_id"]},
                                    what=f"the runs row of run {record['run_id']!r}")
     except BaseException:
@@ -379,6 +389,21 @@ def _commit_runs_row(uri: str, record: dict, version: int, storage_options: dict
         raise
     if not wrote:
         remove_files(fs, [path])
+        return
+    _keep_runs_compact(runs)
+
+
+def _keep_runs_compact(runs: DeltaTable) -> None:
+    """Every reader reads the whole runs table: keep it to a few files as runs accumulate (one per run
+    otherwise). A failed or raced compaction changes nothing and is left to the next commit."""
+    runs.update_incremental()
+    if len(runs.file_uris()) <= RUNS_FILES_MAX:
+        return
+    try:
+        runs.optimize.compact(writer_properties=WriterProperties(compression="ZSTD"),
+                              commit_properties=CommitProperties(max_commit_retries=0))
+    except DeltaError:
+        pass
 
 
 def run_committed(atlas_uri: str | os.PathLike, run_id: str, storage_options: dict | None = None) -> bool:

@@ -184,7 +184,7 @@ def optimize_atlas(atlas_uri: str | os.PathLike, *, storage_options: dict | None
     and the files keep rank-sorted 16,384-row groups, so `rank <= k` reads stay cheap. The Delta
     protocol stays at reader 1 / writer 2: no deletion vectors, no column mapping.
     """
-    from storage.commit import WRITER
+    from storage.commit import TABLE_CONFIG, WRITER
 
     uri = normalize_uri(atlas_uri)
     done: dict[str, dict] = {}
@@ -194,6 +194,8 @@ def optimize_atlas(atlas_uri: str | os.PathLike, *, storage_options: dict | None
             done[name] = {"files_removed": 0, "files_added": 0, "checkpoint_version": None}
             continue
         try:
+            if dt.metadata().configuration.get("delta.checkpointInterval") is None:  # an atlas from before
+                dt.alter.set_table_properties(TABLE_CONFIG)
             metrics = dt.optimize.compact(writer_properties=WRITER)
             dt = _open(uri, name, storage_options)
             dt.create_checkpoint()

@@ -12,7 +12,8 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
+
+from configs import builtin_concepts
 
 # Quiet, offline library defaults for a command-line tool: no hub calls, no progress bars.
 for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
@@ -20,8 +21,7 @@ for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error
                       ("RAY_DEDUP_LOGS", "0")):
     os.environ.setdefault(_name, _value)
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-BUILTIN_CONCEPTS = REPO_CONFIGS / "concepts" / "builtin.yaml"
+BUILTIN_CONCEPTS = builtin_concepts()  # package data: found in a wheel install too
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 

@@ -99,31 +99,45 @@ def _legacy_coverage(dt: DeltaTable, run: dict) -> list[dict]:
 
 
 def run_coverage(runs: pa.Table, dt: DeltaTable | None) -> pa.Table:
-    """Which (model, concept, method, ablation, layer) each run holds (COVERAGE_SCHEMA), from the runs table."""
-    rows: list[dict] = []
-    for run in runs.select(["run_id", "model", "created_at", "layers", "blocks"]).to_pylist():
-        if run["layers"] is None or run["blocks"] is None:
-            if dt is not None:
-                rows += _legacy_coverage(dt, run)
-            continue
-        for block in run["blocks"]:
-            rows += [{"run_id": run["run_id"], "model": run["model"], "concept": block["concept"],
-                      "method": block["method"], "ablation": block["ablation"], "layer": layer,
-                      "created_at": run["created_at"]} for layer in run["layers"]]
-    return pa.Table.from_pylist(rows, schema=COVERAGE_SCHEMA)
+    """Which (model, concept, method, ablation, layer) each run holds (COVERAGE_SCHEMA), from the runs
+    table: every block of a run times every layer of it (Arrow/NumPy, no per-row Python)."""
+    known = pc.and_(pc.is_valid(runs.column("layers")), pc.is_valid(runs.column("blocks")))
+    parts = []
+    for run in runs.filter(pc.invert(known)).select(["run_id", "model", "created_at"]).to_pylist():
+        if dt is not None:  # a runs row from before `layers`/`blocks`: read what it holds from its rows
+            parts.append(pa.Table.from_pylist(_legacy_coverage(dt, run), schema=COVERAGE_SCHEMA))
+    runs = runs.filter(known)
+    if runs.num_rows:
+        blocks = runs.column("blocks").combine_chunks()
+        layers = runs.column("layers").combine_chunks()
+        owner = np.asarray(pc.list_parent_indices(blocks))  # [blocks] -> its run
+        flat = pc.list_flatten(blocks)
+        offsets = np.asarray(layers.offsets)
+        values = np.asarray(pc.list_flatten(layers))
+        count = offsets[owner + 1] - offsets[owner]  # layers of each block's run
+        block = np.repeat(np.arange(len(owner)), count)
+        within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+        layer = values[np.repeat(offsets[owner], count) + within]
+        run = owner[block]
+        take = lambda column: column.take(pa.array(run))  # noqa: E731
+        parts.append(pa.table({
+            "run_id": take(runs.column("run_id")), "model": take(runs.column("model")),
+            "concept": flat.field("concept").take(pa.array(block)),
+            "method": flat.field("method").take(pa.array(block)),
+            "ablation": flat.field("ablation").take(pa.array(block)),
+            "layer": pa.array(layer.astype(np.int32)), "created_at": take(runs.column("created_at")),
+        }, schema=COVERAGE_SCHEMA))
+    return pa.concat_tables(parts) if parts else COVERAGE_SCHEMA.empty_table()
 
 
 def latest_coverage(coverage: pa.Table) -> pa.Table:
     """The newest run (created_at, then run id) per (model, concept, method, ablation, layer): what
     `latest` shows. A run that scored only some layers shadows older runs only on those layers."""
     order = coverage.sort_by([("created_at", "descending"), ("run_id", "descending")])
-    seen: set[tuple] = set()
-    keep = []
-    for i, key in enumerate(zip(*(order.column(c).to_pylist() for c in _BLOCK + ["layer"]))):
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    return order.take(pa.array(keep, pa.int64())).sort_by([(c, "ascending") for c in _BLOCK + ["layer"]])
+    order = order.append_column("position", pa.array(np.arange(order.num_rows, dtype=np.int64)))
+    first = order.group_by(_BLOCK + ["layer"], use_threads=False).aggregate([("position", "min")])
+    picked = order.take(first.column("position_min")).drop_columns(["position"])
+    return picked.sort_by([(c, "ascending") for c in _BLOCK + ["layer"]])
 
 
 def _rerank(rows: pa.Table, top: int) -> pa.Table:

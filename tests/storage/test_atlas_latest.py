@@ -137,3 +137,14 @@ def test_optimize_compacts_and_checkpoints_with_identical_reads(full_then_one_la
         assert not protocol.reader_features and not protocol.writer_features
     assert len(DeltaTable(f"{atlas}/neurons").file_uris()) == 2  # one per (model, concept)
     assert _everything(atlas, 1, 4) == before
+
+
+def test_runs_rows_from_before_layers_and_blocks_read_their_coverage_from_the_rows(full_then_one_layer):
+    from deltalake import DeltaTable, write_deltalake
+
+    atlas, full, rerun = full_then_one_layer
+    expected = top_neurons(atlas, concept="royalty", top=30)
+    runs = pa.table(DeltaTable(f"{atlas}/runs").to_pyarrow_dataset().to_table()).drop_columns(["layers", "blocks"])
+    write_deltalake(f"{atlas}/runs", runs, mode="overwrite", schema_mode="overwrite")  # as an older release wrote it
+    assert "layers" not in pa.schema(DeltaTable(f"{atlas}/runs").schema().to_arrow()).names
+    assert top_neurons(atlas, concept="royalty", top=30).equals(expected)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from storage.schema import SHARD_SCHEMA, shard_table  # noqa: E402
+from storage.schema import shard_table  # noqa: E402
 
 MODEL = "synthetic-8b"
 RUN = "bench-reduce"

@@ -194,6 +194,13 @@ def _resolve_path(base: Path, value: str) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
+def _concepts_path(base: Path, value: str) -> str:
+    """`builtin` names the shipped concept file (package data); anything else is a path."""
+    from configs import BUILTIN, builtin_concepts
+
+    return str(builtin_concepts()) if value.strip() == BUILTIN else _resolve_path(base, value)
+
+
 def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
     """Validate a config mapping; relative paths are relative to `base_dir` (the config's folder)."""
     if not isinstance(data, dict):
@@ -209,7 +216,7 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
             raise _fail(source, key, data[key], "a non-empty string")
     out: dict[str, Any] = {
         "model": data["model"].strip(),
-        "concepts": _resolve_path(base_dir, data["concepts"]),
+        "concepts": _concepts_path(base_dir, data["concepts"]),
         "atlas": _resolve_path(base_dir, data["atlas"]),
         "layers": parse_layers(source, data.get("layers", "all")),
         "source": source,
@@ -290,7 +297,7 @@ def apply_overrides(config: JobConfig, **flags: Any) -> JobConfig:
     if flags.get("model"):
         changes["model"] = flags["model"]
     if flags.get("concepts"):
-        changes["concepts"] = str(Path(flags["concepts"]).expanduser().resolve())
+        changes["concepts"] = _concepts_path(Path.cwd(), flags["concepts"])
     if flags.get("atlas"):
         atlas = flags["atlas"]
         changes["atlas"] = atlas if "://" in atlas else str(Path(atlas).expanduser().resolve())

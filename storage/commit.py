@@ -21,7 +21,7 @@ from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from deltalake.transaction import CommitProperties, Transaction
 
-from storage.errors import AtlasError
+from storage.errors import AtlasError, CommitRaceError
 from storage.location import NEURONS, RUNS, delta_options, normalize_uri, secret_values, table_uri
 from storage.schema import ATLAS_SCHEMA, ROW_KEY, RUNS_SCHEMA, SHARD_SCHEMA, check_keys, check_schema, validate_name
 
@@ -145,7 +145,8 @@ def _commit_once(uri: str, data: pa.Table, *, app: str, options: dict | None, pa
             continue  # another writer took `version` (maybe this very run): re-read the log
         except DeltaError as e:
             raise AtlasError(f"cannot commit {what} to {uri}: {e}") from e
-    raise AtlasError(f"cannot commit {what} to {uri}: {_ATTEMPTS} attempts lost to concurrent commits")
+    raise CommitRaceError(f"cannot commit {what} to {uri}: {_ATTEMPTS} attempts lost to concurrent commits; "
+                          "run it again")
 
 
 def _run_created_at(neurons_uri: str, run_id: str, options: dict | None) -> datetime:

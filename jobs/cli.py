@@ -557,6 +557,9 @@ def entry() -> None:
         sys.stdout.flush()
     except BrokenPipeError:  # the reader (head, less) stopped early: not an error of ours
         code = 0
+    except KeyboardInterrupt:  # Ctrl-C before main's own handler was in place (while importing)
+        print("\ninterrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     sys.stderr.flush()
     os._exit(code)
 

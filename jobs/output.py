@@ -5,6 +5,8 @@ JSON: one array of row objects, written batch by batch.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Iterable
 
@@ -55,9 +57,13 @@ def write_csv_batches(schema: pa.Schema, batches: Iterable[pa.RecordBatch], stre
     for batch in _with_empty(schema, batches):
         sink = pa.BufferOutputStream()
         pacsv.write_csv(csv_ready(batch), sink,
-                        write_options=pacsv.WriteOptions(quoting_style="needed", include_header=first))
-        first = False
+                        write_options=pacsv.WriteOptions(quoting_style="needed", include_header=False))
         text = sink.getvalue().to_pybytes()
+        if first:  # Arrow quotes every header name; the csv module quotes only where needed
+            header = io.StringIO()
+            csv.writer(header, lineterminator="\n").writerow(schema.names)
+            text = header.getvalue().encode() + text
+            first = False
         if hasattr(stream, "buffer"):  # stdout: bytes straight to its buffer, after any text before them
             stream.flush()
             stream.buffer.write(text)

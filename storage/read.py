@@ -347,6 +347,8 @@ class SqlStream:
     def __exit__(self, *exc) -> None:
         try:
             self._con.close()
+        except duckdb.Error:  # still busy in a worker that would not stop: the process is exiting anyway
+            pass
         finally:
             shutil.rmtree(self._spill_root, ignore_errors=True)
 
@@ -386,6 +388,15 @@ def open_sql(
     return SqlStream(con, query, memory_limit, spill_root)
 
 
+def _stop(worker: threading.Thread, stream: SqlStream, patience_s: float = 30.0) -> None:
+    """Interrupt until the worker stops: an interrupt that lands between two DuckDB calls (while the
+    query is still being bound, say) is lost, so it is repeated."""
+    give_up = time.monotonic() + patience_s
+    while worker.is_alive() and time.monotonic() < give_up:
+        stream.interrupt()
+        worker.join(0.05)
+
+
 def bounded(work, stream: SqlStream, timeout_s: float | None):
     """Run `work()` (which reads `stream`) in a worker thread while this thread waits: at `timeout_s`
     seconds, or on Ctrl-C (KeyboardInterrupt reaches only this thread, never a thread inside DuckDB),
@@ -405,13 +416,11 @@ def bounded(work, stream: SqlStream, timeout_s: float | None):
         while worker.is_alive():
             worker.join(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
             if worker.is_alive() and deadline is not None and time.monotonic() >= deadline:
-                stream.interrupt()
-                worker.join(10)
+                _stop(worker, stream)
                 raise SqlTimeout(f"query stopped after its timeout of {timeout_s:g} s (--timeout): "
                                  f"{excerpt(stream.query)}")
     except KeyboardInterrupt:
-        stream.interrupt()
-        worker.join(10)
+        _stop(worker, stream)
         raise
     error = outcome.get("error")
     if isinstance(error, _Interrupted):  # interrupted, but the worker finished before we raised

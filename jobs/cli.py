@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import json
 import os
@@ -81,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--layers", help="comma-separated layers, e.g. 0,5,29, or 'all'")
     run.add_argument("--actors", type=int, help="number of actors (model replicas)")
     run.add_argument("--atlas", help="atlas directory or fsspec URL")
-    run.add_argument("--run-id", help="run id (slug); re-using an unfinished run's id resumes it")
+    run.add_argument("--run-id", "--run", dest="run_id",
+                     help="run id (slug); re-using an unfinished run's id resumes it (default: time + config hash)")
     run.add_argument("--method", dest="methods", action="append",
                      help="scoring method (repeatable): neat | atp | neurgrad | neg | neuronlens | selectivity | ig")
     run.add_argument("--ablation", action="append", help="zero | mean | range (repeatable; for neat and atp)")
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit the run to a Ray cluster (Ray Jobs API); prints the submission id")
     submit.add_argument("config", help="job config YAML; its concept file travels with the job")
     submit.add_argument("--address", help="Ray Jobs API, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
-    submit.add_argument("--run-id", help="run id = submission id (slug); a run id already submitted is refused")
+    submit.add_argument("--run-id", "--run", dest="run_id", help="run id = submission id (slug); a run id already submitted is refused")
     submit.add_argument("--wait", action="store_true", help="follow the job's logs; exit 1 if it does not succeed")
     submit.add_argument("--resume", action="store_true",
                         help="the run's job FAILED or was STOPPED: submit it again (as ID-resume-N) to compute "
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--model")
     query.add_argument("--method", default="neat")
     query.add_argument("--ablation", help="zero | mean | range | none (default: all in the run)")
-    query.add_argument("--run", dest="run_id", help="a specific run id instead of the latest")
+    query.add_argument("--run", "--run-id", dest="run_id", help="a specific run id instead of the latest")
     query.add_argument("--top", type=int, default=20)
     query.add_argument("--rank-by", choices=("score", "contrastive"), default="score",
                        help="contrastive: score minus the neuron's best score for another concept of the run")
@@ -152,7 +152,57 @@ def build_parser() -> argparse.ArgumentParser:
     register_validate(sub)
     from jobs.report_command import register as register_report  # report
     register_report(sub)
+    parser.add_argument("--version", action="version", version=f"neuron-atlas {package_version()}")
+    _complete_help(parser)
     return parser
+
+
+# Help for flags registered without any, by destination; every flag's help then shows its default.
+_DEFAULT_HELP = {
+    "atlas": "atlas directory or fsspec URL (s3://bucket/prefix)",
+    "concept": "concept name (a slug, as in the concept file)",
+    "model": "model name in the atlas (needed only when several models hold the concept)",
+    "method": "scoring method whose rows to read: neat | atp | neurgrad | neg | neuronlens | selectivity | ig",
+    "format": "output format: table for people; json or csv for programs",
+    "layer": "layer number (0-based)",
+    "neuron": "neuron number within the layer (0-based)",
+    "run_a": "the earlier run id",
+    "run_b": "the later run id",
+    "limit": "at most this many rows",
+    "seed": "random seed of the draws",
+    "device": "auto | cpu | cuda",
+    "top": "number of neurons",
+}
+
+
+def _complete_help(parser: argparse.ArgumentParser) -> None:
+    """Every flag of every subcommand gets a help text, and the help shows its default when it has one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _complete_help(child)
+            continue
+        if action.help == argparse.SUPPRESS or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        if not action.help:
+            action.help = _DEFAULT_HELP.get(action.dest, action.dest.replace("_", " "))
+        default = action.default
+        if default not in (None, False, argparse.SUPPRESS) and "default" not in action.help:
+            action.help += " (default: %(default)s)"
+
+
+def package_version() -> str:
+    """The installed package's version, or pyproject.toml's for a source checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("neuron-atlas")
+    except PackageNotFoundError:
+        import re
+
+        text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+        found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', text)
+        return found.group(1) if found else "unknown"
 
 
 ERROR_CHARS = 2000  # an error message is one line of at most this many characters
@@ -385,8 +435,10 @@ def _query_contrastive(args: argparse.Namespace) -> int:
               f"ranked by score minus the best other concept's score", file=sys.stderr)
         if generic.num_rows:
             shown = ", ".join(f"L{r['layer']}#{r['neuron']}" for r in generic.slice(0, 10).to_pylist())
-            print(f"{generic.num_rows} neurons are in the top-100 of every concept of this run (generic, "
-                  f"demoted): {shown}", file=sys.stderr)
+            more = f" (first 10 of {generic.num_rows}; --format json lists the ranking whole)" \
+                if generic.num_rows > 10 else ""
+            print(f"{generic.num_rows} neurons are in the top-100 of every concept of this run (generic: their "
+                  f"contrastive score is lower than their score): {shown}{more}", file=sys.stderr)
         table = table.select(["contrastive_rank", "layer", "neuron", "contrastive_score", "score", "rank",
                               "closest_concept", "closest_score", "ablation"])
     write_table(table, args.format)
@@ -515,10 +567,10 @@ def write_table(table, fmt: str, stream=None) -> None:
         json.dump([{k: _jsonable(v) for k, v in row.items()} for row in rows], stream)
         stream.write("\n")
         return
-    if fmt == "csv":
-        writer = csv.DictWriter(stream, fieldnames=table.column_names, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: _jsonable(v) for k, v in row.items()} for row in rows)
+    if fmt == "csv":  # list columns as JSON, times as ISO 8601 (jobs/output.py)
+        from jobs.output import write_csv_batches
+
+        write_csv_batches(table.schema, table.to_batches(), stream)
         return
     cells = [[_format_cell(row[name]) for name in table.column_names] for row in rows]
     widths = [max([len(name)] + [len(r[i]) for r in cells]) for i, name in enumerate(table.column_names)]

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,13 @@ READ_COMMANDS = {"sql", "runs", "query", "neuron", "diff", "validate", "report",
 
 def check_atlas_argument(args: argparse.Namespace) -> None:
     """`--atlas` names an atlas a command can use: never a file; for read commands, one that exists."""
+    from storage.location import allow_plain_http
+    from storage.redaction import redact
+
+    endpoint = allow_plain_http()
+    if endpoint:
+        print(f"note: S3 endpoint {redact(endpoint)} is plain HTTP (no TLS): allowed for this command "
+              "(AWS_ALLOW_HTTP=true); set AWS_ALLOW_HTTP yourself to silence this note", file=sys.stderr)
     atlas = getattr(args, "atlas", None)
     if not atlas:
         return
@@ -198,7 +206,6 @@ def package_version() -> str:
     try:
         return version("neuron-atlas")
     except PackageNotFoundError:
-        import re
 
         text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
         found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', text)
@@ -213,7 +220,8 @@ def say_error(command: str, err: object, what: str = "error") -> None:
     from storage.read import excerpt
     from storage.redaction import redact
 
-    print(f"neuron-atlas {command}: {what}: {excerpt(redact(str(err)), ERROR_CHARS)}", file=sys.stderr, flush=True)
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(err))  # delta-rs colours some messages
+    print(f"neuron-atlas {command}: {what}: {excerpt(redact(text), ERROR_CHARS)}", file=sys.stderr, flush=True)
 
 
 class Terminated(BaseException):

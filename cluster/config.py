@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 RUN_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")  # matched whole (fullmatch: no trailing newline)
 # neat: exact ablation; atp: first-order attribution patching; neurgrad / neg: neuron empirical

@@ -419,7 +419,7 @@ def bounded(work, stream: SqlStream, timeout_s: float | None):
                 _stop(worker, stream)
                 raise SqlTimeout(f"query stopped after its timeout of {timeout_s:g} s (--timeout): "
                                  f"{excerpt(stream.query)}")
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, SIGTERM (the CLI raises on it): stop the query before leaving
         _stop(worker, stream)
         raise
     error = outcome.get("error")

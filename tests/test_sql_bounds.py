@@ -25,7 +25,8 @@ RUNAWAY = "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELEC
 @pytest.fixture(scope="module")
 def atlas(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("sqlbounds") / "atlas")
-    commit_run(path, build_rows("r1", seed=1), run_id="r1", metadata={})
+    commit_run(path, build_rows("r1", seed=1), run_id="r1",
+               metadata={"model": {"name": "tiny-gpt2", "n_layers": 3, "d_mlp": 8}})
     return path
 
 
@@ -44,7 +45,9 @@ def test_runaway_query_stops_at_its_timeout(atlas):
     assert time.monotonic() - started < 120  # start-up on a loaded machine + 2 s, never "forever"
 
 
-def test_ctrl_c_interrupts_a_running_query_with_status_130(atlas, tmp_path):
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGINT, 130, "interrupted"),
+                                                  (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_stops_a_running_query(atlas, tmp_path, signum, status, said):
     # The query's private spill directory appears in TMPDIR once the query is open: then send SIGINT.
     proc = _cli("sql", "--atlas", atlas, "--timeout", "0", RUNAWAY, env={"TMPDIR": str(tmp_path)})
     deadline = time.monotonic() + 240
@@ -52,10 +55,10 @@ def test_ctrl_c_interrupts_a_running_query_with_status_130(atlas, tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
+    assert proc.returncode == status, err
+    assert said in err and "Traceback" not in err
     assert not any(p.name.startswith("neuron-atlas-sql-") for p in tmp_path.iterdir())  # spill dir removed
 
 
@@ -137,3 +140,10 @@ def test_a_path_without_an_atlas_is_an_error_for_every_read_command(tmp_path, ca
     file.write_text("x")
     assert main(["runs", "--atlas", str(file)]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_a_neuron_the_model_does_not_have_is_an_error(atlas, capsys):
+    assert main(["neuron", "--atlas", atlas, "--layer", "2", "--neuron", "7", "--top", "100"]) == 0
+    assert main(["neuron", "--atlas", atlas, "--layer", "55", "--neuron", "0"]) == 2
+    assert "layers 0..2, neurons 0..7" in capsys.readouterr().err
+    assert main(["neuron", "--atlas", atlas, "--layer", "0", "--neuron", "8", "--k", "5"]) == 2

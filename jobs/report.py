@@ -90,7 +90,8 @@ def _table(headers: list[str], rows: list[list[str]], text_columns: set[int] = f
     cls = lambda i: ' class="t"' if i in text_columns else ""  # noqa: E731
     head = "".join(f"<th{cls(i)}>{esc(h)}</th>" for i, h in enumerate(headers))
     body = "".join("<tr>" + "".join(f"<td{cls(i)}>{c}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # Wrapped: a table wider than a narrow window scrolls inside its box instead of widening the page.
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _svg(width: float, height: float, body: str, label: str) -> str:
@@ -506,7 +507,7 @@ def _validation_section(data: ReportData) -> str:
     note = ("log p(T) change in nats when the top-k are ablated together (set to: the intervention), against "
             "random k-neuron sets; prompt change: log p(gold) on the concept's prompts; shared top-k: share of "
             "the top-k also top-k for another concept")
-    return _section(title, f'<div class="wide">{_table(headers, shown, {0, 1, 2, 11})}</div>', note)
+    return _section(title, _table(headers, shown, {0, 1, 2, 11}), note)
 
 
 def _most_moved(other_json: str | None) -> str:

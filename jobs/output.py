@@ -55,10 +55,7 @@ def write_csv_batches(schema: pa.Schema, batches: Iterable[pa.RecordBatch], stre
     """Write `batches` as CSV to the text `stream` (header once); returns the number of rows written."""
     rows, first = 0, True
     for batch in _with_empty(schema, batches):
-        sink = pa.BufferOutputStream()
-        pacsv.write_csv(csv_ready(batch), sink,
-                        write_options=pacsv.WriteOptions(quoting_style="needed", include_header=False))
-        text = sink.getvalue().to_pybytes()
+        text = _csv_rows(csv_ready(batch))
         if first:  # Arrow quotes every header name; the csv module quotes only where needed
             header = io.StringIO()
             csv.writer(header, lineterminator="\n").writerow(schema.names)
@@ -72,6 +69,21 @@ def write_csv_batches(schema: pa.Schema, batches: Iterable[pa.RecordBatch], stre
             stream.write(text.decode())
         rows += batch.num_rows
     return rows
+
+
+def _csv_rows(batch: pa.RecordBatch) -> bytes:
+    """The batch's rows as CSV bytes, quoted only where a value needs it (RFC 4180). Arrow writes
+    fast but quotes every string; it writes them bare only when none needs quotes, else the csv module."""
+    sink = pa.BufferOutputStream()
+    try:
+        pacsv.write_csv(batch, sink, write_options=pacsv.WriteOptions(quoting_style="none", include_header=False))
+        return sink.getvalue().to_pybytes()
+    except pa.ArrowInvalid:  # a value holds a comma, quote or line break
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(
+            ["" if v is None else ("true" if v else "false") if isinstance(v, bool) else v for v in row]
+            for row in zip(*(c.to_pylist() for c in batch.columns)))
+        return out.getvalue().encode()
 
 
 def _with_empty(schema: pa.Schema, batches: Iterable[pa.RecordBatch]):

@@ -18,7 +18,9 @@ from pathlib import Path
 # Quiet, offline library defaults for a command-line tool: no hub calls, no progress bars.
 for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                      ("RAY_DEDUP_LOGS", "0")):
+                      ("RAY_DEDUP_LOGS", "0"),
+                      # delta-rs logs multi-line WARN records (IMDS probes) to stderr: errors only.
+                      ("RUST_LOG", "error")):
     os.environ.setdefault(_name, _value)
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -1,6 +1,6 @@
 """The Ray driver: start the actor pool, score the shards that are not staged yet, commit the run.
 
-Protocol (DESIGN.md section 7): actors stage one Parquet file per shard at a deterministic name;
+Protocol (docs/design.md, "The atlas protocol"): actors stage one Parquet file per shard at a deterministic name;
 when every planned shard is staged and whole, the driver commits all rows as one atlas version.
 An interrupted run leaves only staged files: re-running the same run id recomputes the rest.
 """
@@ -23,7 +23,7 @@ from storage.commit import commit_staged_run, run_committed, run_recorded
 from storage.staging import claim_staging, delete_staging, read_staged, staged_shards
 
 IN_FLIGHT_PER_ACTOR = 2  # one computing, one queued: no idle gap between shards
-# At-least-once (DESIGN.md section 6). An actor whose process dies (node lost, OOM kill, crash) is
+# At-least-once (docs/design.md, "The atlas protocol"). An actor whose process dies (node lost, OOM kill, crash) is
 # restarted up to ACTOR_RESTARTS times and Ray re-runs its unfinished shards on it (max_task_retries);
 # a shard whose code raises is resubmitted by the driver to the next free actor. Either way a shard
 # runs at most SHARD_TRIES times before the run fails, naming it; retried shards rewrite the same file.

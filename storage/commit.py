@@ -31,7 +31,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 from deltalake.schema import Field
 from deltalake.transaction import AddAction, CommitProperties, Transaction
 
-from storage.errors import AtlasError
+from storage.errors import AtlasError, CommitRaceError
 from storage.location import (NEURONS, RUNS, atlas_filesystem, delta_options, normalize_uri, secret_values,
                               staging_dir, table_uri)
 from storage.reduce import Block, ReducedRun, reduce_run, remove_files, table_batches
@@ -167,7 +167,8 @@ def _commit_actions(dt: DeltaTable, actions: list[AddAction], *, app: str, parti
             continue  # another writer took `version` (maybe this very run): re-read the log
         except DeltaError as e:
             raise AtlasError(f"cannot commit {what} to {dt.table_uri}: {e}") from e
-    raise AtlasError(f"cannot commit {what} to {dt.table_uri}: {_ATTEMPTS} attempts lost to concurrent commits")
+    raise CommitRaceError(f"cannot commit {what} to {dt.table_uri}: {_ATTEMPTS} attempts lost to concurrent commits; "
+                          "run it again")
 
 
 def commit_run(

@@ -7,6 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import duckdb
@@ -390,17 +396,32 @@ _LOCKDOWN = (
 )
 
 
+# DuckDB parses PIVOT into a MULTI statement (a CREATE TYPE of the pivoted values, then the SELECT);
+# it only reads, and the in-memory catalog it types into is thrown away with the connection.
+_READ_ONLY_MULTI = re.compile(r"(?is)\s*(--[^\n]*\n\s*|/\*.*?\*/\s*)*(PIVOT|PIVOT_WIDER)\b")
+QUERY_EXCERPT = 200  # characters of a query quoted in an error message
+
+
+def excerpt(text: object, limit: int = QUERY_EXCERPT) -> str:
+    """`text` on one line, cut to `limit` characters (errors never quote a whole huge value)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else f"{flat[:limit]}... ({len(flat):,} characters)"
+
+
 def _check_select(query: str) -> None:
+    shown = excerpt(query)
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as e:
-        raise AtlasError(f"query is not valid SQL: {e}\nquery: {query}") from e
+        raise AtlasError(f"query is not valid SQL: {excerpt(e)} (query: {shown})") from e
     if len(statements) != 1:
-        raise AtlasError(f"sql takes exactly one SELECT statement, got {len(statements)}\nquery: {query}")
+        raise AtlasError(f"sql takes exactly one SELECT statement, got {len(statements)} (query: {shown})")
     kind = statements[0].type
+    if kind == duckdb.StatementType.MULTI and _READ_ONLY_MULTI.match(query):
+        return
     if kind != duckdb.StatementType.SELECT:
         raise AtlasError(
-            f"sql is read-only: only SELECT (or WITH ... SELECT) is allowed, got {kind.name}\nquery: {query}"
+            f"sql is read-only: only SELECT (or WITH ... SELECT, PIVOT) is allowed, got {kind.name} (query: {shown})"
         )
 
 
@@ -455,6 +476,149 @@ def connect_views(
     return con
 
 
+SQL_TIMEOUT_S = 60.0  # `sql --timeout`
+SQL_MEMORY_LIMIT = "2GB"  # `sql --memory-limit`: DuckDB's own default is 80% of the machine's memory
+SQL_BATCH_ROWS = 65_536  # rows per record batch streamed out
+
+
+class SqlTimeout(AtlasError):
+    """The query ran longer than its timeout and was interrupted."""
+
+
+def _sql_error(e: BaseException, query: str, memory_limit: str) -> AtlasError:
+    shown = excerpt(query)
+    if isinstance(e, duckdb.PermissionException):
+        return AtlasError(f"sql is read-only and reads only the views neurons, latest and runs: {excerpt(e)} "
+                          f"(query: {shown})")
+    if isinstance(e, duckdb.OutOfMemoryException):
+        return AtlasError(f"query needs more than its memory limit {memory_limit} (--memory-limit): {excerpt(e)} "
+                          f"(query: {shown})")
+    return AtlasError(f"query failed: {excerpt(e)} (query: {shown})")
+
+
+class SqlStream:
+    """A running read-only query: `batches()` yields its result as Arrow record batches (the result is
+    never held whole), `interrupt()` stops it from any thread. Use as a context manager: leaving closes
+    the connection and removes the query's private spill directory."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, query: str, memory_limit: str, spill_root: str):
+        self._con, self.query, self.memory_limit, self._spill_root = con, query, memory_limit, spill_root
+        self.interrupted = False
+
+    def result(self, batch_rows: int = SQL_BATCH_ROWS) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+        """Start the query: its result schema and an iterator of its record batches."""
+        with self._errors():
+            relation = self._con.sql(self.query)
+            reader = relation.to_arrow_reader(batch_rows) if hasattr(relation, "to_arrow_reader") \
+                else relation.fetch_record_batch(batch_rows)
+        return reader.schema, self._batches(reader)
+
+    def _batches(self, reader) -> Iterator[pa.RecordBatch]:
+        with self._errors():
+            yield from reader
+
+    @contextmanager
+    def _errors(self):
+        try:
+            yield
+        except (duckdb.Error, OSError) as e:  # pyarrow surfaces a DuckDB error while reading as OSError
+            if self.interrupted:
+                raise _Interrupted() from None
+            raise _sql_error(e, self.query, self.memory_limit) from None
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self._con.interrupt()
+
+    def __enter__(self) -> "SqlStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._con.close()
+        except duckdb.Error:  # still busy in a worker that would not stop: the process is exiting anyway
+            pass
+        finally:
+            shutil.rmtree(self._spill_root, ignore_errors=True)
+
+
+class _Interrupted(Exception):
+    """The query was interrupted on purpose (timeout or Ctrl-C); the caller knows which."""
+
+
+def open_sql(
+    atlas_uri: str | os.PathLike,
+    query: str,
+    storage_options: dict | None = None,
+    *,
+    run_id: str | None = None,
+    as_of: AsOf = None,
+    memory_limit: str = SQL_MEMORY_LIMIT,
+) -> SqlStream:
+    """Check one read-only statement and prepare it over the views `neurons`, `latest` and `runs`.
+
+    DuckDB gets `memory_limit` and spills to a fresh directory only this process can read (mode 0700,
+    removed afterwards); then files, extensions and settings are locked away.
+    """
+    _check_select(query)
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", str(memory_limit).strip(), re.IGNORECASE):
+        raise AtlasError(f"memory limit {excerpt(memory_limit, 40)!r} is not a size such as 500MB or 2GB")
+    con = connect_views(atlas_uri, storage_options, run_id=run_id, as_of=as_of)
+    spill_root = tempfile.mkdtemp(prefix="neuron-atlas-sql-")  # mode 0700
+    try:
+        con.execute(f"SET memory_limit = '{memory_limit.strip()}'")
+        con.execute(f"SET temp_directory = '{os.path.join(spill_root, 'spill')}'")
+        for statement in _LOCKDOWN:
+            con.execute(statement)
+    except BaseException:
+        con.close()
+        shutil.rmtree(spill_root, ignore_errors=True)
+        raise
+    return SqlStream(con, query, memory_limit, spill_root)
+
+
+def _stop(worker: threading.Thread, stream: SqlStream, patience_s: float = 30.0) -> None:
+    """Interrupt until the worker stops: an interrupt that lands between two DuckDB calls (while the
+    query is still being bound, say) is lost, so it is repeated."""
+    give_up = time.monotonic() + patience_s
+    while worker.is_alive() and time.monotonic() < give_up:
+        stream.interrupt()
+        worker.join(0.05)
+
+
+def bounded(work, stream: SqlStream, timeout_s: float | None):
+    """Run `work()` (which reads `stream`) in a worker thread while this thread waits: at `timeout_s`
+    seconds, or on Ctrl-C (KeyboardInterrupt reaches only this thread, never a thread inside DuckDB),
+    the query is interrupted; SqlTimeout or KeyboardInterrupt is raised once the worker has stopped."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = work()
+        except BaseException as e:  # handed to the waiting thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=target, name="neuron-atlas-sql", daemon=True)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
+            if worker.is_alive() and deadline is not None and time.monotonic() >= deadline:
+                _stop(worker, stream)
+                raise SqlTimeout(f"query stopped after its timeout of {timeout_s:g} s (--timeout): "
+                                 f"{excerpt(stream.query)}")
+    except BaseException:  # Ctrl-C, SIGTERM (the CLI raises on it): stop the query before leaving
+        _stop(worker, stream)
+        raise
+    error = outcome.get("error")
+    if isinstance(error, _Interrupted):  # interrupted, but the worker finished before we raised
+        raise KeyboardInterrupt
+    if error is not None:
+        raise error
+    return outcome.get("value")
+
+
 def sql_query(
     atlas_uri: str | os.PathLike,
     query: str,
@@ -462,20 +626,18 @@ def sql_query(
     *,
     run_id: str | None = None,
     as_of: AsOf = None,
+    timeout_s: float | None = SQL_TIMEOUT_S,
+    memory_limit: str = SQL_MEMORY_LIMIT,
 ) -> pa.Table:
-    """Run one read-only SELECT in DuckDB over the views `neurons`, `latest` and `runs`."""
-    _check_select(query)
-    con = connect_views(atlas_uri, storage_options, run_id=run_id, as_of=as_of)
-    try:
-        for statement in _LOCKDOWN:
-            con.execute(statement)
-        try:
-            return con.sql(query).to_arrow_table()
-        except duckdb.PermissionException as e:
-            raise AtlasError(
-                f"sql is read-only and reads only the views neurons, latest and runs: {e}\nquery: {query}"
-            ) from e
-        except duckdb.Error as e:
-            raise AtlasError(f"query failed: {e}\nquery: {query}") from e
-    finally:
-        con.close()
+    """Run one read-only SELECT in DuckDB over the views `neurons`, `latest` and `runs`, as a table.
+
+    Bounded: `timeout_s` seconds (None: no limit) and DuckDB's `memory_limit`; the command line
+    streams instead (`open_sql`), so that a large result is never held whole.
+    """
+    with open_sql(atlas_uri, query, storage_options, run_id=run_id, as_of=as_of,
+                  memory_limit=memory_limit) as stream:
+        def work():
+            schema, batches = stream.result()
+            return pa.Table.from_batches(list(batches), schema=schema)
+
+        return bounded(work, stream, timeout_s)

@@ -286,8 +286,12 @@ def _record_path(uri: str, run_id: str, storage_options: dict | None):
 def _stage_record(uri: str, record: dict, storage_options: dict | None) -> None:
     fs, path = _record_path(uri, record["run_id"], storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
+    # Written aside, then moved into place: a driver committing the same run at the same moment reads
+    # either no record or a whole one, never a half-written file (an object store PUT is atomic anyway).
+    partial = f"{path}.{uuid.uuid4().hex}.partial"
+    with fs.open(partial, "wb") as f:
         f.write(json.dumps(record, sort_keys=True).encode())
+    fs.mv(partial, path)
 
 
 def _load_record(uri: str, run_id: str, storage_options: dict | None) -> dict | None:

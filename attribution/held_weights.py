@@ -1,0 +1,93 @@
+"""Hold a model's multiplied weights once, in bf16, for the bf16 NEAT engine (about 2 bytes per parameter).
+
+Each weight matrix of the blocks and the LM head (with a tied input embedding: the same matrix) is
+replaced by its bf16 value (a bf16 checkpoint's own tensor, unchanged) under a parametrization that
+upcasts it to float32 whenever a module reads it: the model's ordinary forward, the float32 engine's
+steps, gradients and the clean passes all still compute in float32, one layer at a time, while the
+bf16 engine reads the held bf16 tensors directly (sites.held_weight) and copies nothing.
+Norms, biases and position embeddings (a few vectors per block) stay float32.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from attribution.models import SiteModel
+
+
+class UpcastToFloat32(nn.Module):
+    """Parametrization: the held bf16 weight, read as float32 (a temporary per read)."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight.float()
+
+
+def _is_held(module: nn.Module, name: str = "weight") -> bool:
+    return parametrize.is_parametrized(module, name)
+
+
+def _hold(modules: list[nn.Module], value: Tensor) -> None:
+    """Give every module in `modules` the same bf16 parameter `value` behind an upcast."""
+    param = nn.Parameter(value.detach(), requires_grad=False)
+    for module in modules:
+        if _is_held(module):
+            continue
+        module.weight = param
+        parametrize.register_parametrization(module, "weight", UpcastToFloat32(), unsafe=True)
+
+
+def _matrices(block: nn.Module) -> list[nn.Module]:
+    """Modules of a block with a 2-D `weight` (nn.Linear, transformers' Conv1D)."""
+    return [m for m in block.modules() if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2]
+
+
+@torch.no_grad()
+def hold_in_bf16(model: SiteModel) -> None:
+    """Replace the model's multiplied weights by single bf16 copies (idempotent; meta tensors are skipped).
+
+    A float32 checkpoint's weights are rounded to bf16 here, so clean passes that must be exact float32
+    are computed before this call (cluster/prepare.py); a bf16 checkpoint loses nothing."""
+    dtype = model.bf16.dtype
+    for layer, block in enumerate(model.blocks):
+        if model.block_device(layer).type == "meta":  # a suffix replica's earlier blocks: not held
+            continue
+        if model.arch.family == "llama":  # gate and up as one [2 d_mlp, d_model] tensor: one multiply
+            mlp = block.mlp
+            if not _is_held(mlp.gate_proj):
+                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype)
+                d_mlp = mlp.gate_proj.weight.shape[0]
+                _hold([mlp.gate_proj], gate_up[:d_mlp])
+                _hold([mlp.up_proj], gate_up[d_mlp:])
+                model.bf16.weights[(layer, "gate_up")] = gate_up  # the same storage as the two parameters
+        for module in _matrices(block):
+            if module.weight.device.type != "meta" and not _is_held(module):
+                _hold([module], module.weight.to(dtype))
+        for param in block.parameters():  # norms and biases: float32 (a bf16 checkpoint's are upcast)
+            if param.dim() == 1 and param.dtype != torch.float32 and param.device.type != "meta":
+                param.data = param.data.float()
+    head, embed = model.hf.get_output_embeddings(), model.hf.get_input_embeddings()
+    tied = head.weight is embed.weight or (_is_held(head) and _is_held(embed)
+                                           and held_original(head) is held_original(embed))
+    if not _is_held(head):
+        _hold([head, embed] if tied else [head], head.weight.to(dtype))
+    for param in model.arch.final_norm(model.hf).parameters():
+        param.data = param.data.float()
+    model._held_in = dtype
+
+
+def held_original(module: nn.Module) -> Tensor:
+    return module.parametrizations["weight"].original
+
+
+def held_bytes(model: SiteModel) -> tuple[int, int]:
+    """(bytes the replica holds: every storage of its parameters, buffers and engine copies counted
+    once, meta tensors not at all; parameters of the whole model, tied matrices once).
+    Their ratio is the replica's bytes per parameter."""
+    storages: dict[tuple[str, int], int] = {}
+    tensors = [*model.hf.parameters(), *model.hf.buffers(), *model.bf16.weights.values()]
+    for tensor in tensors:  # a held weight is its ParametrizationList's `original` parameter
+        if tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values()), sum(p.numel() for p in model.hf.parameters())

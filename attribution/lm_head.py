@@ -184,6 +184,7 @@ class DeferredHead:
         self.changes: list[Tensor] = []
         self.whole: list[Tensor] = []
         self.dns: list[Tensor] = []
+        self.whole_rows = 0  # rows that took the whole-vocabulary sum (known after finish)
 
     @torch.no_grad()
     def add(self, resid: Tensor, diff: Tensor) -> None:
@@ -204,6 +205,7 @@ class DeferredHead:
         change, whole, dn = torch.cat(self.changes), torch.cat(self.whole), torch.cat(self.dns)
         self.changes, self.whole, self.dns = [], [], []
         rows = whole.nonzero()[:, 0]  # the one host sync of the shard
+        self.whole_rows += len(rows)
         for start in range(0, len(rows), batch_rows):
             part = rows[start:start + batch_rows]
             change[part] = whole_vocabulary_change(self.model, self.moments, dn[part], self.targets)

@@ -133,6 +133,20 @@ def with_trajectory(model: SiteModel, clean: CleanPass) -> CleanPass:
     return replace(clean, blocks=tuple(blocks))
 
 
+def placed(model: SiteModel, clean: CleanPass) -> CleanPass:
+    """`clean` (e.g. on the CPU from another actor) with each layer's tensors on its block's device, once:
+    a block the replica does not hold keeps its residual on the CPU and drops its trajectory."""
+    def at(layer: int) -> torch.device | None:
+        device = model.block_device(layer)
+        return None if device.type == "meta" else device
+
+    blocks = tuple(None if b is None or at(layer) is None else b.to(at(layer))
+                   for layer, b in enumerate(clean.blocks))
+    return CleanPass(vector=clean.vector.to(model.device),
+                     resid=tuple(r if at(layer) is None else r.to(at(layer)) for layer, r in enumerate(clean.resid)),
+                     acts=clean.acts.to(model.device), log_p=clean.log_p, blocks=blocks)
+
+
 def _trajectory(model: SiteModel, clean: CleanPass, first: int) -> tuple[BlockClean | None, ...]:
     """The clean trajectory for blocks first.., computed here when `clean` was built without it."""
     if len(clean.blocks) == model.n_layers and all(clean.blocks[layer] is not None
@@ -151,6 +165,29 @@ def neuron_index(neurons: range | tuple[int, ...], device: torch.device) -> Tens
 def held_w_out_columns(model: SiteModel, layer: int, rows: Tensor) -> Tensor:  # [len(rows), d_model] float32
     """Neuron rows' output columns W_out[:, rows].T read from the held weight (no whole-matrix upcast)."""
     return model.held_w_out(layer)[:, rows].T.to(torch.promote_types(model.dtype, torch.float32))
+
+
+def block_stages(model: SiteModel, after_layer: int) -> list[range]:
+    """Blocks after_layer+1 .. last cut where the device changes: one stage per device of a split replica."""
+    stages: list[range] = []
+    for layer in range(after_layer + 1, model.n_layers):
+        if stages and model.block_device(layer) == model.block_device(stages[-1].start):
+            stages[-1] = range(stages[-1].start, layer + 1)
+        else:
+            stages.append(range(layer, layer + 1))
+    return stages
+
+
+def wavefront(batches: int, stages: list) -> None:
+    """Run stage s on batch m for every (s, m), in wavefront order: at tick t stage s takes batch t - s,
+    the later stage issued first. On a replica split over GPUs, stage s+1 computes batch m - 1 on its
+    device while stage s computes batch m on its own (kernels and device-to-device copies are queued
+    without a host sync); each batch still meets its stages in order, so results equal the plain loop.
+    stages: callables (m) -> None that keep their batch's state themselves."""
+    for tick in range(batches + len(stages) - 1):
+        for s in reversed(range(len(stages))):
+            if 0 <= tick - s < batches:
+                stages[s](tick - s)
 
 
 @torch.no_grad()
@@ -182,20 +219,36 @@ def neat_effects(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...]
     targets = torch.tensor(target_ids, device=model.head_device)
     index = neuron_index(neurons, device)
     delta = ablate_to.to(device)[index] - clean.acts[layer].to(device)[index]  # [n]
-    effects = []
-    for chunk in range(0, len(index), batch_rows - 1):
-        rows = index[chunk:chunk + batch_rows - 1]
+    starts = range(0, len(index), batch_rows - 1)
+    state: dict[int, Tensor] = {}  # batch -> its rows where they are now
+    effects: list[Tensor] = []
+
+    def first(m: int) -> None:
+        rows = index[starts[m]:starts[m] + batch_rows - 1]
         resid = clean.resid[layer].to(device).expand(len(rows) + 1, -1).clone()  # [1 + rows, d_model]
-        resid[1:] += delta[chunk:chunk + len(rows), None] * held_w_out_columns(model, layer, rows)
-        log_p = head_log_p(model, run_blocks(model, resid, layer), targets)  # [1 + rows], vocabulary in chunks
+        resid[1:] += delta[starts[m]:starts[m] + len(rows), None] * held_w_out_columns(model, layer, rows)
+        state[m] = resid
+
+    def blocks(stage: range):
+        def run(m: int) -> None:
+            resid = state[m].to(model.block_device(stage.start), non_blocking=True)
+            for later in stage:
+                resid = model.arch.step(model.bf16, later, model.blocks[later], resid)
+            state[m] = resid
+        return run
+
+    def last(m: int) -> None:
+        log_p = head_log_p(model, state.pop(m), targets)  # [1 + rows], vocabulary in chunks
         effects.append(log_p[1:] - log_p[0])
+
+    wavefront(len(starts), [first, *map(blocks, block_stages(model, layer)), last])
     return torch.cat(effects).float().cpu()
 
 
 @torch.no_grad()
 def neat_effects_bf16(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...], layer: int,
                       neurons: range | tuple[int, ...], ablate_to: Tensor, *, batch_rows: int = 512,
-                      moments: HeadMoments | None = None) -> Tensor:
+                      moments: HeadMoments | None = None, stats: dict | None = None) -> Tensor:
     """Near-exact NEAT effects with bf16 matrix multiplies (DESIGN.md section 5, trick 4): [len(neurons)].
 
     Plain bf16 ruins the ranking (one neuron's effect is tiny next to the residual it rides on), so
@@ -206,6 +259,7 @@ def neat_effects_bf16(model: SiteModel, clean: CleanPass, target_ids: tuple[int,
     and the head's log p(T) change from attribution/lm_head.py (a second-order expansion where its
     remainder bound is below 1e-7 nats, the whole vocabulary for the other rows at the end of the call).
     moments: the concept's head moments (computed here when not given: pass them to score many layers).
+    stats: when given, its "rows" and "whole_vocabulary_rows" counts grow by this call's (benchmarks).
     """
     targets = torch.tensor(target_ids, device=model.head_device)
     if moments is None:
@@ -216,14 +270,30 @@ def neat_effects_bf16(model: SiteModel, clean: CleanPass, target_ids: tuple[int,
     delta = ablate_to.to(device)[index] - clean.acts[layer].to(device)[index]  # [n]
     head = DeferredHead(model, moments, targets)
     final = clean.resid[-1].to(model.head_device).view(1, -1)  # [1, d_model] float32
-    for chunk in range(0, len(index), batch_rows):
-        rows = index[chunk:chunk + batch_rows]
-        diff = delta[chunk:chunk + len(rows), None] * held_w_out_columns(model, layer, rows)  # [rows, d_model]
-        for later in range(layer + 1, model.n_layers):  # rows follow the blocks of a split replica
-            at = model.block_device(later)
-            diff = model.arch.diff_step(model.bf16, later, model.blocks[later], trajectory[later].to(at), diff.to(at))
-        head.add(final, diff)
-    return head.finish(batch_rows=batch_rows).float().cpu()
+    starts = range(0, len(index), batch_rows)
+    state: dict[int, Tensor] = {}  # batch -> its rows' differences where they are now
+
+    def first(m: int) -> None:
+        rows = index[starts[m]:starts[m] + batch_rows]
+        state[m] = delta[starts[m]:starts[m] + len(rows), None] * held_w_out_columns(model, layer, rows)
+
+    def blocks(stage: range):
+        at = model.block_device(stage.start)
+        cleans = [trajectory[later].to(at) for later in stage]
+
+        def run(m: int) -> None:
+            diff = state[m].to(at, non_blocking=True)  # [rows, d_model]
+            for later, clean_block in zip(stage, cleans):
+                diff = model.arch.diff_step(model.bf16, later, model.blocks[later], clean_block, diff)
+            state[m] = diff
+        return run
+
+    wavefront(len(starts), [first, *map(blocks, block_stages(model, layer)), lambda m: head.add(final, state.pop(m))])
+    effects = head.finish(batch_rows=batch_rows).float().cpu()
+    if stats is not None:
+        stats["rows"] = stats.get("rows", 0) + len(index)
+        stats["whole_vocabulary_rows"] = stats.get("whole_vocabulary_rows", 0) + head.whole_rows
+    return effects
 
 
 @torch.no_grad()

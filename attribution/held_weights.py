@@ -5,7 +5,8 @@ replaced by its bf16 value (a bf16 checkpoint's own tensor, unchanged) under a p
 upcasts it to float32 whenever a module reads it: the model's ordinary forward, the float32 engine's
 steps, gradients and the clean passes all still compute in float32, one layer at a time, while the
 bf16 engine reads the held bf16 tensors directly (sites.held_weight) and copies nothing.
-Norms, biases and position embeddings (a few vectors per block) stay float32.
+Every other 2-D weight (an untied input embedding, position embeddings) is held the same way;
+norms and biases (a few vectors per block) stay float32.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from attribution.models import SiteModel
+from attribution.sites import held_weight
 
 
 class UpcastToFloat32(nn.Module):
@@ -37,9 +39,15 @@ def _hold(modules: list[nn.Module], value: Tensor) -> None:
         parametrize.register_parametrization(module, "weight", UpcastToFloat32(), unsafe=True)
 
 
-def _matrices(block: nn.Module) -> list[nn.Module]:
-    """Modules of a block with a 2-D `weight` (nn.Linear, transformers' Conv1D)."""
-    return [m for m in block.modules() if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2]
+def _matrices(root: nn.Module) -> list[nn.Module]:
+    """Modules under `root` with a 2-D `weight` parameter (nn.Linear, transformers' Conv1D, nn.Embedding),
+    held or not (looked up without reading `module.weight`, which upcasts a held one)."""
+    out = []
+    for module in root.modules():
+        weight = held_original(module) if _is_held(module) else module._parameters.get("weight")
+        if weight is not None and weight.dim() == 2:
+            out.append(module)
+    return out
 
 
 @torch.no_grad()
@@ -61,7 +69,7 @@ def hold_in_bf16(model: SiteModel) -> None:
                 _hold([mlp.up_proj], gate_up[d_mlp:])
                 model.bf16.weights[(layer, "gate_up")] = gate_up  # the same storage as the two parameters
         for module in _matrices(block):
-            if module.weight.device.type != "meta" and not _is_held(module):
+            if held_weight(module).device.type != "meta" and not _is_held(module):
                 _hold([module], module.weight.to(dtype))
         for param in block.parameters():  # norms and biases: float32 (a bf16 checkpoint's are upcast)
             if param.dim() == 1 and param.dtype != torch.float32 and param.device.type != "meta":
@@ -71,6 +79,9 @@ def hold_in_bf16(model: SiteModel) -> None:
                                            and held_original(head) is held_original(embed))
     if not _is_held(head):
         _hold([head, embed] if tied else [head], head.weight.to(dtype))
+    for module in _matrices(model.hf):  # the rest: an untied input embedding, GPT-2's position embeddings
+        if held_weight(module).device.type != "meta" and not _is_held(module):
+            _hold([module], module.weight.to(dtype))
     for param in model.arch.final_norm(model.hf).parameters():
         param.data = param.data.float()
     model._held_in = dtype

@@ -66,8 +66,9 @@ def test_bf16_engine_with_weights_held_once_tracks_float32(tiny_sources, family)
     assert held_after / params <= 2.1, held_after / params
     # The float32 engine still runs on the held model, upcasting a layer at a time, and equals the naive loop.
     layer = 1
-    fast32 = neat_effects(model, clean, targets, layer, range(24), zeros, batch_rows=9)
-    naive = neat_effects_naive(model, clean, targets, layer, range(24), zeros)
+    held_clean = clean_pass(model, clean.vector, targets)  # the held (bf16-rounded) model's own baseline
+    fast32 = neat_effects(model, held_clean, targets, layer, range(24), zeros, batch_rows=9)
+    naive = neat_effects_naive(model, held_clean, targets, layer, range(24), zeros)
     assert torch.allclose(fast32, naive, rtol=1e-4, atol=1e-5)
 
 
@@ -95,7 +96,7 @@ def test_pipelined_stages_equal_one_stage(tiny_models, engine, monkeypatch):
     piped = engine(model, clean, targets, 0, range(model.d_mlp), zeros, batch_rows=20)
     assert calls[0][1] == 5 and calls[0][0] >= 5  # first, three block stages, head
     order = calls[1]
-    assert order.index((2, 0)) < order.index((1, 2)) < order.index((2, 1))  # overlapped, not batch by batch
+    assert order.index((0, 1)) < order.index((2, 0)) < order.index((4, 0))  # overlapped, not batch by batch
     assert torch.equal(piped, plain)
 
 
@@ -115,3 +116,32 @@ def test_head_moments_cache_evicts_the_least_recently_used_concept():
     for name in ("a", "b", "a", "c", "b"):
         cache.get(name, lambda name=name: made.append(name) or name)
     assert made == ["a", "b", "c", "b"] and len(cache) == 2  # "b" was evicted by "c" ("a" used more recently)
+
+
+def test_actors_share_one_preparation_and_a_bf16_actor_holds_its_weights_once(tiny_sources, tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    from cluster.config import load_job_config
+    from cluster.plan import resolve_job
+    from cluster.scorer import ScorerSpec, ShardScorer
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": tiny_sources["llama"].path, "concepts": str(Path(__file__).parent / "data" / "unseen_concepts.yaml"),
+        "atlas": str(tmp_path / "atlas"), "layers": [1, 3], "ablation": ["zero", "mean"], "dtype": "bf16",
+        "batch_rows": 32, "shard_neurons": 48, "run_id": "r"}))
+    plan = resolve_job(load_job_config(config))
+    spec = ScorerSpec.from_plan(plan)
+    first = ShardScorer(spec)  # prepares the run
+    other = ShardScorer(spec, first.prepared())  # takes the first actor's preparation, computes none
+    summaries = first.describe()[1]
+    assert summaries == other.describe()[1] and all(s.baseline.startswith("sha256:") for s in summaries)
+    assert len({s.baseline for s in summaries}) == len(summaries)  # one baseline per concept
+    for scorer in (first, other):
+        held, params = held_bytes(scorer.model)
+        assert held / params <= 2.1, held / params
+    for shard in plan.shards[:2]:
+        assert first.score_table(shard).equals(other.score_table(shard))
+    assert len(first.head_moments) == len(plan.concepts)

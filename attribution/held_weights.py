@@ -57,13 +57,16 @@ def hold_in_bf16(model: SiteModel) -> None:
     A float32 checkpoint's weights are rounded to bf16 here, so clean passes that must be exact float32
     are computed before this call (cluster/prepare.py); a bf16 checkpoint loses nothing."""
     dtype = model.bf16.dtype
+    if _is_held(model.hf.get_output_embeddings()):  # held already (every replica holds the head)
+        return
+    model.bf16.weights.clear()  # copies and float32 folds made before holding: the engine remakes what it needs
     for layer, block in enumerate(model.blocks):
         if model.block_device(layer).type == "meta":  # a suffix replica's earlier blocks: not held
             continue
         if model.arch.family == "llama":  # gate and up as one [2 d_mlp, d_model] tensor: one multiply
             mlp = block.mlp
             if not _is_held(mlp.gate_proj):
-                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype)
+                gate_up = torch.cat([mlp.gate_proj.weight.to(dtype), mlp.up_proj.weight.to(dtype)])
                 d_mlp = mlp.gate_proj.weight.shape[0]
                 _hold([mlp.gate_proj], gate_up[:d_mlp])
                 _hold([mlp.up_proj], gate_up[d_mlp:])
@@ -75,16 +78,14 @@ def hold_in_bf16(model: SiteModel) -> None:
             if param.dim() == 1 and param.dtype != torch.float32 and param.device.type != "meta":
                 param.data = param.data.float()
     head, embed = model.hf.get_output_embeddings(), model.hf.get_input_embeddings()
-    tied = head.weight is embed.weight or (_is_held(head) and _is_held(embed)
-                                           and held_original(head) is held_original(embed))
     if not _is_held(head):
+        tied = head.weight is embed.weight
         _hold([head, embed] if tied else [head], head.weight.to(dtype))
     for module in _matrices(model.hf):  # the rest: an untied input embedding, GPT-2's position embeddings
         if held_weight(module).device.type != "meta" and not _is_held(module):
             _hold([module], module.weight.to(dtype))
     for param in model.arch.final_norm(model.hf).parameters():
         param.data = param.data.float()
-    model._held_in = dtype
 
 
 def held_original(module: nn.Module) -> Tensor:

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from attribution.errors import ModelError
 
@@ -45,8 +46,7 @@ def _llama_step(weights: "EngineWeights", layer: int, block: nn.Module, resid: T
     attn = block.self_attn
     v = attn.v_proj(block.input_layernorm(resid))  # [rows, n_kv_heads * head_dim]
     # o_proj(repeat_kv(v)) with the repeated heads folded into o_proj: 1/n_rep of its multiply-adds.
-    folded = weights.derived((layer, "o_folded", resid.dtype), lambda: _fold_kv_heads(attn).to(resid.dtype))
-    resid = resid + torch.nn.functional.linear(v, folded, attn.o_proj.bias)
+    resid = resid + torch.nn.functional.linear(v, _folded_o(weights, layer, attn, resid.dtype), attn.o_proj.bias)
     return resid + block.mlp(block.post_attention_layernorm(resid))
 
 
@@ -78,13 +78,21 @@ def _fold_kv_heads(attn: nn.Module, weight: Tensor | None = None) -> Tensor:
     return weight.view(weight.shape[0], -1, n_rep, head_dim).sum(dim=2).reshape(weight.shape[0], -1)
 
 
+def _folded_o(weights: "EngineWeights", layer: int, attn: nn.Module, dtype: torch.dtype) -> Tensor:
+    """The folded o_proj in the computation's dtype: made once and kept for a float32-held model; folded
+    per read (a one-layer temporary, like every read of a held weight) when o_proj is held in bf16."""
+    if parametrize.is_parametrized(attn.o_proj):
+        return _fold_kv_heads(attn).to(dtype)
+    return weights.derived((layer, "o_folded", dtype), lambda: _fold_kv_heads(attn).to(dtype))
+
+
 @torch.no_grad()
 def _llama_clean_block(weights: "EngineWeights", layer: int, block: nn.Module, resid: Tensor) -> BlockClean:
     """Block `layer`'s clean intermediates from its input resid [1, d_model], float32."""
     attn, mlp = block.self_attn, block.mlp
     x = block.input_layernorm(resid)
-    folded = weights.derived((layer, "o_folded", resid.dtype), lambda: _fold_kv_heads(attn).to(resid.dtype))
-    mid = resid + torch.nn.functional.linear(attn.v_proj(x), folded, attn.o_proj.bias)
+    mid = resid + torch.nn.functional.linear(attn.v_proj(x), _folded_o(weights, layer, attn, resid.dtype),
+                                             attn.o_proj.bias)
     y = block.post_attention_layernorm(mid)
     gate, up = mlp.gate_proj(y), mlp.up_proj(y)  # [1, d_mlp]
     return BlockClean({"resid": resid, "mid": mid, "gate": gate, "up": up, "acts": mlp.act_fn(gate) * up})

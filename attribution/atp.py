@@ -33,12 +33,14 @@ def log_p_gradients(model: SiteModel, clean: CleanPass, target_ids: tuple[int, .
         for layer in range(model.n_layers):
             handles.append(model.site(layer).register_forward_pre_hook(keep(layer)))
         with torch.enable_grad():
-            logits = model.hf(inputs_embeds=embeds).logits[:, -1]  # [1, vocab]
-            log_p_targets(logits, torch.tensor(target_ids, device=model.device))[0].backward()
+            logits = model.hf(inputs_embeds=embeds).logits[:, -1]  # [1, vocab], on the head's device
+            log_p_targets(logits, torch.tensor(target_ids, device=logits.device))[0].backward()
     finally:
         for handle in handles:
             handle.remove()
-    return torch.stack([acts[layer].grad[0, -1] for layer in range(model.n_layers)]).float()
+    # a replica split over devices (accelerate's hooks move the rows forward and the gradients back)
+    # leaves each layer's gradient on its block's device
+    return torch.stack([acts[layer].grad[0, -1].to(model.device) for layer in range(model.n_layers)]).float()
 
 
 def atp_effects(grads: Tensor, clean: CleanPass, layer: int, neurons: range | tuple[int, ...],

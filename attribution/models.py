@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from attribution.errors import ModelError
-from attribution.sites import Architecture, LowPrecisionMatmul, architecture_for
+from attribution.sites import Architecture, LowPrecisionMatmul, architecture_for, held_weight
 
 if TYPE_CHECKING:
     from attribution.placement import Placement
@@ -250,12 +250,12 @@ class SiteModel:
         return not self.arch.encoder
 
     @property
-    def d_mlp(self) -> int:
-        return self.arch.w_out(self.blocks[0]).shape[1]
+    def d_mlp(self) -> int:  # shapes and devices from the held tensors: reading a bf16-held weight upcasts it
+        return self.held_w_out(0).shape[1]
 
     @property
     def d_model(self) -> int:
-        return self.arch.w_out(self.blocks[0]).shape[0]
+        return self.held_w_out(0).shape[0]
 
     def site(self, layer: int) -> nn.Module:
         return self.arch.site(self.blocks[layer])
@@ -263,12 +263,16 @@ class SiteModel:
     def w_out(self, layer: int) -> Tensor:  # [d_model, d_mlp]
         return self.arch.w_out(self.blocks[layer])
 
+    def held_w_out(self, layer: int) -> Tensor:  # [d_model, d_mlp] as held (float32, or bf16 held once)
+        weight = held_weight(self.site(layer))
+        return weight.T if self.arch.family == "gpt2" else weight  # GPT-2's Conv1D holds [d_mlp, d_model]
+
     def block_device(self, layer: int) -> torch.device:  # where block `layer` lives (meta: not held)
-        return self.w_out(layer).device
+        return held_weight(self.site(layer)).device
 
     @property
     def head_device(self) -> torch.device:  # final norm + LM head
-        return self.hf.get_output_embeddings().weight.device
+        return held_weight(self.hf.get_output_embeddings()).device
 
     def head(self, resid: Tensor) -> Tensor:  # [rows, d_model] -> logits [rows, vocab] float32 (or float64)
         resid = resid.to(self.head_device)  # a replica split over devices keeps the head on its last one

@@ -10,30 +10,35 @@ a rank-1 update of its clean output. `neat_effects_bf16` adds trick 4 (bf16 diff
 """
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from attribution.errors import ConceptError
-from attribution.lm_head import HeadMoments, head_moments, log_p_change
+from attribution.lm_head import DeferredHead, HeadMoments, head_log_p, head_moments
 from attribution.masking import NeuronMask, masked, recording
 from attribution.models import SiteModel
+from attribution.sites import BlockClean
 
 
-@dataclass(frozen=True, eq=False)  # compared by identity: a cache key for the head moments below
+@dataclass(frozen=True, eq=False)
 class CleanPass:
-    """Everything the engine needs from the unablated forward of one concept vector."""
+    """Everything the engines need from the unablated forward of one concept vector."""
 
     vector: Tensor  # [d_model] the concept vector c
     resid: tuple[Tensor, ...]  # per layer L: residual stream after block L, [d_model]
     acts: Tensor  # [n_layers, d_mlp] clean neuron activations
     log_p: float  # log p(T) of the unablated model (float32 log-softmax)
+    # The clean trajectory: per layer L >= 1, block L's float32 intermediates at the one position (its
+    # input is resid[L - 1]); None for block 0 (never after an ablated layer) and blocks not held.
+    blocks: tuple[BlockClean | None, ...] = ()
 
-
-# CleanPass -> the head moments of the bf16 engine (attribution/lm_head.py), kept while the pass lives.
-_HEAD_MOMENTS: "weakref.WeakKeyDictionary[CleanPass, HeadMoments]" = weakref.WeakKeyDictionary()
+    def to(self, device: torch.device | str) -> "CleanPass":
+        """Every tensor on one device (the CPU to ship it to other actors)."""
+        return CleanPass(vector=self.vector.to(device), resid=tuple(r.to(device) for r in self.resid),
+                         acts=self.acts.to(device), log_p=self.log_p,
+                         blocks=tuple(None if b is None else b.to(torch.device(device)) for b in self.blocks))
 
 
 def log_p_targets(logits: Tensor, target_ids: Tensor) -> Tensor:  # [rows, vocab] -> [rows]
@@ -103,12 +108,51 @@ def clean_pass(model: SiteModel, vector: Tensor, target_ids: tuple[int, ...]) ->
         for handle in handles:
             handle.remove()
     targets = torch.tensor(target_ids, device=logits.device)
-    return CleanPass(
+    clean = CleanPass(
         vector=vector,
         resid=tuple(resid[layer] for layer in range(model.n_layers)),  # each on its block's device
         acts=torch.stack([acts[layer][0, -1].to(model.device) for layer in range(model.n_layers)]),  # [n_layers, d_mlp]
         log_p=float(log_p_targets(logits[:, -1], targets)[0]),
     )
+    return with_trajectory(model, clean)
+
+
+@torch.no_grad()
+def with_trajectory(model: SiteModel, clean: CleanPass) -> CleanPass:
+    """`clean` with its clean trajectory: block L's intermediates from its input resid[L - 1], in float32
+    on the block's device, for every block L >= 1 the replica holds (one row per block: cheap)."""
+    blocks: list[BlockClean | None] = [None]
+    for layer in range(1, model.n_layers):
+        device = model.block_device(layer)
+        if device.type == "meta":
+            blocks.append(None)
+            continue
+        resid = clean.resid[layer - 1].to(device).view(1, -1)
+        resid = resid.to(torch.promote_types(resid.dtype, torch.float32))
+        blocks.append(model.arch.clean_block(model.bf16, layer, model.blocks[layer], resid))
+    return replace(clean, blocks=tuple(blocks))
+
+
+def placed(model: SiteModel, clean: CleanPass) -> CleanPass:
+    """`clean` (e.g. on the CPU from another actor) with each layer's tensors on its block's device, once:
+    a block the replica does not hold keeps its residual on the CPU and drops its trajectory."""
+    def at(layer: int) -> torch.device | None:
+        device = model.block_device(layer)
+        return None if device.type == "meta" else device
+
+    blocks = tuple(None if b is None or at(layer) is None else b.to(at(layer))
+                   for layer, b in enumerate(clean.blocks))
+    return CleanPass(vector=clean.vector.to(model.device),
+                     resid=tuple(r if at(layer) is None else r.to(at(layer)) for layer, r in enumerate(clean.resid)),
+                     acts=clean.acts.to(model.device), log_p=clean.log_p, blocks=blocks)
+
+
+def _trajectory(model: SiteModel, clean: CleanPass, first: int) -> tuple[BlockClean | None, ...]:
+    """The clean trajectory for blocks first.., computed here when `clean` was built without it."""
+    if len(clean.blocks) == model.n_layers and all(clean.blocks[layer] is not None
+                                                   for layer in range(max(first, 1), model.n_layers)):
+        return clean.blocks
+    return with_trajectory(model, clean).blocks
 
 
 def neuron_index(neurons: range | tuple[int, ...], device: torch.device) -> Tensor:  # [n] int64
@@ -118,12 +162,46 @@ def neuron_index(neurons: range | tuple[int, ...], device: torch.device) -> Tens
     return torch.tensor(neurons, dtype=torch.long, device=device)
 
 
+def held_w_out_columns(model: SiteModel, layer: int, rows: Tensor) -> Tensor:  # [len(rows), d_model] float32
+    """Neuron rows' output columns W_out[:, rows].T read from the held weight (no whole-matrix upcast)."""
+    return model.held_w_out(layer)[:, rows].T.to(torch.promote_types(model.dtype, torch.float32))
+
+
+def block_stages(model: SiteModel, after_layer: int) -> list[range]:
+    """Blocks after_layer+1 .. last cut where the device changes: one stage per device of a split replica."""
+    stages: list[range] = []
+    for layer in range(after_layer + 1, model.n_layers):
+        if stages and model.block_device(layer) == model.block_device(stages[-1].start):
+            stages[-1] = range(stages[-1].start, layer + 1)
+        else:
+            stages.append(range(layer, layer + 1))
+    return stages
+
+
+def wavefront(batches: int, stages: list) -> None:
+    """Run stage s on batch m for every (s, m), in wavefront order: at tick t stage s takes batch t - s,
+    the later stage issued first. On a replica split over GPUs, stage s+1 computes batch m - 1 on its
+    device while stage s computes batch m on its own (kernels and device-to-device copies are queued
+    without a host sync); each batch still meets its stages in order, so results equal the plain loop.
+    stages: callables (m) -> None that keep their batch's state themselves."""
+    for tick in range(batches + len(stages) - 1):
+        for s in reversed(range(len(stages))):
+            if 0 <= tick - s < batches:
+                stages[s](tick - s)
+
+
+@torch.no_grad()
+def run_blocks(model: SiteModel, resid: Tensor, after_layer: int) -> Tensor:
+    """Blocks after_layer+1 .. last at one position: [rows, d_model] -> the final residual [rows, d_model]."""
+    for layer in range(after_layer + 1, model.n_layers):  # rows follow the blocks of a split replica
+        resid = model.arch.step(model.bf16, layer, model.blocks[layer], resid.to(model.block_device(layer)))
+    return resid
+
+
 @torch.no_grad()
 def run_suffix(model: SiteModel, resid: Tensor, after_layer: int) -> Tensor:
     """Blocks after_layer+1 .. last, final norm and head, at one position: [rows, d_model] -> logits."""
-    for layer in range(after_layer + 1, model.n_layers):  # rows follow the blocks of a split replica
-        resid = model.arch.step(model.blocks[layer], resid.to(model.block_device(layer)))
-    return model.head(resid)
+    return model.head(run_blocks(model, resid, after_layer))
 
 
 @torch.no_grad()
@@ -139,49 +217,83 @@ def neat_effects(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...]
         raise ValueError(f"batch_rows must be at least 2 (one clean row plus ablations), got {batch_rows}")
     device = model.block_device(layer)  # a split or suffix replica: not necessarily model.device
     targets = torch.tensor(target_ids, device=model.head_device)
-    w_out = model.w_out(layer)  # [d_model, d_mlp]
     index = neuron_index(neurons, device)
     delta = ablate_to.to(device)[index] - clean.acts[layer].to(device)[index]  # [n]
-    effects = []
-    for chunk in range(0, len(index), batch_rows - 1):
-        rows = index[chunk:chunk + batch_rows - 1]
+    starts = range(0, len(index), batch_rows - 1)
+    state: dict[int, Tensor] = {}  # batch -> its rows where they are now
+    effects: list[Tensor] = []
+
+    def first(m: int) -> None:
+        rows = index[starts[m]:starts[m] + batch_rows - 1]
         resid = clean.resid[layer].to(device).expand(len(rows) + 1, -1).clone()  # [1 + rows, d_model]
-        resid[1:] += delta[chunk:chunk + len(rows), None] * w_out[:, rows].T
-        log_p = log_p_targets(run_suffix(model, resid, layer), targets)  # [1 + rows]
+        resid[1:] += delta[starts[m]:starts[m] + len(rows), None] * held_w_out_columns(model, layer, rows)
+        state[m] = resid
+
+    def blocks(stage: range):
+        def run(m: int) -> None:
+            resid = state[m].to(model.block_device(stage.start), non_blocking=True)
+            for later in stage:
+                resid = model.arch.step(model.bf16, later, model.blocks[later], resid)
+            state[m] = resid
+        return run
+
+    def last(m: int) -> None:
+        log_p = head_log_p(model, state.pop(m), targets)  # [1 + rows], vocabulary in chunks
         effects.append(log_p[1:] - log_p[0])
+
+    wavefront(len(starts), [first, *map(blocks, block_stages(model, layer)), last])
     return torch.cat(effects).float().cpu()
 
 
 @torch.no_grad()
 def neat_effects_bf16(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...], layer: int,
-                      neurons: range | tuple[int, ...], ablate_to: Tensor, *, batch_rows: int = 512) -> Tensor:
+                      neurons: range | tuple[int, ...], ablate_to: Tensor, *, batch_rows: int = 512,
+                      moments: HeadMoments | None = None, stats: dict | None = None) -> Tensor:
     """Near-exact NEAT effects with bf16 matrix multiplies (docs/design.md, "The NEAT engine", trick 5): [len(neurons)].
 
     Plain bf16 ruins the ranking (one neuron's effect is tiny next to the residual it rides on), so
-    each row carries its *difference* from the float32 clean row: matrix multiplies act on the
-    difference in bf16 (their rounding is relative to the small difference), norms, activations and
-    residual adds run in float32 on clean + difference, and the head's log p(T) change comes from
-    attribution/lm_head.py (a second-order expansion where its remainder bound is below 1e-7 nats,
-    the whole vocabulary elsewhere).
+    each row carries its *difference* from the clean row: matrix multiplies act on the difference in
+    bf16 (their rounding is relative to the small difference) with the weights as held (once, in bf16,
+    after attribution/held_weights.py), norms, activations and residual adds run in float32 on
+    clean + difference, the clean row coming from the concept's cached clean trajectory (clean.blocks),
+    and the head's log p(T) change from attribution/lm_head.py (a second-order expansion where its
+    remainder bound is below 1e-7 nats, the whole vocabulary for the other rows at the end of the call).
+    moments: the concept's head moments (computed here when not given: pass them to score many layers).
+    stats: when given, its "rows" and "whole_vocabulary_rows" counts grow by this call's (benchmarks).
     """
-    device = model.block_device(layer)
     targets = torch.tensor(target_ids, device=model.head_device)
-    moments = _HEAD_MOMENTS.get(clean)
-    if moments is None:  # once per concept and actor: every shard of the concept reuses them
-        moments = _HEAD_MOMENTS[clean] = head_moments(model, clean.resid[-1])
-    w_out = model.w_out(layer)  # [d_model, d_mlp]
+    if moments is None:
+        moments = head_moments(model, clean.resid[-1])
+    trajectory = _trajectory(model, clean, layer + 1)
+    device = model.block_device(layer)
     index = neuron_index(neurons, device)
     delta = ablate_to.to(device)[index] - clean.acts[layer].to(device)[index]  # [n]
-    effects = []
-    for chunk in range(0, len(index), batch_rows):
-        rows = index[chunk:chunk + batch_rows]
-        resid = clean.resid[layer].to(device).view(1, -1)  # [1, d_model] float32
-        diff = delta[chunk:chunk + len(rows), None] * w_out[:, rows].T  # [rows, d_model], exact rank-1
-        for later in range(layer + 1, model.n_layers):  # rows follow the blocks of a split replica
-            at = model.block_device(later)
-            resid, diff = model.arch.diff_step(model.bf16, model.blocks[later], resid.to(at), diff.to(at))
-        effects.append(log_p_change(model, moments, resid, diff, targets))
-    return torch.cat(effects).float().cpu()
+    head = DeferredHead(model, moments, targets)
+    final = clean.resid[-1].to(model.head_device).view(1, -1)  # [1, d_model] float32
+    starts = range(0, len(index), batch_rows)
+    state: dict[int, Tensor] = {}  # batch -> its rows' differences where they are now
+
+    def first(m: int) -> None:
+        rows = index[starts[m]:starts[m] + batch_rows]
+        state[m] = delta[starts[m]:starts[m] + len(rows), None] * held_w_out_columns(model, layer, rows)
+
+    def blocks(stage: range):
+        at = model.block_device(stage.start)
+        cleans = [trajectory[later].to(at) for later in stage]
+
+        def run(m: int) -> None:
+            diff = state[m].to(at, non_blocking=True)  # [rows, d_model]
+            for later, clean_block in zip(stage, cleans):
+                diff = model.arch.diff_step(model.bf16, later, model.blocks[later], clean_block, diff)
+            state[m] = diff
+        return run
+
+    wavefront(len(starts), [first, *map(blocks, block_stages(model, layer)), lambda m: head.add(final, state.pop(m))])
+    effects = head.finish(batch_rows=batch_rows).float().cpu()
+    if stats is not None:
+        stats["rows"] = stats.get("rows", 0) + len(index)
+        stats["whole_vocabulary_rows"] = stats.get("whole_vocabulary_rows", 0) + head.whole_rows
+    return effects
 
 
 @torch.no_grad()

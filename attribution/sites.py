@@ -6,31 +6,51 @@ attention is a softmax over one key (= 1), so its output is `o_proj(v)` and Q/K 
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from attribution.errors import ModelError
 
 
-_FOLDED_O_PROJ: "weakref.WeakKeyDictionary[nn.Module, Tensor]" = weakref.WeakKeyDictionary()
+def held_weight(module: nn.Module, name: str = "weight") -> Tensor:
+    """The tensor a module holds for `name`: the bf16 original when `hold_in_bf16` parametrized it
+    (reading `module.weight` would make a float32 copy), else the parameter itself."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and name in parametrizations:
+        return parametrizations[name].original
+    return getattr(module, name)
 
 
-def _llama_step(block: nn.Module, resid: Tensor) -> Tensor:  # [rows, d_model] -> [rows, d_model]
+@dataclass(frozen=True)
+class BlockClean:
+    """One block's clean intermediates at the concept's one position, float32, each [1, width]:
+    the bf16 engine propagates differences from these instead of recomputing the clean row."""
+
+    values: dict  # name -> [1, width]: "resid" (the block's input) and the architecture's intermediates
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.values[name]
+
+    def to(self, device: torch.device) -> "BlockClean":
+        if all(v.device == device for v in self.values.values()):
+            return self
+        return BlockClean({k: v.to(device) for k, v in self.values.items()})
+
+
+def _llama_step(weights: "EngineWeights", layer: int, block: nn.Module, resid: Tensor) -> Tensor:
+    """[rows, d_model] -> [rows, d_model], float32 (a bf16-held block is upcast as it is read)."""
     attn = block.self_attn
     v = attn.v_proj(block.input_layernorm(resid))  # [rows, n_kv_heads * head_dim]
     # o_proj(repeat_kv(v)) with the repeated heads folded into o_proj: 1/n_rep of its multiply-adds.
-    folded = _FOLDED_O_PROJ.get(attn)
-    if folded is None:
-        folded = _FOLDED_O_PROJ[attn] = _fold_kv_heads(attn).detach().contiguous()
-    resid = resid + torch.nn.functional.linear(v, folded, attn.o_proj.bias)
+    resid = resid + torch.nn.functional.linear(v, _folded_o(weights, layer, attn, resid.dtype), attn.o_proj.bias)
     return resid + block.mlp(block.post_attention_layernorm(resid))
 
 
-def _gpt2_step(block: nn.Module, resid: Tensor) -> Tensor:  # [rows, d_model] -> [rows, d_model]
+def _gpt2_step(weights: "EngineWeights", layer: int, block: nn.Module, resid: Tensor) -> Tensor:
     d_model = resid.shape[-1]
     c_attn = block.attn.c_attn  # Conv1D: weight [d_model, 3 * d_model] = [q | k | v]
     v = torch.addmm(c_attn.bias[2 * d_model:], block.ln_1(resid), c_attn.weight[:, 2 * d_model:])
@@ -47,79 +67,123 @@ def _expand_kv_heads(attn: nn.Module, v: Tensor) -> Tensor:  # [rows, n_kv * hd]
     return v.reshape(rows, n_kv * n_rep * attn.head_dim)
 
 
-def _fold_kv_heads(attn: nn.Module) -> Tensor:  # o_proj weight [d_model, n_heads * hd] -> [d_model, n_kv * hd]
-    """o_proj(repeat_kv(v)) == v @ folded.T: the query heads sharing a key/value head sum their columns."""
-    weight = attn.o_proj.weight
+def _fold_kv_heads(attn: nn.Module, weight: Tensor | None = None) -> Tensor:
+    """o_proj weight [d_model, n_heads * hd] -> [d_model, n_kv * hd], in float32 (or the model's dtype):
+    o_proj(repeat_kv(v)) == v @ folded.T: the query heads sharing a key/value head sum their columns."""
+    weight = attn.o_proj.weight if weight is None else weight
     n_rep, head_dim = attn.num_key_value_groups, attn.head_dim
+    if n_rep == 1:
+        return weight
+    weight = weight.to(torch.promote_types(weight.dtype, torch.float32))  # sum in float32, round once
     return weight.view(weight.shape[0], -1, n_rep, head_dim).sum(dim=2).reshape(weight.shape[0], -1)
 
 
-def _llama_diff_step(matmul: LowPrecisionMatmul, block: nn.Module, clean: Tensor, diff: Tensor) -> tuple[Tensor, Tensor]:
-    """One block on (clean [1, d_model] float32, diff [rows, d_model]): matrix multiplies act on the
-    difference in low precision (biases cancel); norms and the gated activation run in float32 on
-    clean + diff. Returns the clean output and the rows' differences from it. Updates `diff` in place."""
+def _folded_o(weights: "EngineWeights", layer: int, attn: nn.Module, dtype: torch.dtype) -> Tensor:
+    """The folded o_proj in the computation's dtype: made once and kept for a float32-held model; folded
+    per read (a one-layer temporary, like every read of a held weight) when o_proj is held in bf16."""
+    if parametrize.is_parametrized(attn.o_proj):
+        return _fold_kv_heads(attn).to(dtype)
+    return weights.derived((layer, "o_folded", dtype), lambda: _fold_kv_heads(attn).to(dtype))
+
+
+@torch.no_grad()
+def _llama_clean_block(weights: "EngineWeights", layer: int, block: nn.Module, resid: Tensor) -> BlockClean:
+    """Block `layer`'s clean intermediates from its input resid [1, d_model], float32."""
     attn, mlp = block.self_attn, block.mlp
-    w_v = matmul.weight((id(block), "v"), lambda: attn.v_proj.weight)
-    w_o = matmul.weight((id(block), "o"), lambda: _fold_kv_heads(attn))
-    w_gate_up = matmul.weight((id(block), "gate_up"), lambda: torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-    w_down = matmul.weight((id(block), "down"), lambda: mlp.down_proj.weight)
-
-    x = block.input_layernorm(clean)
-    dx = block.input_layernorm(clean + diff).sub_(x)
-    mid = clean + attn.o_proj(_expand_kv_heads(attn, attn.v_proj(x)))
-    dmid = diff.add_(matmul.mm(matmul.mm(dx, w_v, low_output=True), w_o))
+    x = block.input_layernorm(resid)
+    mid = resid + torch.nn.functional.linear(attn.v_proj(x), _folded_o(weights, layer, attn, resid.dtype),
+                                             attn.o_proj.bias)
     y = block.post_attention_layernorm(mid)
-    dy = block.post_attention_layernorm(mid + dmid).sub_(y)
     gate, up = mlp.gate_proj(y), mlp.up_proj(y)  # [1, d_mlp]
-    acts = mlp.act_fn(gate) * up
-    dgate, dup = matmul.mm(dy, w_gate_up).split(gate.shape[-1], dim=-1)  # [rows, d_mlp] each
-    dacts = mlp.act_fn(dgate.add_(gate)).mul_(dup.add_(up)).sub_(acts)
-    return mid + mlp.down_proj(acts), dmid.add_(matmul.mm(dacts, w_down))
+    return BlockClean({"resid": resid, "mid": mid, "gate": gate, "up": up, "acts": mlp.act_fn(gate) * up})
 
 
-def _gpt2_diff_step(matmul: LowPrecisionMatmul, block: nn.Module, clean: Tensor, diff: Tensor) -> tuple[Tensor, Tensor]:
-    """GPT-2 version of `_llama_diff_step` (Conv1D weights are [in, out]: their transposes are used)."""
-    d_model = clean.shape[-1]
+def _llama_diff_step(weights: "EngineWeights", layer: int, block: nn.Module, clean: BlockClean,
+                     diff: Tensor) -> Tensor:
+    """One block on diff [rows, d_model] (each row's difference from the clean row): matrix multiplies
+    act on the difference in bf16 (biases cancel); norms and the gated activation run in float32 on
+    clean + diff, from the block's cached clean intermediates. Returns the output difference
+    (updates `diff` in place)."""
+    attn, mlp = block.self_attn, block.mlp
+    w_v = weights.low((layer, "v"), lambda: held_weight(attn.v_proj))
+    w_o = weights.low((layer, "o"), lambda: _fold_kv_heads(attn, held_weight(attn.o_proj)))
+    w_gate_up = weights.low((layer, "gate_up"),
+                            lambda: torch.cat([held_weight(mlp.gate_proj), held_weight(mlp.up_proj)]))
+    w_down = weights.low((layer, "down"), lambda: held_weight(mlp.down_proj))
+
+    resid, mid = clean["resid"], clean["mid"]
+    dx = block.input_layernorm(resid + diff).sub_(block.input_layernorm(resid))
+    dmid = diff.add_(weights.mm(weights.mm(dx, w_v, low_output=True), w_o))
+    dy = block.post_attention_layernorm(mid + dmid).sub_(block.post_attention_layernorm(mid))
+    gate, up = clean["gate"], clean["up"]  # [1, d_mlp]
+    dgate, dup = weights.mm(dy, w_gate_up).split(gate.shape[-1], dim=-1)  # [rows, d_mlp] each
+    dacts = mlp.act_fn(dgate.add_(gate)).mul_(dup.add_(up)).sub_(clean["acts"])
+    return dmid.add_(weights.mm(dacts, w_down))
+
+
+@torch.no_grad()
+def _gpt2_clean_block(weights: "EngineWeights", layer: int, block: nn.Module, resid: Tensor) -> BlockClean:
+    d_model = resid.shape[-1]
     c_attn, mlp = block.attn.c_attn, block.mlp
-    w_v = matmul.weight((id(block), "v"), lambda: c_attn.weight[:, 2 * d_model:].T)
-    w_o = matmul.weight((id(block), "o"), lambda: block.attn.c_proj.weight.T)
-    w_fc = matmul.weight((id(block), "fc"), lambda: mlp.c_fc.weight.T)
-    w_proj = matmul.weight((id(block), "proj"), lambda: mlp.c_proj.weight.T)
-
-    x = block.ln_1(clean)
-    dx = block.ln_1(clean + diff).sub_(x)
-    v = torch.addmm(c_attn.bias[2 * d_model:], x, c_attn.weight[:, 2 * d_model:])
-    mid = clean + block.attn.c_proj(v)
-    dmid = diff.add_(matmul.mm(matmul.mm(dx, w_v, low_output=True), w_o))
-    y = block.ln_2(mid)
-    dy = block.ln_2(mid + dmid).sub_(y)
-    hidden = mlp.c_fc(y)
-    acts = mlp.act(hidden)
-    dacts = mlp.act(matmul.mm(dy, w_fc).add_(hidden)).sub_(acts)
-    return mid + mlp.c_proj(acts), dmid.add_(matmul.mm(dacts, w_proj))
+    v = torch.addmm(c_attn.bias[2 * d_model:], block.ln_1(resid), c_attn.weight[:, 2 * d_model:])
+    mid = resid + block.attn.c_proj(v)
+    hidden = mlp.c_fc(block.ln_2(mid))
+    return BlockClean({"resid": resid, "mid": mid, "hidden": hidden, "acts": mlp.act(hidden)})
 
 
-class LowPrecisionMatmul:
-    """x [rows, in] @ weight.T in bf16 with a float32 result; bf16 weight copies made once and kept."""
+def _gpt2_diff_step(weights: "EngineWeights", layer: int, block: nn.Module, clean: BlockClean,
+                    diff: Tensor) -> Tensor:
+    """GPT-2 version of `_llama_diff_step` (Conv1D weights are [in, out]: their transposes are used)."""
+    d_model = diff.shape[-1]
+    c_attn, mlp = block.attn.c_attn, block.mlp
+    w_v = weights.low((layer, "v"), lambda: held_weight(c_attn)[:, 2 * d_model:].T)
+    w_o = weights.low((layer, "o"), lambda: held_weight(block.attn.c_proj).T)
+    w_fc = weights.low((layer, "fc"), lambda: held_weight(mlp.c_fc).T)
+    w_proj = weights.low((layer, "proj"), lambda: held_weight(mlp.c_proj).T)
+
+    resid, mid = clean["resid"], clean["mid"]
+    dx = block.ln_1(resid + diff).sub_(block.ln_1(resid))
+    dmid = diff.add_(weights.mm(weights.mm(dx, w_v, low_output=True), w_o))
+    dy = block.ln_2(mid + dmid).sub_(block.ln_2(mid))
+    dacts = mlp.act(weights.mm(dy, w_fc).add_(clean["hidden"])).sub_(clean["acts"])
+    return dmid.add_(weights.mm(dacts, w_proj))
+
+
+class EngineWeights:
+    """The engines' weights beyond the modules' own, owned by one SiteModel (its `bf16` field).
+
+    low(key, make): the weight a bf16 multiply reads, [out, in] bf16. When `make()` returns a bf16
+    tensor (a weight held once in bf16, see attribution/held_weights.py) it is used as is and
+    nothing is copied; otherwise (a float32-held model) a bf16 copy is made once and kept.
+    derived(key, make): a float32 tensor derived from the weights (a folded GQA o_proj), made once.
+    """
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16):
         self.dtype = dtype
         self.weights: dict[object, Tensor] = {}
 
-    def weight(self, key: object, make: Callable[[], Tensor]) -> Tensor:  # -> [out, in] in self.dtype
+    def low(self, key: object, make: Callable[[], Tensor]) -> Tensor:  # -> [out, in] in self.dtype
         low = self.weights.get(key)
         if low is None:
-            low = self.weights[key] = make().detach().to(self.dtype).contiguous()
+            low = make().detach()
+            if low.dtype != self.dtype:  # a held bf16 weight, or a transposed view of one, is used as is
+                low = low.to(self.dtype).contiguous()
+            self.weights[key] = low  # a reference when held once, else the only copy
         return low
+
+    def derived(self, key: object, make: Callable[[], Tensor]) -> Tensor:
+        value = self.weights.get(key)
+        if value is None:
+            value = self.weights[key] = make().detach().contiguous()
+        return value
 
     def mm(self, x: Tensor, low_weight: Tensor, *, low_output: bool = False) -> Tensor:  # [rows, in] -> [rows, out]
         """float32 result, or the low-precision one when it only feeds another matrix multiply."""
         out = torch.nn.functional.linear(x.to(self.dtype), low_weight)
         return out if low_output else out.float()
 
-    def __call__(self, x: Tensor, weight: Tensor) -> Tensor:  # weight: [out, in], any float dtype
-        return self.mm(x, self.weight((weight.data_ptr(), tuple(weight.shape), tuple(weight.stride())),
-                                      lambda: weight))
+
+LowPrecisionMatmul = EngineWeights  # the name attribution/models.py knows
 
 
 @dataclass(frozen=True)
@@ -132,9 +196,10 @@ class Architecture:
     site: Callable[[nn.Module], nn.Module]  # block -> module whose *input* is the neuron vector
     w_out: Callable[[nn.Module], Tensor]  # block -> [d_model, d_mlp]: column i is neuron i's write
     final_norm: Callable[[nn.Module], nn.Module]
-    step: Callable[[nn.Module, Tensor], Tensor]
+    step: Callable[..., Tensor]  # (weights, layer, block, resid [rows, d_model]) -> [rows, d_model]
     block_macs: Callable[[object], int]  # transformers config -> multiply-adds of `step` for one row
-    diff_step: Callable[..., tuple[Tensor, Tensor]]  # (matmul, block, clean, diff) -> (clean, diff)
+    diff_step: Callable[..., Tensor]  # (weights, layer, block, BlockClean, diff [rows, d_model]) -> diff
+    clean_block: Callable[..., BlockClean]  # (weights, layer, block, resid [1, d_model]) -> intermediates
     encoder: bool = False  # no LM head: only the probing methods (neuronlens, selectivity) apply
 
 
@@ -170,6 +235,7 @@ LLAMA = Architecture(
     step=_llama_step,
     block_macs=_llama_macs,
     diff_step=_llama_diff_step,
+    clean_block=_llama_clean_block,
 )
 
 GPT2 = Architecture(
@@ -182,6 +248,7 @@ GPT2 = Architecture(
     step=_gpt2_step,
     block_macs=_gpt2_macs,
     diff_step=_gpt2_diff_step,
+    clean_block=_gpt2_clean_block,
 )
 
 def _no_lm_head(*args, **kwargs):
@@ -204,6 +271,7 @@ BERT = Architecture(  # BERT-family encoders (MiniLM), loaded with AutoModel: th
     step=_no_lm_head,
     block_macs=_bert_macs,
     diff_step=_no_lm_head,
+    clean_block=_no_lm_head,
     encoder=True,
 )
 

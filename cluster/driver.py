@@ -108,7 +108,8 @@ def _describe_cluster() -> str:
             f"{res.get('GPU', 0):g} GPUs")
 
 
-def _start_actors(plan: JobPlan, count: int, replicas: ReplicaPlan | None = None):
+def _start_actors(plan: JobPlan, count: int, replicas: ReplicaPlan | None = None, prepared=None):
+    """Full actors; `prepared` is the ObjectRef of the first actor's preparation (None: they prepare)."""
     import ray
 
     cluster = plan.config.cluster
@@ -119,7 +120,9 @@ def _start_actors(plan: JobPlan, count: int, replicas: ReplicaPlan | None = None
         num_cpus=cluster.cpus_per_actor, num_gpus=cluster.gpus_per_actor,
         max_restarts=ACTOR_RESTARTS, max_task_retries=SHARD_TRIES - 1,
     )(ShardScorer)
-    return [remote_cls.remote(spec) for _ in range(count)]
+    if prepared is None:
+        return [remote_cls.remote(spec) for _ in range(count)]
+    return [remote_cls.remote(spec, [prepared]) for _ in range(count)]  # nested: loads before it resolves
 
 
 def _start_suffix_actors(plan: JobPlan, count: int, replicas: ReplicaPlan, prepared):
@@ -236,10 +239,12 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
     progress.message(_describe_cluster())
     actors = []
     try:
-        actors = _start_actors(plan, actor_count, replicas)
+        # One preparation per run (cluster/prepare.py): the first actor's, shared by every other actor.
+        actors = _start_actors(plan, 1, replicas)
+        prepared = actors[0].prepared.remote()  # kept referenced until the run ends
+        actors += _start_actors(plan, actor_count - 1, replicas, prepared)
         groups = ["full"] * actor_count
         if suffix_count:
-            prepared = actors[0].prepared.remote()  # kept referenced until the run ends
             actors += _start_suffix_actors(plan, suffix_count, replicas, prepared)
             groups += ["suffix"] * suffix_count
         infos = ray.get([a.describe.remote() for a in actors])
@@ -375,7 +380,7 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
         "concepts": [
             {"name": c.name, "target_ids": list(c.target_ids), "target_tokens": list(c.target_tokens),
              "target_words": list(c.target_words), "base_log_p": c.base_log_p,
-             "targets_derived": c.targets_derived}
+             "targets_derived": c.targets_derived, "baseline": c.baseline}
             for c in concepts
         ],
         "methods": list(plan.config.methods),

@@ -7,25 +7,25 @@ only which actor scores a shard changes, and either kind runs the same kernels o
 """
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
-
-from attribution.models import load_model, read_model_config
-from attribution.neat import CleanPass
+from attribution.models import read_model_config
 from attribution.placement import Placement
 from cluster.capacity import (GB, activation_bytes, first_fitting_layer, gpus_needed, replica_bytes,
                               split_layers)
 from cluster.config import ConfigError
-from cluster.plan import JobPlan, ResolvedConcept, Shard
+from cluster.plan import JobPlan, Shard
+from cluster.prepare import PreparedConcepts
 from cluster.progress import format_seconds
-from cluster.scorer import ScorerInfo, ScorerSpec, ShardScorer, library_versions
+from cluster.scorer import ScorerSpec, ShardScorer
 
 # Assumed sustained throughput of one actor on a GPU: 40% of an H100 SXM's dense peak (bf16 989
 # TFLOP/s, float32 without TF32 67 TFLOP/s). A split replica computes on one of its GPUs at a time.
 GPU_FLOPS = {"bf16": 0.4 * 989e12, "float32": 0.4 * 67e12}
+
+# Methods a replica split over several GPUs scores: NEAT (its engines move rows between the devices) and
+# AtP (one position forward and backward through accelerate's hooks: the AtP screen of a huge model).
+SPLIT_METHODS = ("neat", "atp")
 
 
 @dataclass(frozen=True)
@@ -85,11 +85,11 @@ def plan_replicas(plan: JobPlan, *, model_config=None) -> ReplicaPlan:
     if devices > plan.n_layers:
         raise ConfigError(f"config {cfg.source}: key 'cluster.gpus_per_actor' has value {cluster.gpus_per_actor}: "
                           f"more GPUs than the {plan.n_layers} layers of model {name}")
-    others = [m for m in cfg.methods if m != "neat"]
-    if devices > 1 and others:  # only the NEAT engines move rows between a split replica's devices
+    others = [m for m in cfg.methods if m not in SPLIT_METHODS]
+    if devices > 1 and others:  # the others' whole-model passes are not planned across devices
         raise ConfigError(f"config {cfg.source}: key 'cluster.gpus_per_actor' has value {cluster.gpus_per_actor}: "
-                          f"a replica split over {devices} GPUs scores neat only, and methods has {others}; "
-                          f"run those methods in a job with whole replicas (gpus_per_actor <= 1)")
+                          f"a replica split over {devices} GPUs scores {' and '.join(SPLIT_METHODS)} only, and "
+                          f"methods has {others}; run those methods in a job with whole replicas (gpus_per_actor <= 1)")
     split = split_layers(full_bytes, devices)
     if gpu_memory and cluster.gpus_per_actor > 0:
         usable = gpu_memory * min(1.0, cluster.gpus_per_actor)
@@ -209,64 +209,21 @@ def _devices(source: str, key: str, gpus: float) -> int:
     return int(gpus)
 
 
-@dataclass(frozen=True)
-class PreparedConcepts:
-    """What a suffix replica needs from a full one, on the CPU: concepts (with derived targets), their
-    clean passes ([n_layers, d_model] residuals + [n_layers, d_mlp] activations each), ablation values."""
-
-    concepts: tuple[ResolvedConcept, ...]
-    clean: dict[str, CleanPass] = field(repr=False)
-    ablate_to: dict[tuple[str, str], torch.Tensor] = field(repr=False)  # (concept, mode) -> [n_layers, d_mlp]
-
-
 def prepared_concepts(scorer: ShardScorer) -> PreparedConcepts:
-    """A full replica's concept preparation, moved to the CPU for suffix actors."""
-    clean = {name: CleanPass(vector=c.vector.cpu(), resid=tuple(r.cpu() for r in c.resid), acts=c.acts.cpu(),
-                             log_p=c.log_p) for name, c in scorer.clean.items()}
-    ablate_to = {}
-    for rc in scorer.concepts:
-        for mode in scorer.spec.ablations:
-            ablate_to[(rc.concept.name, mode)] = scorer._ablate_to(rc, mode).cpu()
-    return PreparedConcepts(scorer.concepts, clean, ablate_to)
+    """A full replica's preparation of the run's concepts (on the CPU), for the other actors."""
+    return scorer.prepared()
 
 
 class SuffixScorer(ShardScorer):
     """An actor holding only blocks L.. (spec.placement is a suffix placement): scores NEAT shards of
-    those layers from a full replica's PreparedConcepts. `SuffixScorer(spec, prepared).score(shard)`.
+    those layers from a full replica's PreparedConcepts (cluster/prepare.py), which it cannot compute.
+    `SuffixScorer(spec, prepared).score(shard)`; on Ray, `prepared` is `[ObjectRef]` (see ShardScorer)."""
 
-    On Ray, `prepared` is a one-element list holding the ObjectRef of a full actor's `prepared()`:
-    Ray leaves a nested reference unresolved, so this actor loads its replica while the full actor
-    is still preparing, and a restarted actor gets the same reference again.
-    """
-
-    def __init__(self, spec: ScorerSpec, prepared: PreparedConcepts | list):  # no super().__init__: no clean pass
+    def __init__(self, spec: ScorerSpec, prepared: PreparedConcepts | list):
         if spec.placement is None or not spec.placement.suffix_only:
             raise ValueError("SuffixScorer needs a suffix placement (Placement.from_ranges(..., suffix=True))")
-        started = time.perf_counter()
-        torch.set_num_threads(spec.threads)
-        self.spec = spec
-        self.model = load_model(spec.model, device=spec.device, dtype=spec.dtype, placement=spec.placement)
-        loaded = time.perf_counter()
-        if isinstance(prepared, list):
-            import ray
-
-            prepared = ray.get(prepared[0])
+        super().__init__(spec, prepared)
         self.first_layer = spec.placement.first_layer
-        self.clean = dict(prepared.clean)
-        self.grads: dict = {}
-        self.whole: dict = {}
-        self.concepts = prepared.concepts
-        self.prepared_ablate_to = prepared.ablate_to
-        self.ablate_to = {}
-        self.info = ScorerInfo(
-            actor=f"{os.uname().nodename}:{os.getpid()}", device=str(self.model.device), dtype=spec.dtype,
-            threads=torch.get_num_threads(), load_seconds=loaded - started,
-            prepare_seconds=time.perf_counter() - loaded,  # waiting for the full actor's preparation
-            versions=library_versions(),
-        )
-
-    def _ablate_to(self, rc: ResolvedConcept, mode: str) -> torch.Tensor:  # [n_layers, d_mlp]
-        return self.prepared_ablate_to[(rc.concept.name, mode)]
 
     def score_table(self, shard: Shard):
         if shard.method != "neat" or shard.layer < self.first_layer:

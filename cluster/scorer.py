@@ -10,15 +10,16 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
-from attribution.ablation import ablation_values, read_reference_texts, reference_means
 from attribution.atp import atp_effects, log_p_gradients
-from attribution.auto_targets import derive_targets
+from attribution.held_weights import hold_in_bf16
+from attribution.lm_head import HeadMomentsCache, head_moments
 from attribution.models import ModelSource, load_model
-from attribution.neat import NEAT_ENGINES, CleanPass, clean_pass, concept_vector
+from attribution.neat import NEAT_ENGINES, CleanPass, placed
 from attribution.neuron_scores import EXTRA_COLUMNS, NeuronScores
 from attribution.placement import Placement
 from cluster.config import MethodOptions
 from cluster.plan import JobPlan, ResolvedConcept, Shard, ablations_for
+from cluster.prepare import PreparedConcepts, prepare_concepts
 from storage.schema import SHARD_SCHEMA
 
 # The value columns of a row, after its key columns; the methods fill what they compute, the rest is null.
@@ -72,6 +73,7 @@ class ConceptSummary:
     target_words: tuple[str, ...]
     base_log_p: float | None  # None for an encoder (no LM head)
     targets_derived: bool = False  # no targets in the concept file: derived from the concept vector
+    baseline: str | None = None  # fingerprint of the clean pass every shard was scored against (prepare.py)
 
 
 @dataclass
@@ -86,56 +88,61 @@ class ScorerInfo:
 
 
 class ShardScorer:
-    def __init__(self, spec: ScorerSpec):
+    """Loads one replica and scores shards. `prepared`: a run's PreparedConcepts (cluster/prepare.py),
+    or on Ray a one-element list holding the ObjectRef of the first actor's `prepared()` (Ray leaves a
+    nested reference unresolved: this actor loads its replica meanwhile, and a restarted actor gets the
+    same reference again); None: this actor prepares the concepts itself (the run's first actor)."""
+
+    def __init__(self, spec: ScorerSpec, prepared: PreparedConcepts | list | None = None):
         started = time.perf_counter()
         # The thread count fixes the float summation order: 1 or N actors give bit-identical scores.
         torch.set_num_threads(spec.threads)
         self.spec = spec
         self.model = load_model(spec.model, device=spec.device, dtype=spec.dtype, placement=spec.placement)
+        if _holds_low_precision(self.model):  # a bf16 checkpoint loaded as is: its forwards read float32
+            hold_in_bf16(self.model)
         loaded = time.perf_counter()
-        self.clean: dict[str, CleanPass] = {}
+        if prepared is None:
+            prepared = prepare_concepts(self.model, spec.concepts, ablations=spec.ablations, dtype=spec.dtype,
+                                        options=spec.method_options)
+        elif isinstance(prepared, list):
+            import ray
+
+            prepared = ray.get(prepared[0])
+        self._prepared = prepared
+        self.concepts = prepared.concepts
+        self.clean: dict[str, CleanPass] = {name: placed(self.model, c) for name, c in prepared.clean.items()}
+        if spec.dtype == "bf16" and self.model.has_lm_head:  # the clean baselines are float32: now hold bf16
+            hold_in_bf16(self.model)
+        # Every shard scores every concept: one concept's moments per concept (d_model^2 floats each).
+        self.head_moments = HeadMomentsCache(capacity=max(1, len(self.concepts)))
         self.grads: dict[str, torch.Tensor] = {}  # concept -> d log p(T) / d a, [n_layers, d_mlp] (AtP)
         self.whole: dict[tuple, NeuronScores] = {}  # (method, concept, layer or None) -> neurons' scores
-        self.concepts = self._with_targets(spec.concepts)  # concepts without targets get derived ones
-        needs_reference = {"mean", "range"} & set(spec.ablations)
-        reference = reference_means(self.model, read_reference_texts()) if needs_reference else None
-        # range ablation sets an activation inside the concept's range to the neutral mean (_ablate_to)
-        self.ablate_to = {mode: ablation_values(self.model, "mean" if mode == "range" else mode, reference)
-                          for mode in spec.ablations}
         self.info = ScorerInfo(
             actor=f"{os.uname().nodename}:{os.getpid()}", device=str(self.model.device), dtype=spec.dtype,
             threads=torch.get_num_threads(), load_seconds=loaded - started,
-            prepare_seconds=time.perf_counter() - loaded,
+            prepare_seconds=time.perf_counter() - loaded,  # preparing, or waiting for the first actor's
             versions=library_versions(),
         )
 
-    def _with_targets(self, concepts: tuple[ResolvedConcept, ...]) -> tuple[ResolvedConcept, ...]:
-        """Compute each concept's vector and clean pass; derive the targets of concepts that have none."""
-        if self.model.arch.encoder:  # no LM head: the probing methods need neither
-            return concepts
-        out = []
-        baseline = None
-        for rc in concepts:
-            vector = concept_vector(self.model, rc.concept.examples, concept=rc.concept.name)
-            if rc.targets.pending:
-                if baseline is None:  # the neutral text's mean hidden state, the same for every concept
-                    baseline = concept_vector(self.model, read_reference_texts(), concept="neutral reference")
-                rc = ResolvedConcept(rc.concept, derive_targets(self.model, vector, baseline, concept=rc.concept.name))
-            self.clean[rc.concept.name] = clean_pass(self.model, vector, rc.targets.ids)
-            out.append(rc)
-        return tuple(out)
+    def prepared(self) -> PreparedConcepts:
+        """The run's preparation on the CPU, for every other actor (cluster/prepare.py)."""
+        return self._prepared
 
-    def prepared(self):
-        """Concepts, clean passes and ablation values on the CPU, for suffix actors (cluster/replicas.py)."""
-        from cluster.replicas import prepared_concepts
-
-        return prepared_concepts(self)
+    def _moments(self, name: str):
+        """The concept's head moments on the head's device (bf16 engine), from the preparation."""
+        def make():
+            ready = self._prepared.moments.get(name)
+            if ready is None:  # prepared for the float32 engine
+                return head_moments(self.model, self.clean[name].resid[-1])
+            return ready.to(self.model.head_device)
+        return self.head_moments.get(name, make)
 
     def describe(self) -> tuple[ScorerInfo, tuple[ConceptSummary, ...]]:
         summaries = tuple(
             ConceptSummary(rc.concept.name, rc.targets.ids, rc.targets.strings, rc.targets.words,
                            self.clean[rc.concept.name].log_p if rc.concept.name in self.clean else None,
-                           rc.targets.derived)
+                           rc.targets.derived, self._prepared.baselines.get(rc.concept.name))
             for rc in self.concepts
         )
         return self.info, summaries
@@ -174,8 +181,9 @@ class ShardScorer:
                 effect = atp_effects(self.grads[name], clean, shard.layer, shard.neurons, ablate_to)
             else:
                 engine = NEAT_ENGINES[self.spec.dtype]  # float32: exact; bf16: difference propagation
+                extra = {"moments": self._moments(name)} if self.spec.dtype == "bf16" else {}
                 effect = engine(self.model, clean, rc.targets.ids, shard.layer, shard.neurons, ablate_to,
-                                batch_rows=self.spec.batch_rows)
+                                batch_rows=self.spec.batch_rows, **extra)
             activation = clean.acts[shard.layer].float().cpu()[index]
             return {"score": effect.abs(), "effect": effect, "activation": activation}
         if shard.method == "neg":
@@ -228,13 +236,8 @@ class ShardScorer:
         return concept_prompts(self.model.tokenizer, rc.concept, rc.targets.ids)
 
     def _ablate_to(self, rc: ResolvedConcept, mode: str) -> torch.Tensor:  # [n_layers, d_mlp]
-        """The value each neuron is set to; range ablation changes only activations inside the concept's range."""
-        if mode != "range":
-            return self.ablate_to[mode]
-        lens = self._whole("neuronlens", rc)
-        acts = self.clean[rc.concept.name].acts.float().cpu()  # [n_layers, d_mlp] on the concept vector
-        inside = (acts >= lens.extra["range_low"]) & (acts <= lens.extra["range_high"])
-        return torch.where(inside, self.ablate_to["range"].cpu(), acts)
+        """The value each neuron is set to (range ablation: only activations inside the concept's range)."""
+        return self._prepared.ablate_to[(rc.concept.name, mode)]
 
     def score(self, shard: Shard) -> ShardResult:
         started = time.perf_counter()
@@ -243,6 +246,11 @@ class ShardScorer:
                            storage_options=self.spec.storage_options)
         return ShardResult(shard.shard_id, path, table.num_rows, len(shard.neurons),
                            time.perf_counter() - started, self.info.actor)
+
+
+def _holds_low_precision(model) -> bool:
+    """Some multiplied weight is held below float32 (a checkpoint loaded in its own bf16)."""
+    return any(p.dtype in (torch.bfloat16, torch.float16) for p in model.hf.parameters())
 
 
 def library_versions() -> dict[str, str]:

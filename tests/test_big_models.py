@@ -196,10 +196,13 @@ def test_70b_example_splits_full_replicas_over_6_gpus_and_gives_late_layers_to_s
         plan_replicas(example_plan(CONFIG_70B, model_dirs["70b"], tmp_path / "a", gpus_per_actor=4))
     with pytest.raises(ConfigError, match="suffix_from_layer.*earliest that fits is 50"):
         plan_replicas(example_plan(CONFIG_70B, model_dirs["70b"], tmp_path / "b", suffix_from_layer=40))
-    # Only the NEAT engines move rows across a split replica's GPUs: other methods are refused up front.
+    # NEAT and AtP (the screen) run on a split replica; other methods are refused up front.
+    screen = resolve_job(apply_overrides(load_job_config(CONFIG_70B), model=str(model_dirs["70b"]),
+                                         atlas=str(tmp_path / "c"), run_id="r", methods=["neat", "atp"]))
+    assert plan_replicas(screen).full.placement.devices == 6
     gradients = resolve_job(apply_overrides(load_job_config(CONFIG_70B), model=str(model_dirs["70b"]),
-                                            atlas=str(tmp_path / "c"), run_id="r", methods=["neat", "atp"]))
-    with pytest.raises(ConfigError, match=r"split over 6 GPUs scores neat only, and methods has \['atp'\]"):
+                                            atlas=str(tmp_path / "d"), run_id="r", methods=["neat", "neurgrad"]))
+    with pytest.raises(ConfigError, match=r"split over 6 GPUs scores neat and atp only, and methods has \['neurgrad'\]"):
         plan_replicas(gradients)
 
 

@@ -98,13 +98,26 @@ def withheld_options(config: JobConfig) -> list[str]:
     return sorted(k for k, v in (redact_options(config.storage_options) or {}).items() if v == REDACTED)
 
 
+def copy_packages(directory: str | Path) -> list[str]:
+    """Copy the project's packages (those this checkout has) into `directory`: the code a cluster's
+    workers import when their image does not have the project. Returns the names copied."""
+    copied = []
+    for name in PACKAGES:
+        if (PROJECT_ROOT / name).is_dir():
+            shutil.copytree(PROJECT_ROOT / name, Path(directory) / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            copied.append(name)
+    return copied
+
+
 def package_job(config: JobConfig, directory: Path) -> str:
-    """Write the job's working directory: the project packages, the config and its concept file.
+    """Write the job's working directory: the project packages (unless cluster.ship_code is false:
+    the cluster's image has them), the config and its concept file.
 
     Returns the config's path relative to `directory`.
     """
-    for name in PACKAGES:
-        shutil.copytree(PROJECT_ROOT / name, directory / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if config.cluster.ship_code:
+        copy_packages(directory)
     job = directory / JOB_DIR
     job.mkdir()
     concepts = config.concepts

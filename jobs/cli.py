@@ -6,6 +6,7 @@ Data goes to stdout (tables, JSON, CSV); progress and messages go to stderr. Exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -149,7 +150,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(describe_plan(plan))
         return 0
     try:
-        summary = run_job(plan)
+        # Ray prints its cluster messages (a dead worker, an infeasible request) to sys.stdout: send
+        # them to stderr, with the progress, so stdout carries only the run's JSON summary.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = run_job(plan)
     except KeyboardInterrupt:
         print(f"\ninterrupted: run {plan.run_id} was not committed; staged shards are kept, "
               f"re-run with --run-id {plan.run_id} to resume", file=sys.stderr)

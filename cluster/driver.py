@@ -183,7 +183,9 @@ def preflight(plan: JobPlan, demands: list[Demand], progress: Progress) -> None:
                                   storage_options=cfg.storage_options)
     if reason:
         raise RunError(f"preflight: {reason}")
-    progress.message(f"preflight: {len(answers)} nodes have the model and can write the staging area")
+    shipped = all("runtime_resources" in answer["code"] for answer in answers)  # Ray's working_dir copies
+    progress.message(f"preflight: {len(answers)} nodes have the model and can write the staging area"
+                     + ("; they run the code shipped with this run" if shipped else ""))
 
 
 def _reserve(pool: Pool, demands: list[Demand], timeout: float) -> None:

@@ -390,6 +390,9 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
         entry = per_actor.setdefault(actor_info.actor, {"shards": 0, "rows": 0, "seconds": 0.0})
         entry.update(load_seconds=round(actor_info.load_seconds, 3),
                      prepare_seconds=round(actor_info.prepare_seconds, 3))
+    for slot in slots:  # which replica each actor held (full or suffix), under its last process's name
+        if slot.name in per_actor:
+            per_actor[slot.name]["kind"] = slot.kind
     for entry in per_actor.values():
         entry["seconds"] = round(entry["seconds"], 3)
         if entry["seconds"]:

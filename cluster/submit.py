@@ -136,7 +136,7 @@ def _client(address: str):
         return JobSubmissionClient(address)
     except AuthenticationError as err:
         raise SubmitError(f"the Ray cluster at {address} refused the request: {_first_line(err)}; {AUTH_HINT}") from None
-    except (ConnectionError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # OSError: requests' ConnectionError too
         raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {_first_line(err)}") from None
 
 
@@ -157,7 +157,11 @@ def _call(address: str, what: str, fn, *args):
         text = str(err)
         if "does not exist" in text or "status code 404" in text:
             raise SubmitError(f"no job {what!r} on the Ray cluster at {address}") from None
+        if isinstance(err, ConnectionError):  # the SDK's "Failed to connect to Ray at address"
+            raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {_first_line(err)}") from None
         raise SubmitError(f"{what}: the Ray cluster at {address} answered: {_first_line(err)}") from None
+    except OSError as err:  # requests' ConnectionError: a head still starting closes connections
+        raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {_first_line(err)}") from None
 
 
 def _existing_job(client, address: str, submission_id: str):
@@ -225,13 +229,18 @@ def submit_job(config: JobConfig, *, address: str, run_id: str | None = None, re
         runtime_env = {"working_dir": tmp, "env_vars": dict(JOB_ENV)}
         placement = entrypoint_options(config)
 
+        tries = []
+
         def send() -> None:
+            tries.append(1)
             try:
                 _call(address, submission_id,
                       lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                                 submission_id=submission_id, **placement,
                                                 metadata={"neuron_atlas_run_id": run_id}))
             except SubmitError as err:
+                if "already exists" in str(err) and len(tries) > 1:
+                    return  # an earlier try reached the head, its answer was lost: that submission stands
                 if "already exists" in str(err):  # submitted by someone else since the check above
                     raise SubmitError(f"run id {run_id!r} was already submitted to the Ray cluster at {address} "
                                       f"(job {submission_id}): choose another --run-id") from None
@@ -285,7 +294,8 @@ def entrypoint_options(config: JobConfig) -> dict:
 def _agent_not_up(err: SubmitError) -> bool:
     """A head that has just started: its dashboard does not answer yet, or its job agent is not up."""
     text = str(err)
-    return "No available agent" in text or text.startswith("cannot reach the Ray Jobs API")
+    return (text.startswith("cannot reach the Ray Jobs API")
+            or any(sign in text for sign in ("No available agent", "status code 502", "status code 503", "status code 504")))
 
 
 def _until_agent(send, address: str, progress: TextIO | None, *, wait: float | None = None) -> None:

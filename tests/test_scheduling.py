@@ -100,8 +100,9 @@ def atlas_rows(atlas: Path, run_id: str):
 
 def faulty_scorer(fault: str, directory: Path, shard_id: str | None = None):
     """A ShardScorer whose faults are real process events. The first actor to start claims
-    `directory/claimed` and is the faulty one ("raise": every shard it scores raises; "exit": it exits
-    for good, no restart, at its first shard); "kill": any actor scoring `shard_id` dies (Ray restarts it).
+    `directory/claimed` and is the faulty one ("raise": every shard it scores raises; "cuda": the same
+    with a sticky CUDA error; "exit": it exits for good, no restart, at its first shard); "kill": any
+    actor scoring `shard_id` dies (Ray restarts it).
     Defined in a function, so Ray ships the class by value."""
     claim = str(directory / "claimed")
 
@@ -117,6 +118,8 @@ def faulty_scorer(fault: str, directory: Path, shard_id: str | None = None):
         def score(self, shard):
             if fault == "raise" and self.faulty:
                 raise RuntimeError("simulated fault of this actor's node")
+            if fault == "cuda" and self.faulty:  # its restart does not claim again: a healthy process
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
             if fault == "exit" and self.faulty:
                 import ray
 
@@ -172,6 +175,15 @@ def test_an_actor_dead_for_good_leaves_a_run_that_completes_on_the_others(refere
     assert sorted(entry["shards"] for entry in actors.values()) == [0, 16]  # the survivor scored them all
 
 
+def test_an_actor_whose_device_broke_is_restarted_and_the_atlas_is_identical(reference, monkeypatch, tmp_path,
+                                                                             tiny_sources):
+    plan, atlas, progress, _ = faulty_run(monkeypatch, tmp_path, tiny_sources, "cuda", "broken-device")
+    driver.run_job(plan, progress_stream=progress)
+    text = progress.getvalue()
+    assert "its device is broken; restarting it" in text and "was restarted as" in text
+    assert atlas_rows(atlas, "broken-device").equals(reference)
+
+
 def test_a_shard_that_kills_every_actor_it_lands_on_fails_the_run_naming_it(local_ray, monkeypatch, tmp_path,
                                                                             tiny_sources):
     plan, atlas, progress, shard_id = faulty_run(monkeypatch, tmp_path, tiny_sources, "kill", "killer-shard")
@@ -204,3 +216,31 @@ def test_the_cli_exits_1_naming_the_missing_gpus(tmp_path, tiny_sources):
     assert "needs 1 GPU per replica (on one node), the cluster has 0 GPUs" in done.stderr
     assert done.stdout == ""  # stdout carries only a run's JSON summary
     assert not (atlas / "neurons").exists()
+
+
+@pytest.mark.parametrize("cluster, message", [
+    ({"ship_code": "no"}, "key 'cluster.ship_code' has value 'no': expected true or false"),
+    ({"placement_timeout_s": 0}, "key 'cluster.placement_timeout_s' has value 0: expected a number > 0"),
+    ({"entrypoint_resources": {"driver": "one"}}, "key 'cluster.entrypoint_resources' has value"),
+])
+def test_bad_cluster_keys_name_the_key(tmp_path, cluster, message):
+    from cluster.config import ConfigError
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "concepts": "c.yaml", "atlas": "a", "cluster": cluster}))
+    with pytest.raises(ConfigError, match=message):
+        load_job_config(path)
+
+
+def test_entrypoint_flags_become_ray_entrypoint_options(tmp_path):
+    from cluster.config import ConfigError
+    from cluster.submit import entrypoint_options, with_entrypoint
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "concepts": "c.yaml", "atlas": "a",
+                                    "cluster": {"entrypoint_resources": {"driver": 1}}}))
+    config = with_entrypoint(load_job_config(path), num_cpus=1, memory_gb=2.5, resources=["gpu_host=0.5"])
+    assert entrypoint_options(config) == {"entrypoint_num_cpus": 1, "entrypoint_memory": 2_500_000_000,
+                                          "entrypoint_resources": {"driver": 1.0, "gpu_host": 0.5}}
+    with pytest.raises(ConfigError, match="has value 'driver': expected NAME=AMOUNT"):
+        with_entrypoint(config, resources=["driver"])

@@ -244,3 +244,30 @@ def test_entrypoint_flags_become_ray_entrypoint_options(tmp_path):
                                           "entrypoint_resources": {"driver": 1.0, "gpu_host": 0.5}}
     with pytest.raises(ConfigError, match="has value 'driver': expected NAME=AMOUNT"):
         with_entrypoint(config, resources=["driver"])
+
+
+def test_submit_retries_while_the_job_agent_starts_and_gives_up_after_its_wait():
+    from cluster.submit import SubmitError, _until_agent
+
+    answers = [SubmitError("early: the Ray cluster at http://h:8265 answered: Request failed with status code 500: "
+                           "No available agent to submit job, please try again later.."),
+               SubmitError("cannot reach the Ray Jobs API at http://h:8265: Connection refused")]
+
+    def send():
+        if answers:
+            raise answers.pop(0)
+        return "submitted"
+
+    progress = io.StringIO()
+    _until_agent(send, "http://h:8265", progress, wait=10)
+    assert not answers and progress.getvalue().count("waiting for the job agent") == 2
+
+    def never():
+        raise SubmitError("cannot reach the Ray Jobs API at http://h:8265: Connection refused")
+
+    started = time.monotonic()
+    with pytest.raises(SubmitError, match="waited [0-9]+ s for the head's job agent"):
+        _until_agent(never, "http://h:8265", None, wait=1.2)
+    assert time.monotonic() - started < 5
+    with pytest.raises(SubmitError, match="refused"):  # other errors are not retried
+        _until_agent(lambda: (_ for _ in ()).throw(SubmitError("the Ray cluster refused the request")), "h", None)

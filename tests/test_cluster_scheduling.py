@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from storage.read import open_neurons, run_metadata
-from test_cluster_jobs import BIN, UNSEEN, _alive_nodes, _http_ok, _stop, free_port
+from test_cluster_jobs import BIN, UNSEEN, _http_ok, _stop, free_port
 
 
 @pytest.fixture()

@@ -40,6 +40,17 @@ class ClusterConfig:
     suffix_from_layer: int | None = None
     gpus_per_suffix_actor: float | None = None  # None: gpus_per_actor
     gpu_memory_gb: float | None = None
+    # Start-up and shipping (README "Cluster preflight"): seconds to wait for the placement groups that
+    # reserve every replica's resources, and for the actors to load their replicas; whether `run
+    # --address` and `submit` ship the project's packages to the cluster (false: its image has them).
+    placement_timeout_s: float = 60.0
+    load_timeout_s: float = 1800.0
+    ship_code: bool = True
+    # Where `submit` places the job's driver (Ray's entrypoint_num_cpus / _memory / _resources); by
+    # default it runs on the head, beside the cluster's control store.
+    entrypoint_num_cpus: float | None = None
+    entrypoint_memory_gb: float | None = None
+    entrypoint_resources: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +181,22 @@ def _parse_cluster(source: str, value: object) -> ClusterConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (positive and v == 0):
                 raise _fail(source, f"cluster.{key}", v, "a number > 0" if positive else "a number >= 0")
             out[key] = v
+    for key in ("placement_timeout_s", "load_timeout_s", "entrypoint_num_cpus", "entrypoint_memory_gb"):
+        v = value.get(key)
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key.endswith("_s") and v == 0):
+                raise _fail(source, f"cluster.{key}", v, "a number > 0" if key.endswith("_s") else "a number >= 0")
+            out[key] = float(v)
+    if "ship_code" in value:
+        if not isinstance(value["ship_code"], bool):
+            raise _fail(source, "cluster.ship_code", value["ship_code"], "true or false")
+        out["ship_code"] = value["ship_code"]
+    if value.get("entrypoint_resources") is not None:
+        v = value["entrypoint_resources"]
+        if not isinstance(v, dict) or not all(isinstance(k, str) and not isinstance(n, bool)
+                                              and isinstance(n, (int, float)) and n >= 0 for k, n in v.items()):
+            raise _fail(source, "cluster.entrypoint_resources", v, "a mapping of resource names to numbers >= 0")
+        out["entrypoint_resources"] = {k: float(n) for k, n in v.items()}
     return ClusterConfig(**out)
 
 

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from cluster.checks import neg_agreement
 from cluster.fingerprint import run_lineage
 from cluster.plan import JobPlan, Shard
+from cluster.pool import (ACTOR_RESTARTS, IN_FLIGHT_PER_ACTOR, SHARD_TRIES, ActorSlot, PoolError,  # noqa: F401
+                          error_line, score_all)
+from cluster.preflight import Demand, check_nodes, check_resources, cluster_nodes
 from cluster.replicas import ReplicaPlan, SuffixScorer, describe_replicas, plan_replicas
 from cluster.screen import screen_report, screen_shards
 from cluster.progress import Progress, format_seconds
@@ -22,13 +27,9 @@ from cluster.scorer import ScorerSpec, ShardResult, ShardScorer
 from storage.commit import commit_staged_run, run_committed, run_recorded
 from storage.staging import claim_staging, delete_staging, read_staged, staged_shards
 
-IN_FLIGHT_PER_ACTOR = 2  # one computing, one queued: no idle gap between shards
-# At-least-once (docs/design.md, "The atlas protocol"). An actor whose process dies (node lost, OOM kill, crash) is
-# restarted up to ACTOR_RESTARTS times and Ray re-runs its unfinished shards on it (max_task_retries);
-# a shard whose code raises is resubmitted by the driver to the next free actor. Either way a shard
-# runs at most SHARD_TRIES times before the run fails, naming it; retried shards rewrite the same file.
-SHARD_TRIES = 3
-ACTOR_RESTARTS = 4
+# At-least-once (docs/design.md, "The atlas protocol"): scheduling, retries on another actor and dead
+# actors are cluster/pool.py's (IN_FLIGHT_PER_ACTOR, SHARD_TRIES, ACTOR_RESTARTS); retried shards
+# rewrite the same staged file.
 
 
 class RunError(RuntimeError):
@@ -60,7 +61,11 @@ def todo_shards(plan: JobPlan) -> tuple[list[Shard], int]:
 
 def _connect_ray(plan: JobPlan) -> bool:
     """Connect to the configured cluster, or to the cluster of the Ray job this driver runs in
-    (RAY_ADDRESS, set by `neuron-atlas submit`), or start a local one; True when this call started Ray."""
+    (RAY_ADDRESS, set by `neuron-atlas submit`), or start a local one; True when this call started Ray.
+
+    Ray's own messages (infeasible resource requests among them) go to stderr at WARNING level; the
+    workers' output stays in Ray's logs, so stdout carries only the run's JSON summary.
+    """
     import ray
 
     if ray.is_initialized():
@@ -73,13 +78,27 @@ def _connect_ray(plan: JobPlan) -> bool:
     env = {"env_vars": env_vars}
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env, logging_level="ERROR", log_to_driver=False)
+        # A cluster this process connects to from outside: ship the project's packages unless the
+        # cluster's image has them (cluster.ship_code: false). A submitted job's driver (RAY_JOB_CONFIG_JSON_ENV_VAR)
+        # runs in the job's working directory, which carries them already.
+        ship = cluster.ship_code and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ
+        code = tempfile.mkdtemp(prefix="neuron-atlas-code-") if ship else None
+        try:
+            if code:
+                from cluster.submit import copy_packages
+
+                copy_packages(code)
+                env["working_dir"] = code
+            ray.init(address=address, runtime_env=env, logging_level="WARNING", log_to_driver=False)
+        finally:
+            if code:
+                shutil.rmtree(code, ignore_errors=True)  # uploaded by ray.init
     else:
         cpus = max(os.cpu_count() or 1, (cluster.actors + cluster.suffix_actors) * cluster.cpus_per_actor)
         # "local": a new cluster of our own, even where `ray start` left its address in /tmp/ray
         # (plain ray.init() would connect there and then refuse num_cpus).
         ray.init(address="local", num_cpus=cpus, num_gpus=None, object_store_memory=256 * 1024**2,
-                 include_dashboard=False, runtime_env=env, logging_level="ERROR", log_to_driver=False)
+                 include_dashboard=False, runtime_env=env, logging_level="WARNING", log_to_driver=False)
     return True
 
 
@@ -108,108 +127,170 @@ def _describe_cluster() -> str:
             f"{res.get('GPU', 0):g} GPUs")
 
 
-def _start_actors(plan: JobPlan, count: int, replicas: ReplicaPlan | None = None, prepared=None):
-    """Full actors; `prepared` is the ObjectRef of the first actor's preparation (None: they prepare)."""
+@dataclass
+class Pool:
+    """The run's actors (full first, then suffix), one placement group each, and what they said at start."""
+
+    actors: list = field(default_factory=list)
+    slots: list[ActorSlot] = field(default_factory=list)
+    placement_groups: list = field(default_factory=list)
+    infos: list = field(default_factory=list)  # (ScorerInfo, concept summaries) of each actor that started
+    prepared: object = None  # ObjectRef of the full replica's preparation the suffix actors hold
+
+    def close(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor)
+        for group in self.placement_groups:
+            remove_placement_group(group)
+
+
+def _demands(plan: JobPlan, replicas: ReplicaPlan, actor_count: int, suffix_count: int) -> list[Demand]:
+    cluster = plan.config.cluster
+    demands = [Demand("full", actor_count, cluster.cpus_per_actor, cluster.gpus_per_actor,
+                      _host_bytes(plan) if not cluster.gpus_per_actor else 0.0)]
+    if suffix_count:
+        demands.append(Demand("suffix", suffix_count, cluster.cpus_per_actor, replicas.suffix.gpus_per_actor))
+    return demands
+
+
+def _host_bytes(plan: JobPlan) -> float:
+    """Host memory of a replica on the CPU (weights and engine caches), 0 when the model's config is not here."""
+    from attribution.models import read_model_config
+    from cluster.capacity import replica_bytes
+
+    try:
+        return float(replica_bytes(read_model_config(plan.model), engine=plan.config.dtype).total)
+    except Exception:  # noqa: BLE001 - an encoder or an architecture the planner does not count: not checked
+        return 0.0
+
+
+def preflight(plan: JobPlan, demands: list[Demand], progress: Progress) -> None:
+    """Before any compute: the cluster holds the replicas, every node that may host one has the model
+    and can write the staging area. Raises RunError naming what is missing."""
     import ray
 
-    cluster = plan.config.cluster
+    nodes = cluster_nodes()
+    reason = check_resources(demands, [node["resources"] for node in nodes])
+    if reason:
+        raise RunError(f"preflight: the plan {reason}")
+    hosts = [node for node in nodes if any(
+        node["resources"].get("CPU", 0) >= d.cpus and node["resources"].get("GPU", 0) >= d.gpus for d in demands)]
+    here = ray.get_runtime_context().get_node_id()
+    if [node["id"] for node in hosts] == [here]:
+        return  # only this machine: the plan resolved the model here and the staging area is claimed
+    cfg = plan.config
+    reason, answers = check_nodes(hosts, model_path=plan.model.path, atlas=cfg.atlas, run_id=plan.run_id,
+                                  storage_options=cfg.storage_options)
+    if reason:
+        raise RunError(f"preflight: {reason}")
+    shipped = all("runtime_resources" in answer["code"] for answer in answers)  # Ray's working_dir copies
+    progress.message(f"preflight: {len(answers)} nodes have the model and can write the staging area"
+                     + ("; they run the code shipped with this run" if shipped else ""))
+
+
+def _reserve(pool: Pool, demands: list[Demand], timeout: float) -> None:
+    """One STRICT_PACK placement group per actor (its CPUs and GPUs on one node), all ready within `timeout`."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    for demand in demands:
+        for _ in range(demand.actors):
+            pool.placement_groups.append(placement_group([demand.bundle()], strategy="STRICT_PACK"))
+    ready = {group.ready(): group for group in pool.placement_groups}
+    _, pending = ray.wait(list(ready), num_returns=len(ready), timeout=timeout)
+    if pending:
+        free = ray.available_resources()
+        shapes = ", ".join(f"{d.actors} x {d.bundle()}" for d in demands if d.actors)
+        raise RunError(f"preflight: {len(pending)} of {len(ready)} replicas ({shapes}) could not be reserved within "
+                       f"{timeout:.0f} s; the cluster has {free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs "
+                       f"free (other jobs may hold the rest; cluster.placement_timeout_s waits longer)")
+
+
+def _actor_options(plan: JobPlan, gpus: float, group) -> dict:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # max_task_retries=0: the driver retries a dead actor's shards itself, on another actor (cluster/pool.py).
+    return dict(num_cpus=plan.config.cluster.cpus_per_actor, num_gpus=gpus, max_restarts=ACTOR_RESTARTS,
+                max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0))
+
+
+def _start_actors(plan: JobPlan, count: int, replicas: ReplicaPlan | None = None, groups=(), prepared=None):
+    """Full actors, one per placement group; `prepared` is the ObjectRef of the first actor's preparation
+    (None: they prepare themselves)."""
+    import ray
+
     spec = ScorerSpec.from_plan(plan)
     if replicas is not None:  # a replica split over the actor's GPUs (cluster/replicas.py)
         spec = replace(spec, placement=replicas.full.placement)
-    remote_cls = ray.remote(
-        num_cpus=cluster.cpus_per_actor, num_gpus=cluster.gpus_per_actor,
-        max_restarts=ACTOR_RESTARTS, max_task_retries=SHARD_TRIES - 1,
-    )(ShardScorer)
-    if prepared is None:
-        return [remote_cls.remote(spec) for _ in range(count)]
-    return [remote_cls.remote(spec, [prepared]) for _ in range(count)]  # nested: loads before it resolves
+    remote_cls = ray.remote(ShardScorer)
+    args = (spec,) if prepared is None else (spec, [prepared])  # nested: the actor loads before it resolves
+    return [remote_cls.options(**_actor_options(plan, plan.config.cluster.gpus_per_actor, group)).remote(*args)
+            for group in list(groups)[:count]]
 
 
-def _start_suffix_actors(plan: JobPlan, count: int, replicas: ReplicaPlan, prepared):
+def _start_suffix_actors(plan: JobPlan, count: int, replicas: ReplicaPlan, prepared, groups=()):
     """Actors holding only layers suffix_from_layer..; `prepared` is the ObjectRef of a full actor's
     concepts, clean passes and ablation values (small CPU tensors), owned by the driver for the run."""
     import ray
 
     spec = replace(ScorerSpec.from_plan(plan), placement=replicas.suffix.placement)
-    remote_cls = ray.remote(
-        num_cpus=plan.config.cluster.cpus_per_actor, num_gpus=replicas.suffix.gpus_per_actor,
-        max_restarts=ACTOR_RESTARTS, max_task_retries=SHARD_TRIES - 1,
-    )(SuffixScorer)
-    return [remote_cls.remote(spec, [prepared]) for _ in range(count)]  # nested: loads before it resolves
+    remote_cls = ray.remote(SuffixScorer)
+    options = lambda group: _actor_options(plan, replicas.suffix.gpus_per_actor, group)  # noqa: E731
+    return [remote_cls.options(**options(group)).remote(spec, [prepared])  # nested: loads before it resolves
+            for group in list(groups)[:count]]
 
 
-@dataclass
-class ActorSlot:
-    """One actor of the pool, across its restarts: when its shards finished and how long they computed."""
-
-    shards: int = 0
-    compute_seconds: float = 0.0
-    busy_until: float = 0.0  # seconds after scoring started when its last shard came back
-
-
-def _score_all(plan: JobPlan, actors, shards: list[Shard], progress: Progress, *, groups: list[str] | None = None,
-               group_of=None) -> tuple[list[ShardResult], list[ActorSlot]]:
-    """Keep IN_FLIGHT_PER_ACTOR shards queued on every actor until all are scored.
-
-    groups[i] names actor i's replica kind and group_of(shard) the kind that scores a shard (suffix
-    actors take the NEAT shards of late layers, cluster/replicas.py); by default one group does all.
-    """
+def _start_pool(plan: JobPlan, replicas: ReplicaPlan, demands: list[Demand], pool: Pool, progress: Progress) -> None:
+    """Reserve every replica, start the actors, wait until they have loaded; drop those that died at start."""
     import ray
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import RayActorError, RayTaskError
 
-    groups = groups or ["full"] * len(actors)
-    route = (lambda shard: group_of(shard) if group_of(shard) in groups else "full") if group_of else (lambda s: "full")
-    queues = {kind: list(reversed([s for s in shards if route(s) == kind])) for kind in set(groups)}
-    in_flight: dict = {}
-    results: list[ShardResult] = []
-    failures: dict[str, int] = {}
-    slots = [ActorSlot() for _ in actors]
-    started = time.perf_counter()
-
-    def submit(index: int) -> None:
-        pending = queues[groups[index]]
-        if pending:
-            shard = pending.pop()
-            in_flight[actors[index].score.remote(shard)] = (index, shard)
-
-    for index in range(len(actors)):
-        for _ in range(IN_FLIGHT_PER_ACTOR):
-            submit(index)
-    while in_flight:
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        index, shard = in_flight.pop(done[0])
+    cluster = plan.config.cluster
+    _reserve(pool, demands, cluster.placement_timeout_s)
+    full, suffix = demands[0].actors, sum(d.actors for d in demands[1:])
+    # One preparation per run (cluster/prepare.py): the first actor's, shared by every other actor.
+    pool.actors += _start_actors(plan, 1, replicas, pool.placement_groups[:1])
+    pool.prepared = pool.actors[0].prepared.remote()  # kept referenced until the run ends (restarts)
+    pool.actors += _start_actors(plan, full - 1, replicas, pool.placement_groups[1:full], pool.prepared)
+    pool.slots += [ActorSlot(kind="full") for _ in range(full)]
+    if suffix:
+        pool.actors += _start_suffix_actors(plan, suffix, replicas, pool.prepared, pool.placement_groups[full:])
+        pool.slots += [ActorSlot(kind="suffix") for _ in range(suffix)]
+    refs = {actor.describe.remote(): index for index, actor in enumerate(pool.actors)}
+    _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=cluster.load_timeout_s)
+    if pending:
+        raise RunError(f"{len(pending)} of {len(refs)} actors did not load their replica within "
+                       f"{cluster.load_timeout_s:.0f} s (cluster.load_timeout_s)")
+    first_error = None
+    for ref, index in refs.items():
         try:
-            result = ray.get(done[0])
-        except RayTaskError as err:  # the shard's code raised: try it again, on whichever actor is free
-            failures[shard.shard_id] = failures.get(shard.shard_id, 0) + 1
-            if failures[shard.shard_id] >= SHARD_TRIES:
-                raise RunError(f"shard {shard.shard_id} failed after {SHARD_TRIES} tries: "
-                               f"{_error_name(err)}: {_first_line(err)}") from err
-            progress.message(f"shard {shard.shard_id} failed (try {failures[shard.shard_id]} of {SHARD_TRIES}): "
-                             f"{_error_name(err)}: {_first_line(err)}; retrying")
-            queues[route(shard)].append(shard)
-            submit(index)
+            info, concepts = ray.get(ref)
+        except (RayActorError, RayTaskError) as err:
+            pool.slots[index].state = "dead"
+            first_error = first_error or err
+            progress.message(f"a {pool.slots[index].kind} actor failed to start and is dropped: {error_line(err)}")
             continue
-        except Exception as err:  # its actor died more often than Ray retries (max_task_retries/max_restarts)
-            raise RunError(f"shard {shard.shard_id} failed: {type(err).__name__}: {_first_line(err)}") from err
-        results.append(result)
-        slot = slots[index]
-        slot.shards += 1
-        slot.compute_seconds += result.seconds
-        slot.busy_until = time.perf_counter() - started
-        progress.update(result.rows, plan.shard_cost(shard))
-        submit(index)
-    return results, slots
+        pool.slots[index].name = info.actor
+        pool.infos.append((info, concepts))
+    if not any(slot.state == "ready" and slot.kind == "full" for slot in pool.slots):
+        raise RunError(f"no actor started: {error_line(first_error)}")
 
 
-def _error_name(err: Exception) -> str:
-    cause = getattr(err, "cause", None)
-    return type(cause).__name__ if cause is not None else type(err).__name__
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[-1] if text else ""
+def _score_all(plan: JobPlan, pool: Pool, shards: list[Shard], progress: Progress,
+               route) -> tuple[list[ShardResult], list[ActorSlot]]:
+    """Score `shards` on the pool (cluster/pool.py); the slots' timings of this pass."""
+    for slot in pool.slots:
+        slot.shards, slot.compute_seconds, slot.busy_until = 0, 0.0, 0.0
+    try:
+        results = score_all(pool.actors, pool.slots, shards, route=route, progress=progress,
+                            shard_cost=plan.shard_cost, restart_timeout=plan.config.cluster.load_timeout_s)
+    except PoolError as err:
+        raise RunError(str(err)) from err
+    return results, [replace(slot) for slot in pool.slots]
 
 
 def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
@@ -237,22 +318,18 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
     )
     started_ray = _connect_ray(plan)
     progress.message(_describe_cluster())
-    actors = []
+    pool = Pool()
     try:
-        # One preparation per run (cluster/prepare.py): the first actor's, shared by every other actor.
-        actors = _start_actors(plan, 1, replicas)
-        prepared = actors[0].prepared.remote()  # kept referenced until the run ends
-        actors += _start_actors(plan, actor_count - 1, replicas, prepared)
-        groups = ["full"] * actor_count
-        if suffix_count:
-            actors += _start_suffix_actors(plan, suffix_count, replicas, prepared)
-            groups += ["suffix"] * suffix_count
-        infos = ray.get([a.describe.remote() for a in actors])
+        demands = _demands(plan, replicas, actor_count, suffix_count)
+        preflight(plan, demands, progress)
+        _start_pool(plan, replicas, demands, pool, progress)
+        infos = pool.infos
         progress.restart()  # rates count scoring time, not Ray start-up and model loading
-        results, slots = _score_all(plan, actors, todo, progress, groups=groups, group_of=replicas.group_of)
+        route = (lambda shard: replicas.group_of(shard)) if suffix_count else (lambda shard: "full")
+        results, slots = _score_all(plan, pool, todo, progress, route)
         progress.close()
         if cfg.method_options.screen_top:  # second pass: exact NEAT on what the AtP pass selected
-            plan, more, more_resumed = _screen_pass(plan, actors, progress_stream, groups, replicas)
+            plan, more, more_resumed = _screen_pass(plan, pool, progress_stream, route)
             results += more
             resumed += more_resumed
         wall = time.perf_counter() - started
@@ -270,8 +347,7 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
 
             record_run_drift(cfg, plan.run_id, stream=progress_stream)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        pool.close()
         if started_ray:
             ray.shutdown()
     seconds = time.perf_counter() - started
@@ -310,8 +386,7 @@ def _check_rows(plan: JobPlan):
                        storage_options=plan.config.storage_options)
 
 
-def _screen_pass(plan: JobPlan, actors, progress_stream, groups: list[str] | None = None,
-                 replicas: ReplicaPlan | None = None) -> tuple[JobPlan, list[ShardResult], int]:
+def _screen_pass(plan: JobPlan, pool: Pool, progress_stream, route) -> tuple[JobPlan, list[ShardResult], int]:
     """Plan the NEAT shards of the AtP screen from the staged AtP rows and score those not staged yet."""
     cfg = plan.config
     atp_ids = [s.shard_id for s in plan.shards if s.method == "atp"]
@@ -322,8 +397,7 @@ def _screen_pass(plan: JobPlan, actors, progress_stream, groups: list[str] | Non
                         cost=sum(plan.shard_cost(s) for s in todo), stream=progress_stream)
     neurons = sum(len(s.neurons) for s in plan.shards if s.method == "neat")
     progress.message(f"AtP screen: exact NEAT on {neurons} neurons in {len(todo)} shards")
-    results, _ = _score_all(plan, actors, todo, progress, groups=groups,
-                            group_of=replicas.group_of if replicas is not None else None)
+    results, _ = _score_all(plan, pool, todo, progress, route)
     progress.close()
     screened = sum(1 for s in plan.shards if s.method == "neat")
     return plan, results, screened - len(todo)
@@ -356,6 +430,9 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
         entry = per_actor.setdefault(actor_info.actor, {"shards": 0, "rows": 0, "seconds": 0.0})
         entry.update(load_seconds=round(actor_info.load_seconds, 3),
                      prepare_seconds=round(actor_info.prepare_seconds, 3))
+    for slot in slots:  # which replica each actor held (full or suffix), under its last process's name
+        if slot.name in per_actor:
+            per_actor[slot.name]["kind"] = slot.kind
     for entry in per_actor.values():
         entry["seconds"] = round(entry["seconds"], 3)
         if entry["seconds"]:

@@ -98,13 +98,26 @@ def withheld_options(config: JobConfig) -> list[str]:
     return sorted(k for k, v in (redact_options(config.storage_options) or {}).items() if v == REDACTED)
 
 
+def copy_packages(directory: str | Path) -> list[str]:
+    """Copy the project's packages (those this checkout has) into `directory`: the code a cluster's
+    workers import when their image does not have the project. Returns the names copied."""
+    copied = []
+    for name in PACKAGES:
+        if (PROJECT_ROOT / name).is_dir():
+            shutil.copytree(PROJECT_ROOT / name, Path(directory) / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            copied.append(name)
+    return copied
+
+
 def package_job(config: JobConfig, directory: Path) -> str:
-    """Write the job's working directory: the project packages, the config and its concept file.
+    """Write the job's working directory: the project packages (unless cluster.ship_code is false:
+    the cluster's image has them), the config and its concept file.
 
     Returns the config's path relative to `directory`.
     """
-    for name in PACKAGES:
-        shutil.copytree(PROJECT_ROOT / name, directory / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if config.cluster.ship_code:
+        copy_packages(directory)
     job = directory / JOB_DIR
     job.mkdir()
     concepts = config.concepts
@@ -123,7 +136,7 @@ def _client(address: str):
         return JobSubmissionClient(address)
     except AuthenticationError as err:
         raise SubmitError(f"the Ray cluster at {address} refused the request: {_first_line(err)}; {AUTH_HINT}") from None
-    except (ConnectionError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # OSError: requests' ConnectionError too
         raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {_first_line(err)}") from None
 
 
@@ -144,7 +157,11 @@ def _call(address: str, what: str, fn, *args):
         text = str(err)
         if "does not exist" in text or "status code 404" in text:
             raise SubmitError(f"no job {what!r} on the Ray cluster at {address}") from None
+        if isinstance(err, ConnectionError):  # the SDK's "Failed to connect to Ray at address"
+            raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {_first_line(err)}") from None
         raise SubmitError(f"{what}: the Ray cluster at {address} answered: {_first_line(err)}") from None
+    except OSError as err:  # requests' ConnectionError: a head still starting closes connections
+        raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {_first_line(err)}") from None
 
 
 def _existing_job(client, address: str, submission_id: str):
@@ -175,7 +192,8 @@ def latest_attempt(client, address: str, run_id: str) -> tuple[str, object] | No
     return found
 
 
-def submit_job(config: JobConfig, *, address: str, run_id: str | None = None, resume: bool = False) -> Submission:
+def submit_job(config: JobConfig, *, address: str, run_id: str | None = None, resume: bool = False,
+               progress: TextIO | None = None) -> Submission:
     """Submit the run to the cluster; the run id is the submission id. A used run id is refused.
 
     `resume`: the run's last submission FAILED or was STOPPED; submit it again as `ID-resume-N` with the
@@ -183,7 +201,9 @@ def submit_job(config: JobConfig, *, address: str, run_id: str | None = None, re
     """
     run_id = run_id or config.run_id or submission_run_id(config)
     config = replace(config, run_id=run_id)
-    client = _client(address)
+    clients: list = []
+    _until_agent(lambda: clients.append(_client(address)), address, progress)  # a head just started: wait
+    client = clients[0]
     latest = latest_attempt(client, address, run_id)
     submission_id = run_id
     if latest is not None:
@@ -207,26 +227,101 @@ def submit_job(config: JobConfig, *, address: str, run_id: str | None = None, re
         config_path = package_job(config, Path(tmp))
         entrypoint = f"python -m jobs.cli run {config_path} --run-id {run_id}"
         runtime_env = {"working_dir": tmp, "env_vars": dict(JOB_ENV)}
-        deadline = time.monotonic() + AGENT_WAIT_SECONDS
-        while True:
+        placement = entrypoint_options(config)
+
+        tries = []
+
+        def send() -> None:
+            tries.append(1)
             try:
                 _call(address, submission_id,
                       lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                                submission_id=submission_id,
+                                                submission_id=submission_id, **placement,
                                                 metadata={"neuron_atlas_run_id": run_id}))
-                break
             except SubmitError as err:
+                if "already exists" in str(err) and len(tries) > 1:
+                    return  # an earlier try reached the head, its answer was lost: that submission stands
                 if "already exists" in str(err):  # submitted by someone else since the check above
                     raise SubmitError(f"run id {run_id!r} was already submitted to the Ray cluster at {address} "
                                       f"(job {submission_id}): choose another --run-id") from None
-                # A head that has just started answers this until its job agent is up.
-                if "No available agent" not in str(err):
-                    raise
-                if time.monotonic() > deadline:
-                    raise SubmitError(f"{err}; the head's job agent is not running: is its port "
-                                      f"(ray start --dashboard-agent-listen-port, default 52365) taken by "
-                                      f"another process on the head?") from None
-                time.sleep(2)
+                raise
+
+        _until_agent(send, address, progress)
+    return Submission(submission_id=submission_id, address=address, entrypoint=entrypoint, run_id=run_id)
+
+
+def with_entrypoint(config: JobConfig, *, num_cpus: float | None = None, memory_gb: float | None = None,
+                    resources: list[str] | None = None) -> JobConfig:
+    """The config with submit's --entrypoint-* flags applied (None: not given); bad values raise ConfigError."""
+    from cluster.config import ConfigError
+
+    source = f"{config.source} (command line)"
+    changes: dict = {}
+    for key, value in (("entrypoint_num_cpus", num_cpus), ("entrypoint_memory_gb", memory_gb)):
+        if value is not None:
+            if value < 0:
+                raise ConfigError(f"config {source}: key 'cluster.{key}' has value {value!r}: expected a number >= 0")
+            changes[key] = value
+    if resources:
+        parsed = dict(config.cluster.entrypoint_resources or {})
+        for item in resources:
+            name, _, amount = item.partition("=")
+            try:
+                value = float(amount)
+            except ValueError:
+                value = -1.0
+            if not name or value < 0:
+                raise ConfigError(f"config {source}: key 'cluster.entrypoint_resources' has value {item!r}: "
+                                  f"expected NAME=AMOUNT with an amount >= 0")
+            parsed[name] = value
+        changes["entrypoint_resources"] = parsed
+    return replace(config, cluster=replace(config.cluster, **changes)) if changes else config
+
+
+def entrypoint_options(config: JobConfig) -> dict:
+    """Where Ray places the job's driver (JobSubmissionClient.submit_job's entrypoint_* arguments):
+    off the head when the config asks for CPUs, memory or a resource only worker nodes have."""
+    cluster, out = config.cluster, {}
+    if cluster.entrypoint_num_cpus:
+        out["entrypoint_num_cpus"] = cluster.entrypoint_num_cpus
+    if cluster.entrypoint_memory_gb:
+        out["entrypoint_memory"] = int(cluster.entrypoint_memory_gb * 1e9)
+    if cluster.entrypoint_resources:
+        out["entrypoint_resources"] = dict(cluster.entrypoint_resources)
+    return out
+
+
+def _agent_not_up(err: SubmitError) -> bool:
+    """A head that has just started: its dashboard does not answer yet, or its job agent is not up."""
+    text = str(err)
+    return (text.startswith("cannot reach the Ray Jobs API")
+            or any(sign in text for sign in ("No available agent", "status code 502", "status code 503", "status code 504")))
+
+
+def _until_agent(send, address: str, progress: TextIO | None, *, wait: float | None = None) -> None:
+    """Call send() until the head's job agent takes the request: retried with backoff (0.5 s doubling to
+    8 s) for up to AGENT_WAIT_SECONDS, with a line on `progress` each time."""
+    wait = AGENT_WAIT_SECONDS if wait is None else wait
+    started = time.monotonic()
+    delay = 0.5
+    while True:
+        try:
+            return send()
+        except SubmitError as err:
+            if not _agent_not_up(err):
+                raise
+            waited = time.monotonic() - started
+            if waited + delay > wait:
+                raise SubmitError(f"{err}; waited {waited:.0f} s for the head's job agent: is the head up, and "
+                                  f"its agent's port (ray start --dashboard-agent-listen-port, default 52365) "
+                                  f"free of other processes?") from None
+            if progress is not None:
+                print(f"waiting for the job agent of the Ray cluster at {address} ({waited:.0f} s of "
+                      f"{wait:.0f}): {_first_line(err)}", file=progress, flush=True)
+            time.sleep(delay)
+            delay = min(2 * delay, 8.0)
+
+
     return Submission(submission_id=submission_id, address=address, entrypoint=entrypoint, run_id=run_id)
 
 

@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--actors", type=int, help="number of actors (model replicas)")
     submit.add_argument("--method", dest="methods", action="append", help="as for run (repeatable)")
     submit.add_argument("--ablation", action="append", help="as for run (repeatable)")
+    submit.add_argument("--entrypoint-num-cpus", type=float,
+                        help="CPUs reserved for the job's driver (cluster.entrypoint_num_cpus; > 0 can place it off the head)")
+    submit.add_argument("--entrypoint-memory-gb", type=float,
+                        help="memory reserved for the job's driver, decimal GB (cluster.entrypoint_memory_gb)")
+    submit.add_argument("--entrypoint-resource", action="append", metavar="NAME=AMOUNT",
+                        help="a custom resource the driver's node must have (repeatable; cluster.entrypoint_resources)")
     status = sub.add_parser("status", help="status of a submitted run (Ray Jobs API)")
     status.add_argument("submission_id", metavar="ID", help="the run id printed by submit")
     status.add_argument("--address", help="Ray Jobs API, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
@@ -211,6 +217,7 @@ def package_version() -> str:
     try:
         return version("neuron-atlas")
     except PackageNotFoundError:
+        from pathlib import Path
 
         text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
         found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', text)
@@ -356,7 +363,7 @@ def _jobs_address(args: argparse.Namespace) -> str:
 def cmd_submit(args: argparse.Namespace) -> int:
     from cluster.config import apply_overrides, load_job_config
     from cluster.plan import check_before_submit
-    from cluster.submit import follow_logs, submit_job, wait_for_job, withheld_options
+    from cluster.submit import follow_logs, submit_job, wait_for_job, with_entrypoint, withheld_options
 
     address = _jobs_address(args)
     config = apply_overrides(
@@ -364,12 +371,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         actors=args.actors, atlas=args.atlas, run_id=args.run_id, methods=args.methods,
         ablation=args.ablation, device=args.device, dtype=args.dtype,
     )
+    config = with_entrypoint(config, num_cpus=args.entrypoint_num_cpus, memory_gb=args.entrypoint_memory_gb,
+                             resources=args.entrypoint_resource)
     if args.resume and not config.run_id:
         raise UsageError("--resume needs the --run-id of the run to resume")
     note = check_before_submit(config)  # a bad layer or concept file exits 2 here, not as a FAILED job
     if note:
         print(f"note: {note}", file=sys.stderr)
-    job = submit_job(config, address=address, resume=args.resume)
+    job = submit_job(config, address=address, resume=args.resume, progress=sys.stderr)
     print(job.submission_id, flush=True)
     if withheld_options(config):
         print(f"warning: storage options {', '.join(withheld_options(config))} are credentials and were not sent "

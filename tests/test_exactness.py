@@ -32,15 +32,23 @@ def neutral_texts(n: int) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")][:n]
 
 
+class _Pairs(dict):
+    """family -> (package SiteModel, naive HF model, naive tokenizer) of the same weights on disk,
+    built on first use (so `-k llama` builds one model)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str):
+        source = save_tiny_model(family, self.root / family, seed=10 + FAMILIES.index(family), bos=True)
+        self[family] = (load_model(source, device="cpu"), *naive_neat.load(source.path))
+        return self[family]
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    """family -> (package SiteModel, naive HF model, naive tokenizer), the same weights on disk."""
-    root = tmp_path_factory.mktemp("exactness")
-    out = {}
-    for seed, family in enumerate(FAMILIES):
-        source = save_tiny_model(family, root / family, seed=10 + seed, bos=True)
-        out[family] = (load_model(source, device="cpu"), *naive_neat.load(source.path))
-    return out
+    return _Pairs(tmp_path_factory.mktemp("exactness"))
 
 
 def assert_close(got: torch.Tensor, expected: list[float] | torch.Tensor, what: str) -> None:

@@ -30,7 +30,7 @@ def test_gradients_equal_central_finite_differences(tiny_sources, tiny_models):
     grads = log_p_gradients(model, clean, targets)  # [n_layers, d_mlp]
     hf64, _ = naive_neat.load(tiny_sources["gpt2"].path, torch.float64)
     vector = clean.vector.double()
-    eps = 1e-3  # float64: truncation error O(eps^2), rounding ~1e-16 / eps
+    eps = 1e-4  # float64: truncation error O(eps^2) ~1e-8, rounding ~1e-16 / eps
 
     def shifted_log_p(layer: int, neuron: int, by: float) -> float:
         def shift(module, args):
@@ -44,9 +44,10 @@ def test_gradients_equal_central_finite_differences(tiny_sources, tiny_models):
         numeric = torch.tensor([(shifted_log_p(layer, n, eps) - shifted_log_p(layer, n, -eps)) / (2 * eps)
                                 for n in neurons], dtype=torch.float64)
         got = grads[layer, list(neurons)].double()
-        assert float(numeric.abs().max()) > 1e-2, "the gradients compared must be far from zero"
+        # the tiny GPT-2's gradients are 1e-4..1e-2 nats per unit: far above float32's ~1e-7 relative error
+        assert float(numeric.abs().max()) > 2e-3, "the gradients compared must be far from zero"
         assert float(torch.nn.functional.cosine_similarity(got, numeric, dim=0)) > 0.9999, layer
-        strong = numeric.abs() > 1e-3
+        strong = numeric.abs() > 5e-4
         assert int(strong.sum()) >= 8, layer
         rel = ((got - numeric).abs() / numeric.abs())[strong]
         assert float(rel.max()) < 1e-3, (layer, float(rel.max()))

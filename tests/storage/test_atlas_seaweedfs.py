@@ -82,6 +82,8 @@ def test_seaweedfs_end_to_end_and_a_server_that_goes_away_mid_run(weed, make_row
     assert atlas_history(uri, options).column("run_id").to_pylist()[:2] == ["r2", "r1"]
 
 
+@pytest.mark.xfail(strict=True, reason="the CLI prints delta-rs's multi-line report (ANSI arrows, the server's XML) "
+                   "for a refused read; one line naming the atlas and the 403 is expected (one-line errors: i13)")
 def test_without_credentials_the_server_refuses_and_the_cli_says_so(weed, make_rows):
     """SeaweedFS checks every request's signature (moto does not): with a wrong secret, an unknown key,
     or no keys at all, the installed CLI exits 2 with one line naming the atlas and the refusal, and
@@ -95,7 +97,7 @@ def test_without_credentials_the_server_refuses_and_the_cli_says_so(weed, make_r
     cases = {
         "wrong secret": ({**s3.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret-0000"}, "SignatureDoesNotMatch"),
         "unknown key": ({**s3.env, "AWS_ACCESS_KEY_ID": "AKIANOTAKEY000000000"}, "InvalidAccessKeyId"),
-        "no keys": (keyless, "403"),  # unsigned: the metadata-service fallback is refused too
+        "no keys": (keyless, "403"),  # no keys: delta-rs asks the metadata service, which refuses too
     }
     query = ["neuron-atlas", "query", "--atlas", uri, "--concept", "royalty", "--top", "3", "--format", "json"]
     for case, (env, reason) in cases.items():
@@ -104,7 +106,7 @@ def test_without_credentials_the_server_refuses_and_the_cli_says_so(weed, make_r
         assert proc.returncode == 2 and proc.stdout == "", (case, proc.returncode, proc.stdout)
         assert len(lines) == 1, (case, proc.stderr)  # one line, not delta-rs's multi-line report
         assert lines[0].startswith("neuron-atlas query: error:") and uri in lines[0], (case, lines[0])
-        assert reason in lines[0], (case, lines[0])
+        assert "403" in lines[0] and reason in lines[0], (case, lines[0])  # why: the server refused
         assert SECRET_KEY not in proc.stderr, case
     proc = subprocess.run(query, capture_output=True, text=True, timeout=120, env={**clean, **s3.env})
     assert proc.returncode == 0, proc.stderr

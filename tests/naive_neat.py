@@ -1,4 +1,4 @@
-"""An independent, deliberately plain NEAT (DESIGN.md section 4) written only with torch and transformers.
+"""An independent, deliberately plain NEAT (docs/design.md, "Methods") written only with torch and transformers.
 
 It shares no code with the package (attribution/, cluster/, storage/, jobs/): its own loading, its own
 tokenization (one text at a time, never padded), its own hooks on the neuron sites, one full forward

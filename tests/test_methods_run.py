@@ -42,6 +42,14 @@ def gradient_run(tmp_path_factory, tiny_sources):
     return open_neurons(str(tmp / "atlas")).to_pyarrow_table(), run_metadata(str(tmp / "atlas"), "grads")
 
 
+def _spearman(a: list[float], b: list[float]) -> float:
+    """1 - 6 sum d^2 / (n (n^2 - 1)); the effects compared have no ties."""
+    assert len(set(a)) == len(a) and len(set(b)) == len(b)
+    rank = lambda xs: {i: r for r, i in enumerate(sorted(range(len(xs)), key=lambda i: xs[i]))}  # noqa: E731
+    ra, rb, n = rank(a), rank(b), len(a)
+    return 1 - 6 * sum((ra[i] - rb[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+
+
 def _of(rows, method: str, concept: str) -> dict[tuple[int, int], dict]:
     part = rows.filter(pc.and_(pc.equal(rows["method"], method), pc.equal(rows["concept"], concept)))
     return {(r["layer"], r["neuron"]): r for r in part.to_pylist()}
@@ -71,7 +79,13 @@ def test_gradient_methods_rows_equal_the_scoring_functions(gradient_run, tiny_mo
         assert sorted(r["rank"] for r in neg.values()) == list(range(1, len(sample) + 1))
     agreement = {c["concept"]: c for c in meta["checks"]["neg_vs_neurgrad"]}
     assert set(agreement) == {"weather", "music"}
-    assert all(c["neurons"] == 12 and -1 <= c["spearman_signed"] <= 1 for c in agreement.values())
+    for concept, check in agreement.items():  # recomputed from the committed rows, by the textbook formula
+        neg, grad = _of(rows, "neg", concept), _of(rows, "neurgrad", concept)
+        keys = sorted(neg)
+        assert check["neurons"] == len(keys) == 12
+        for name, f in (("spearman_signed", lambda x: x), ("spearman_abs", abs)):
+            a, b = [f(neg[k]["effect"]) for k in keys], [f(grad[k]["effect"]) for k in keys]
+            assert check[name] == pytest.approx(round(_spearman(a, b), 4), abs=1e-12), (concept, name)
     assert set(meta["timings"]["methods"]) == {"neurgrad", "neg", "ig"}
 
 

@@ -23,6 +23,7 @@ from storage.read import open_neurons, run_metadata, top_neurons
 from storage.staging import claim_staging
 
 UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
+NEUTRAL = Path(__file__).resolve().parent.parent / "configs" / "reference" / "neutral.txt"
 KEY = ["concept", "ablation", "layer", "neuron"]
 
 
@@ -56,21 +57,27 @@ def test_one_and_two_actors_give_identical_atlases(tmp_path, tiny_sources):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_atlas_scores_equal_an_independent_naive_neat(tmp_path, tiny_sources, family):
+    """Zero and mean ablation through Ray, against naive_neat's effects; its means come from the
+    reference file read and tokenized here, one text at a time."""
     source = tiny_sources[family]
-    plan = resolve_job(make_config(tmp_path, source, atlas=tmp_path / "atlas", run_id="exact", ablation="zero"))
+    plan = resolve_job(make_config(tmp_path, source, atlas=tmp_path / "atlas", run_id="exact"))
     run_job(plan)
     model, tokenizer = naive_neat.load(source.path)
+    lines = [line.strip() for line in NEUTRAL.read_text().splitlines()]
+    means = naive_neat.reference_means(model, tokenizer, [t for t in lines if t and not t.startswith("#")])
     d_mlp = plan.d_mlp
     for concept in load_concept_file(UNSEEN):
-        rows = top_neurons(str(tmp_path / "atlas"), concept=concept.name, top=10_000).to_pylist()
-        assert len(rows) == 2 * d_mlp and [r["rank"] for r in rows] == list(range(1, 2 * d_mlp + 1))
-        assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
-        for layer in (0, 3):
-            expected = naive_neat.effects(model, tokenizer, concept.examples, concept.targets, layer, range(d_mlp))
-            got = {r["neuron"]: r for r in rows if r["layer"] == layer}
-            for neuron, effect in enumerate(expected):
-                assert abs(got[neuron]["effect"] - effect) <= 1e-5 + 1e-4 * abs(effect), (layer, neuron)
-                assert got[neuron]["score"] == pytest.approx(abs(got[neuron]["effect"]))
+        for ablation, neurons in (("zero", range(d_mlp)), ("mean", range(0, d_mlp, 3))):
+            rows = top_neurons(str(tmp_path / "atlas"), concept=concept.name, ablation=ablation, top=10_000).to_pylist()
+            assert len(rows) == 2 * d_mlp and [r["rank"] for r in rows] == list(range(1, 2 * d_mlp + 1))
+            assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
+            for layer in (0, 3):
+                expected = naive_neat.effects(model, tokenizer, concept.examples, concept.targets, layer, neurons,
+                                              means=means if ablation == "mean" else None)
+                got = {r["neuron"]: r for r in rows if r["layer"] == layer}
+                for neuron, effect in zip(neurons, expected):
+                    assert abs(got[neuron]["effect"] - effect) <= 1e-5 + 1e-4 * abs(effect), (ablation, layer, neuron)
+                    assert got[neuron]["score"] == pytest.approx(abs(got[neuron]["effect"]))
 
 
 def test_a_bf16_run_keeps_the_float32_ranking_and_records_its_dtype(tmp_path, tiny_sources):
@@ -134,7 +141,14 @@ def test_run_metadata_records_targets_base_log_p_versions_and_timings(tmp_path, 
     concepts = {c["name"]: c for c in meta["concepts"]}
     assert set(concepts) == {"weather", "music"}
     assert concepts["music"]["target_tokens"][0] == "Ġsong" and len(concepts["music"]["target_ids"]) == 8
-    assert concepts["music"]["base_log_p"] < 0
+    # base log p(T): the clean concept vector's log p of the recorded targets, by an independent forward
+    model, tokenizer = naive_neat.load(tiny_sources["gpt2"].path)
+    for concept in load_concept_file(UNSEEN):
+        recorded = concepts[concept.name]
+        assert recorded["target_ids"] == naive_neat.target_ids(tokenizer, concept.targets)
+        vector = naive_neat.concept_vector(model, tokenizer, concept.examples)
+        expected = naive_neat.log_p(model, vector, recorded["target_ids"])
+        assert recorded["base_log_p"] == pytest.approx(expected, abs=1e-5), concept.name
     assert meta["config"]["layers"] == [0, 3] and meta["dtype"] == "float32" and meta["device"] == "cpu"
     assert {"torch", "transformers", "ray", "deltalake"} <= set(meta["versions"])
     assert meta["timings"]["wall_seconds"] > 0 and meta["timings"]["actors"]

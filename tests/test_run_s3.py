@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pytest
 import yaml
 
@@ -75,12 +76,13 @@ def test_a_run_whose_s3_server_goes_away_fails_and_resumes_when_it_returns(tmp_p
         # Few retries: a refused connection then fails a shard in seconds instead of minutes.
         options = {**weed.s3.storage_options, "max_retries": "1", "retry_timeout": "2s"}
 
-        def plan_for(run_id: str, **extra):
-            path = tmp_path / f"{run_id}.yaml"
+        def plan_for(run_id: str, *, local: bool = False, **extra):
+            path = tmp_path / f"{run_id}{'-local' if local else ''}.yaml"
+            where = {"atlas": str(tmp_path / "undisturbed")} if local else {"atlas": uri, "storage_options": options}
             path.write_text(yaml.safe_dump({
-                "model": tiny_sources["llama"].path, "concepts": str(UNSEEN), "atlas": uri, "run_id": run_id,
+                "model": tiny_sources["llama"].path, "concepts": str(UNSEEN), "run_id": run_id,
                 "ablation": "zero", "batch_rows": 8, "cluster": {"actors": 2, "cpus_per_actor": 1},
-                "storage_options": options, **extra}))
+                **where, **extra}))
             return resolve_job(load_job_config(path))
 
         def staged(run_id: str) -> int:
@@ -117,6 +119,18 @@ def test_a_run_whose_s3_server_goes_away_fails_and_resumes_when_it_returns(tmp_p
             done = staged("cut-off")
             assert 10 <= done < len(plan.shards)
             summary = run_job(plan)
+            # The same plan, undisturbed, into a local atlas: the resumed run's rows must equal its rows.
+            undisturbed = plan_for("cut-off", local=True, layers="all", shard_neurons=4)
+            assert undisturbed.shards == plan.shards
+            run_job(undisturbed)
+        key = ["concept", "ablation", "layer", "neuron"]
+        values = key + ["score", "effect", "rank", "method"]
+        resumed = open_neurons(uri, options).to_pyarrow_table()
+        resumed = resumed.filter(pc.equal(resumed["run_id"], "cut-off")).select(values).sort_by([(k, "ascending") for k in key])
+        expected = open_neurons(str(tmp_path / "undisturbed")).to_pyarrow_table().select(values)
+        expected = expected.sort_by([(k, "ascending") for k in key])
+        assert resumed.num_rows == expected.num_rows == 2 * 4 * 96
+        assert resumed.equals(expected)  # scores by concept, layer and neuron, bit for bit, and their ranks
         meta = run_metadata(uri, "cut-off", options)
         assert summary.version == 2 and meta["shards"]["resumed"] == done
         assert meta["shards"]["computed"] == len(plan.shards) - done

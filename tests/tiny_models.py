@@ -31,11 +31,22 @@ def tiny_config(family: str, vocab_size: int):
     raise ValueError(family)
 
 
-def save_tiny_model(family: str, directory: Path, *, seed: int = 0) -> ModelSource:
-    """A seeded random-weight causal LM with the SmolLM2 tokenizer, as a safetensors directory."""
+def save_tiny_model(family: str, directory: Path, *, seed: int = 0, bos: bool = False) -> ModelSource:
+    """A seeded random-weight causal LM with the SmolLM2 tokenizer, as a safetensors directory.
+
+    bos: the saved tokenizer starts every text with a special BOS token (SmolLM2's adds none), so a
+    mean or concept vector that averages special tokens in differs from one that leaves them out.
+    """
     from transformers import AutoModelForCausalLM
 
     tokenizer = smollm2_tokenizer()
+    if bos:
+        from tokenizers.processors import TemplateProcessing
+
+        token = tokenizer.bos_token
+        tokenizer._tokenizer.post_processor = TemplateProcessing(
+            single=f"{token} $A", pair=f"{token} $A {token} $B",
+            special_tokens=[(token, tokenizer.convert_tokens_to_ids(token))])
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))
     # Random init is small; scale the MLPs up so that single neurons move log p measurably.

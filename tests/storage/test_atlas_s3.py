@@ -82,10 +82,13 @@ def test_stage_commit_and_read_back_through_the_cli(s3, bucket, make_rows, aws_e
     assert SECRET_KEY not in out.out + out.err
 
 
-def test_without_credentials_the_server_refuses_and_the_cli_says_so(s3, bucket, make_rows, monkeypatch, capsys):
+def test_a_refused_read_names_no_secret(s3, bucket, make_rows):
+    """A read that delta-rs refuses before any request (http endpoint, AWS_ALLOW_HTTP=false) keeps the
+    secret out of its error. The server refusing wrong or missing keys is tested on SeaweedFS
+    (test_atlas_seaweedfs.py), which checks signatures; moto does not."""
     uri = f"s3://{bucket}/atlas"
     commit_run(uri, make_rows("r1"), run_id="r1", metadata={}, storage_options=s3.storage_options)
-    options = dict(s3.storage_options, AWS_ALLOW_HTTP="false")  # the endpoint is http: delta-rs must refuse
+    options = dict(s3.storage_options, AWS_ALLOW_HTTP="false")
     with pytest.raises(Exception) as err:
         top_neurons(uri, concept="royalty", storage_options=options)
     assert SECRET_KEY not in str(err.value)
@@ -213,29 +216,69 @@ def test_credentials_stay_out_of_the_atlas(s3, bucket, make_rows):
     assert SECRET_KEY not in repr(config)
 
 
-def test_a_reader_during_a_commit_sees_the_previous_version_or_the_new_one_whole(s3, bucket, make_rows):
+def test_a_reader_during_a_commit_sees_the_previous_version_or_the_new_one_whole(s3, bucket, make_rows, tmp_path):
+    """The commit is held open (a proxy in front of the server holds its log entry's PUT) while a reader
+    reads: the reader runs inside the commit window, after the commit's data files are on the server,
+    and sees the previous version whole; once the log entry lands it sees the new one whole."""
+    import socket
     import threading
+
+    from s3_server import _free_port
 
     uri = f"s3://{bucket}/atlas"
     options = s3.storage_options
     first = make_rows("r1", seed=1)
     commit_run(uri, first, run_id="r1", metadata={}, storage_options=options)
-    second = make_rows("r2", seed=2, layers=4, neurons=2000)
-    done = threading.Event()
+    second = make_rows("r2", seed=2, layers=4, neurons=500)
+    before = [k for k in s3.keys(bucket, "atlas/neurons/") if k.endswith(".parquet")]
+    control = tmp_path / "control"
+    control.mkdir()
+    port = _free_port()
+    proxy = subprocess.Popen([sys.executable, str(TESTS / "held_commit_proxy.py"), s3.endpoint, str(port), str(control)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proxy.poll() is None and time.monotonic() < deadline, "proxy did not start"
+                time.sleep(0.05)
+        outcome = {}
 
-    def write() -> None:
-        try:
-            commit_run(uri, second, run_id="r2", metadata={}, storage_options=options)
-        finally:
-            done.set()
+        def write() -> None:
+            try:
+                outcome["version"] = commit_run(uri, second, run_id="r2", metadata={},
+                                                storage_options=dict(options, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}"))
+            except Exception as err:  # reported by the assertion below
+                outcome["error"] = err
 
-    writer = threading.Thread(target=write)
-    writer.start()
-    seen = []
-    while not done.is_set() or not seen:
-        table = open_neurons(uri, options).to_pyarrow_dataset().to_table(columns=["run_id"])
-        seen.append(table.num_rows)
-    writer.join()
-    seen.append(open_neurons(uri, options).to_pyarrow_dataset().count_rows())
-    assert set(seen) <= {first.num_rows, first.num_rows + second.num_rows}
-    assert seen[-1] == first.num_rows + second.num_rows
+        writer = threading.Thread(target=write)
+        writer.start()
+        deadline = time.monotonic() + 120
+        while not (control / "held").exists():
+            assert writer.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.01)
+        # Inside the window: the commit has started and its new data files are already on the server ...
+        assert "_delta_log/" in (control / "held").read_text()
+        written = [k for k in s3.keys(bucket, "atlas/neurons/") if k.endswith(".parquet")]
+        held = (control / "held").read_text()
+        if "/neurons/" in held:
+            assert len(written) > len(before), (held, written)
+        reads = []
+        for _ in range(3):
+            table = open_neurons(uri, options)
+            reads.append((table.version(), table.to_pyarrow_dataset().count_rows(),
+                          set(table.to_pyarrow_dataset().to_table(columns=["run_id"])["run_id"].to_pylist())))
+            assert writer.is_alive() and "version" not in outcome  # ... and has not returned
+        assert reads == [(1, first.num_rows, {"r1"})] * 3, reads
+        (control / "release").write_text("")
+        writer.join(timeout=120)
+        assert not writer.is_alive() and outcome.get("version") == 2, outcome
+        table = open_neurons(uri, options)
+        assert (table.version(), table.to_pyarrow_dataset().count_rows()) == (2, first.num_rows + second.num_rows)
+    finally:
+        (control / "release").write_text("")
+        proxy.kill()
+        proxy.wait()

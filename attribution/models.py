@@ -98,6 +98,18 @@ def resolve_model_source(spec: str) -> ModelSource:
     return _resolve_cached_hub_id(spec)
 
 
+def architecture_source(spec: str, directory: str) -> ModelSource:
+    """A model that is not on this machine, described by its config.json alone: enough to plan
+    (parameter counts on the meta device, layers, shards), never to score."""
+    if not (Path(directory) / "config.json").is_file():
+        raise ModelError(f"architecture directory {directory!r} has no config.json")
+    return ModelSource(name=model_slug(spec), path=str(Path(directory).resolve()), revision=PLANNED_ONLY)
+
+
+# The revision of a model planned from its architecture alone (--dry-run where its weights are elsewhere).
+PLANNED_ONLY = "not on this machine"
+
+
 def _resolve_cached_hub_id(spec: str) -> ModelSource:
     from huggingface_hub import snapshot_download
 

@@ -72,6 +72,9 @@ class JobConfig:
     # delta-rs/object_store options for the atlas (AWS_ENDPOINT_URL, AWS_REGION, keys...); None: the
     # standard AWS environment and profile chain. Never printed (repr=False) nor stored (snapshot).
     storage_options: dict[str, str] | None = field(default=None, repr=False)
+    # A directory with the model's config.json (geometry only): --dry-run plans from it where the model
+    # itself is not on this machine (configs/cluster/architectures/). Never used to score.
+    architecture: str | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """The config as plain data, for the run's metadata; credentials in storage_options redacted."""
@@ -83,6 +86,8 @@ class JobConfig:
             del data["storage_options"]  # configs without it keep their default run ids
         else:
             data["storage_options"] = redact_options(self.storage_options)
+        if self.architecture is None:
+            del data["architecture"]  # configs without it keep their default run ids
         return data
 
 
@@ -231,6 +236,11 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
             if not _is_int(data[key]) or data[key] < minimum:
                 raise _fail(source, key, data[key], f"an integer >= {minimum}")
             out[key] = data[key]
+    if data.get("architecture") is not None:
+        value = data["architecture"]
+        if not isinstance(value, str) or not value.strip():
+            raise _fail(source, "architecture", value, "a directory holding the model's config.json")
+        out["architecture"] = _resolve_path(base_dir, value.strip())
     if data.get("storage_options") is not None:
         out["storage_options"] = _parse_storage_options(source, data["storage_options"])
     return JobConfig(**out)

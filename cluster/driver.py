@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 
+from attribution.models import PLANNED_ONLY
 from cluster.checks import neg_agreement
 from cluster.plan import JobPlan, Shard
 from cluster.replicas import ReplicaPlan, SuffixScorer, describe_replicas, plan_replicas
@@ -383,6 +384,8 @@ def describe_plan(plan: JobPlan) -> str:
         tokens = ", ".join(f"{w}->{t!r}({i})" for w, t, i in zip(rc.targets.words, rc.targets.strings, rc.targets.ids))
         if plan.encoder:
             tokens = "not used (an encoder: probing methods only)"
+        elif plan.model.revision == PLANNED_ONLY:
+            tokens = f"{len(rc.concept.targets)} words, checked when the job starts (no tokenizer on this machine)"
         elif rc.targets.pending:
             tokens = "none given: derived by each actor from the concept vector (recorded in the run)"
         lines.append(f"  {rc.concept.name:<20} {len(rc.concept.examples)} examples; targets {tokens}")

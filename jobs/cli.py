@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         actors=args.actors, atlas=args.atlas, run_id=args.run_id, methods=args.methods,
         ablation=args.ablation, device=args.device, dtype=args.dtype,
     )
-    plan = resolve_job(config)
+    plan = resolve_job(config, plan_only=args.dry_run)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:

@@ -17,9 +17,9 @@ GB = 10**9
 DTYPE_BYTES = {"float32": 4, "bf16": 2}
 # Per GPU, besides the weights: the CUDA context, cuBLAS workspaces and allocator slack.
 FIXED_OVERHEAD = 2 * GB
-# Per CPU actor: the interpreter with torch, transformers, Ray and pyarrow imported (measured about
-# 0.7 GB resident here, benchmarks/bench_memory.py), with margin for allocator fragmentation.
-PROCESS_OVERHEAD = 1 * GB
+# Per CPU actor: the interpreter with torch, transformers, Ray and pyarrow imported, the tokenizer and
+# allocator slack (measured 0.4-0.45 GB resident here, benchmarks/bench_memory.py), with margin.
+PROCESS_OVERHEAD = 3 * GB // 4
 # The clean forwards over a concept's texts run PREPARE_TEXTS texts at a time (attribution/neat.py
 # text_batches); texts are assumed no longer than PREPARE_TOKENS tokens (the built-in ones: under 30).
 PREPARE_TEXTS = 32
@@ -223,10 +223,11 @@ class ActorMemory:
     peak: int  # the larger of one batch and the clean forwards over texts
     overhead: int
     parameters: int  # of the layers the replica covers (Q and K counted even where not held)
+    loading: int = 0  # CPU: the checkpoint's pages of the held tensors, mapped while they load (safetensors mmap)
 
     @property
     def total(self) -> int:
-        return self.weights + self.moments + self.trajectories + self.peak + self.overhead
+        return self.weights + self.overhead + max(self.moments + self.trajectories + self.peak, self.loading)
 
     @property
     def bytes_per_parameter(self) -> float:
@@ -235,7 +236,8 @@ class ActorMemory:
     def describe(self) -> str:  # "14.1 GB: 2.00 bytes per parameter ..."
         return (f"{self.total / GB:.1f} GB: weights {self.weights / GB:.1f} GB ({self.bytes_per_parameter:.2f} bytes "
                 f"per parameter), head moments {self.moments / GB:.2f} GB, trajectories {self.trajectories / GB:.2f} GB, "
-                f"activations {self.peak / GB:.2f} GB, overhead {self.overhead / GB:.1f} GB")
+                f"activations {self.peak / GB:.2f} GB, overhead {self.overhead / GB:.2f} GB"
+                + (f", or while loading the mapped checkpoint {self.loading / GB:.2f} GB" if self.loading else ""))
 
 
 def actor_memory(config, *, engine: str, batch_rows: int, concepts: int, ablations: int = 1,
@@ -248,9 +250,20 @@ def actor_memory(config, *, engine: str, batch_rows: int, concepts: int, ablatio
     peak = batch_bytes(config, engine=engine, batch_rows=batch_rows)
     if not first_layer:
         peak = max(peak, prepare_bytes(config, engine=engine))
+    # On a CPU the safetensors file is memory-mapped while it loads: its pages of every held tensor are
+    # resident next to the loaded weights until loading ends (on a GPU they are the host's page cache).
+    held_params = covered - (sum(params.unused_at_one_position[first_layer:]) if first_layer else 0)
+    loading = checkpoint_width(config) * held_params if device == "cpu" else 0
     return ActorMemory(weights=held.total, moments=with_moments.total - held.total,
                        trajectories=trajectory_bytes(config, concepts=concepts, ablations=ablations), peak=peak,
-                       overhead=FIXED_OVERHEAD if device == "cuda" else PROCESS_OVERHEAD, parameters=covered)
+                       overhead=FIXED_OVERHEAD if device == "cuda" else PROCESS_OVERHEAD, parameters=covered,
+                       loading=loading)
+
+
+def checkpoint_width(config) -> int:
+    """Bytes per stored weight: 2 for a bf16/float16 checkpoint (config.json torch_dtype), else 4."""
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return 2 if dtype.replace("torch.", "") in ("bfloat16", "float16") else 4
 
 
 def host_bytes(config, *, engine: str, concepts: int, ablations: int = 1) -> int:

@@ -51,6 +51,7 @@ class MethodOptions:
     range_tau: float = 2.0  # NeuronLens: the concept range is mu +- tau * sigma
     screen_top: int = 0  # AtP screen: > 0 scores exact NEAT only on AtP's top-K per concept ...
     screen_sample: int = 256  # ... plus this many random neurons (estimates what the screen misses)
+    bf16_check_sample: int = 512  # dtype bf16: neurons per concept also scored in float32 (checks.bf16; 0: none)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def _parse_method_options(source: str, value: object) -> MethodOptions:
                 raise _fail(source, f"method_options.{key}", item, "a number > 0")
             out[key] = float(item)
             continue
-        minimum = 0 if key == "screen_top" else 1
+        minimum = 0 if key in ("screen_top", "bf16_check_sample") else 1
         if not _is_int(item) or item < minimum:
             raise _fail(source, f"method_options.{key}", item, f"an integer >= {minimum}")
         out[key] = item

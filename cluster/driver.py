@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from attribution.models import PLANNED_ONLY
-from cluster.checks import neg_agreement
+from cluster.checks import bf16_agreement, bf16_sample, neg_agreement
 from cluster.plan import JobPlan, Shard
 from cluster.replicas import ReplicaPlan, SuffixScorer, describe_replicas, plan_replicas
 from cluster.screen import screen_report, screen_shards
@@ -254,6 +254,8 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
         wall = time.perf_counter() - started
         metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall, slots=slots)
         metadata["checks"] = method_checks(plan, rows)
+        if plan.config.dtype == "bf16" and "neat" in plan.config.methods and not plan.encoder:
+            metadata["checks"]["bf16"] = _bf16_check(plan, actors[0], rows)
         if suffix_count:
             metadata["replicas"] = {"suffix_actors": suffix_count, "suffix_from_layer": replicas.suffix_from_layer}
         version = commit_run(cfg.atlas, rows, run_id=plan.run_id, metadata=metadata,
@@ -289,6 +291,18 @@ def _screen_pass(plan: JobPlan, actors, progress_stream, groups: list[str] | Non
     progress.close()
     screened = sum(1 for s in plan.shards if s.method == "neat")
     return plan, results, screened - len(todo)
+
+
+def _bf16_check(plan: JobPlan, actor, rows) -> list[dict]:
+    """Scores a seeded sample of neurons with the float32 engine on one full actor (cluster/checks.py)."""
+    import ray
+
+    count = plan.config.method_options.bf16_check_sample
+    if not count or plan.config.method_options.screen_top:  # a screened run has NEAT rows only where screened
+        return []
+    sample = bf16_sample(plan.layers, plan.d_mlp, count)
+    return bf16_agreement(rows, sample, ray.get(actor.float32_effects.remote(sample)),
+                          ablation=plan.config.ablation[0])
 
 
 def method_checks(plan: JobPlan, rows) -> dict:
@@ -351,6 +365,7 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
         "dtype": info.dtype,
         "threads_per_actor": info.threads,
         "versions": info.versions,
+        "precision": info.precision,
         "shards": {"planned": len(plan.shards), "resumed": resumed, "computed": len(results)},
         "timings": {"wall_seconds": round(wall_seconds, 2),
                     "compute_seconds": round(sum(r.seconds for r in results), 2),

@@ -83,6 +83,7 @@ class ScorerInfo:
     load_seconds: float
     prepare_seconds: float
     versions: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)  # torch's matmul flags in force (attribution/models.py)
 
 
 class ShardScorer:
@@ -106,7 +107,7 @@ class ShardScorer:
             actor=f"{os.uname().nodename}:{os.getpid()}", device=str(self.model.device), dtype=spec.dtype,
             threads=torch.get_num_threads(), load_seconds=loaded - started,
             prepare_seconds=time.perf_counter() - loaded,
-            versions=library_versions(),
+            versions=library_versions(), precision=self.model.precision,
         )
 
     def _with_targets(self, concepts: tuple[ResolvedConcept, ...]) -> tuple[ResolvedConcept, ...]:
@@ -235,6 +236,20 @@ class ShardScorer:
         acts = self.clean[rc.concept.name].acts.float().cpu()  # [n_layers, d_mlp] on the concept vector
         inside = (acts >= lens.extra["range_low"]) & (acts <= lens.extra["range_high"])
         return torch.where(inside, self.ablate_to["range"].cpu(), acts)
+
+    def float32_effects(self, sample: tuple[tuple[int, tuple[int, ...]], ...]) -> dict[str, list[float]]:
+        """concept -> float32 NEAT effects (the exact engine, first ablation mode) of the (layer, neurons)
+        sample, in sample order: what a bf16 run's ranking is checked against (cluster/checks.py)."""
+        from attribution.neat import neat_effects
+
+        mode = self.spec.ablations[0]
+        out = {}
+        for rc in self.concepts:
+            effects = [neat_effects(self.model, self.clean[rc.concept.name], rc.targets.ids, layer, neurons,
+                                    self._ablate_to(rc, mode)[layer], batch_rows=self.spec.batch_rows)
+                       for layer, neurons in sample]
+            out[rc.concept.name] = torch.cat(effects).tolist()
+        return out
 
     def score(self, shard: Shard) -> ShardResult:
         started = time.perf_counter()

@@ -6,7 +6,7 @@ the concepts, score a shard of layer 0) and reports its peak resident set (getru
 planner's estimate must be above it, by at most 25%.
 
     python benchmarks/bench_memory.py                  # ~1B parameters (d_model 2048, 16 layers), float32 engine
-    python benchmarks/bench_memory.py --shape small    # ~0.25B, seconds (what tests/test_memory.py runs)
+    python benchmarks/bench_memory.py --shape small    # ~0.25B (tests/test_memory.py runs the 0.15B "test" shape)
     python benchmarks/bench_memory.py --dtype bf16     # the bf16 engine
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ CONCEPTS = REPO / "tests" / "data" / "unseen_concepts.yaml"
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                num_key_value_heads=16),
+    "test": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=8),
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=8,
                   num_key_value_heads=8),
 }

@@ -16,8 +16,8 @@ from bench_memory import SHAPES, measure, save_random_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def small_llama(tmp_path_factory):  # 0.25 B parameters: 0.5 GB as a bf16 checkpoint, 1 GB as float32
-    return save_random_llama(tmp_path_factory.mktemp("memory") / "llama-small", SHAPES["small"])
+def small_llama(tmp_path_factory):  # 0.15 B parameters: 0.3 GB as a bf16 checkpoint, 0.6 GB as float32
+    return save_random_llama(tmp_path_factory.mktemp("memory") / "llama-test", SHAPES["test"])
 
 
 def test_an_actors_peak_memory_is_within_the_planners_estimate(small_llama):

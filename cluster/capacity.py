@@ -266,6 +266,15 @@ def checkpoint_width(config) -> int:
     return 2 if dtype.replace("torch.", "") in ("bfloat16", "float16") else 4
 
 
+def ray_memory(config, *, engine: str, gpus: float, batch_rows: int, concepts: int, ablations: int = 1,
+               first_layer: int = 0) -> int:
+    """The `memory=` an actor asks Ray for: its whole allocation on a CPU, its host side on GPUs."""
+    if gpus > 0:
+        return host_bytes(config, engine=engine, concepts=concepts, ablations=ablations)
+    return actor_memory(config, engine=engine, batch_rows=batch_rows, concepts=concepts, ablations=ablations,
+                        first_layer=first_layer, device="cpu").total
+
+
 def host_bytes(config, *, engine: str, concepts: int, ablations: int = 1) -> int:
     """Host memory of a GPU actor (its Ray `memory=`): the process, the largest tensor on its way to the
     GPU (weights load tensor by tensor, never the whole model on the host), and CPU copies of trajectories."""

@@ -11,7 +11,8 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 
-from attribution.models import PLANNED_ONLY
+from attribution.models import PLANNED_ONLY, read_model_config
+from cluster.capacity import ray_memory
 from cluster.checks import bf16_agreement, bf16_sample, neg_agreement
 from cluster.plan import JobPlan, Shard
 from cluster.replicas import ReplicaPlan, SuffixScorer, describe_replicas, plan_replicas
@@ -116,9 +117,19 @@ def _start_actors(plan: JobPlan, count: int, replicas: ReplicaPlan | None = None
         spec = replace(spec, placement=replicas.full.placement)
     remote_cls = ray.remote(
         num_cpus=cluster.cpus_per_actor, num_gpus=cluster.gpus_per_actor,
+        memory=_actor_memory(plan, cluster.gpus_per_actor),
         max_restarts=ACTOR_RESTARTS, max_task_retries=SHARD_TRIES - 1,
     )(ShardScorer)
     return [remote_cls.remote(spec) for _ in range(count)]
+
+
+def _actor_memory(plan: JobPlan, gpus: float, *, first_layer: int = 0) -> int | None:
+    """Bytes of host memory an actor reserves from Ray, from the planner (cluster/capacity.py)."""
+    if plan.encoder:  # the planner sizes causal LMs; an encoder's probing methods are small
+        return None
+    return ray_memory(read_model_config(plan.model), engine=plan.config.dtype, gpus=gpus,
+                      batch_rows=plan.config.batch_rows, concepts=len(plan.concepts),
+                      ablations=len(plan.config.ablation), first_layer=first_layer)
 
 
 def _start_suffix_actors(plan: JobPlan, count: int, replicas: ReplicaPlan, prepared):
@@ -129,6 +140,7 @@ def _start_suffix_actors(plan: JobPlan, count: int, replicas: ReplicaPlan, prepa
     spec = replace(ScorerSpec.from_plan(plan), placement=replicas.suffix.placement)
     remote_cls = ray.remote(
         num_cpus=plan.config.cluster.cpus_per_actor, num_gpus=replicas.suffix.gpus_per_actor,
+        memory=_actor_memory(plan, replicas.suffix.gpus_per_actor, first_layer=replicas.suffix_from_layer),
         max_restarts=ACTOR_RESTARTS, max_task_retries=SHARD_TRIES - 1,
     )(SuffixScorer)
     return [remote_cls.remote(spec, [prepared]) for _ in range(count)]  # nested: loads before it resolves

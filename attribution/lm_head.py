@@ -29,9 +29,9 @@ from attribution.models import SiteModel
 # float32 engine's own noise floor (~1e-5) and 10x below the bf16 engine's relative error (~1e-3).
 TAYLOR_ABS = 1e-7
 TAYLOR_REL = 1e-4
-# Vocabulary entries per chunk wherever the head sums over the whole vocabulary (an online logsumexp,
-# the head moments' W^T diag(p) W): [rows, vocab] float32 never exists whole. cluster/capacity.py
-# counts the head's temporaries from this one constant.
+
+# Vocabulary entries per chunk of the head: the largest head temporary is [rows, HEAD_VOCAB_CHUNK]
+# float32 (plus its bf16 logits in the bf16 engine), never [rows, vocab]. The planner counts this.
 HEAD_VOCAB_CHUNK = 16384
 
 

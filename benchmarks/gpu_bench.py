@@ -63,6 +63,10 @@ def bf16_peak(device) -> tuple[float, str]:
     return 2 * size**3 / best[dtype], f"measured {size}^3 {str(dtype).replace('torch.', '')} GEMM"
 
 
+def _significant(x: float) -> float:  # 4 significant digits: a CPU's TFLOP/s are small numbers
+    return float(f"{x:.4g}")
+
+
 def _sync(device) -> None:
     import torch
 
@@ -163,9 +167,9 @@ def section(name: str, device_name: str, tiny: bool) -> dict:
         rows = run_engines(model, [0], neurons, batch_rows=64 if tiny else 4096)
         what = f"random weights, {name} geometry{' (tiny widths)' if tiny else ''}, {n_layers} layers, {neurons} layer-0 neurons"
     for row in rows:
-        row["mfu"] = round(row["tflops"] * 1e12 / peak, 4)
-        row["tflops"] = round(row["tflops"], 3)
-    return {"section": name, "what": what, "device": str(device), "bf16_peak_tflops": round(peak / 1e12, 1),
+        row["mfu"] = _significant(row["tflops"] * 1e12 / peak)
+        row["tflops"] = _significant(row["tflops"])
+    return {"section": name, "what": what, "device": str(device), "bf16_peak_tflops": _significant(peak / 1e12),
             "peak_source": peak_source, "engines": rows}
 
 
@@ -210,7 +214,7 @@ def main() -> None:
             continue
         for row in result["engines"]:
             print(f"{result['section']:<10} {row['engine']:<8} {row['neurons_per_second']:>12,.0f} "
-                  f"{row['tflops']:>9.3f} {100 * row['mfu']:>6.1f}% {row['bytes_per_parameter']:>11.2f}",
+                  f"{row['tflops']:>9.4g} {100 * row['mfu']:>6.1f}% {row['bytes_per_parameter']:>11.2f}",
                   file=sys.stderr)
     if any("error" in r for r in results):
         sys.exit(1)

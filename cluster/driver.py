@@ -1,6 +1,6 @@
 """The Ray driver: start the actor pool, score the shards that are not staged yet, commit the run.
 
-Protocol (DESIGN.md section 7): actors stage one Parquet file per shard at a deterministic name;
+Protocol (docs/design.md, "The atlas protocol"): actors stage one Parquet file per shard at a deterministic name;
 when every planned shard is staged and whole, the driver commits all rows as one atlas version.
 An interrupted run leaves only staged files: re-running the same run id recomputes the rest.
 """
@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
 from attribution.models import PLANNED_ONLY, read_model_config
 from cluster.capacity import ray_memory
 from cluster.checks import bf16_agreement, bf16_sample, neg_agreement
+from cluster.fingerprint import run_lineage
 from cluster.plan import JobPlan, Shard
 from cluster.replicas import ReplicaPlan, SuffixScorer, describe_replicas, plan_replicas
 from cluster.screen import screen_report, screen_shards
 from cluster.progress import Progress, format_seconds
 from cluster.scorer import ScorerSpec, ShardResult, ShardScorer
-from storage.commit import commit_run, run_committed
+from storage.commit import commit_staged_run, run_committed, run_recorded
 from storage.staging import claim_staging, delete_staging, read_staged, staged_shards
 
 IN_FLIGHT_PER_ACTOR = 2  # one computing, one queued: no idle gap between shards
-# At-least-once (DESIGN.md section 6). An actor whose process dies (node lost, OOM kill, crash) is
+# At-least-once (docs/design.md, "The atlas protocol"). An actor whose process dies (node lost, OOM kill, crash) is
 # restarted up to ACTOR_RESTARTS times and Ray re-runs its unfinished shards on it (max_task_retries);
 # a shard whose code raises is resubmitted by the driver to the next free actor. Either way a shard
 # runs at most SHARD_TRIES times before the run fails, naming it; retried shards rewrite the same file.
@@ -226,7 +228,9 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
 
     cfg = plan.config
     if run_committed(cfg.atlas, plan.run_id, storage_options=cfg.storage_options):
-        raise RunError(f"run {plan.run_id!r} is already committed in atlas {cfg.atlas}: choose another --run-id")
+        if run_recorded(cfg.atlas, plan.run_id, storage_options=cfg.storage_options):
+            raise RunError(f"run {plan.run_id!r} is already committed in atlas {cfg.atlas}: choose another --run-id")
+        return _repair_runs_row(plan, progress_stream)
     replicas = plan_replicas(plan)  # raises ConfigError before anything starts when a replica cannot fit
     started = time.perf_counter()
     claim_staging(cfg.atlas, run_id=plan.run_id, fingerprint=plan.fingerprint, storage_options=cfg.storage_options)
@@ -259,20 +263,22 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
             plan, more, more_resumed = _screen_pass(plan, actors, progress_stream, groups, replicas)
             results += more
             resumed += more_resumed
-        rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
-                           storage_options=cfg.storage_options)
-        if rows.num_rows != plan.total_rows:
-            raise RunError(f"run {plan.run_id}: staged {rows.num_rows} rows, planned {plan.total_rows}")
         wall = time.perf_counter() - started
         metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall, slots=slots)
-        metadata["checks"] = method_checks(plan, rows)
+        metadata["checks"] = method_checks(plan, _check_rows(plan))
         if plan.config.dtype == "bf16" and "neat" in plan.config.methods and not plan.encoder:
-            metadata["checks"]["bf16"] = _bf16_check(plan, actors[0], rows)
+            metadata["checks"]["bf16"] = _bf16_check(plan, actors[0])
         if suffix_count:
             metadata["replicas"] = {"suffix_actors": suffix_count, "suffix_from_layer": replicas.suffix_from_layer}
-        version = commit_run(cfg.atlas, rows, run_id=plan.run_id, metadata=metadata,
-                             storage_options=cfg.storage_options)
+        # The streaming reduce: the driver holds one record batch and one ranked group at a time.
+        version = commit_staged_run(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
+                                    metadata=metadata, expected_rows=plan.total_rows,
+                                    storage_options=cfg.storage_options)
         delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
+        if cfg.schedule is not None:  # a scheduled run: compare with the family's previous run (storage/drift.py)
+            from cluster.schedule import record_run_drift
+
+            record_run_drift(cfg, plan.run_id, stream=progress_stream)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -284,6 +290,34 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
                       neurons=sum(len(s.neurons) for s in plan.shards), shards=len(plan.shards),
                       shards_resumed=resumed, seconds=round(seconds, 2),
                       neuron_scores_per_second=round(computed / seconds, 1) if seconds else 0.0)
+
+
+def _repair_runs_row(plan: JobPlan, progress_stream=None) -> RunSummary:
+    """A rerun of a run whose `neurons` commit landed but whose driver died before the runs row."""
+    cfg = plan.config
+    started = time.perf_counter()
+    # The staged record holds the first attempt's metadata; this rerun's is only a fallback.
+    version = commit_staged_run(cfg.atlas, run_id=plan.run_id, shard_ids=[], metadata={"repaired": True},
+                                storage_options=cfg.storage_options)
+    delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
+    print(f"run {plan.run_id}: committed before without its runs row; added the row (atlas version {version})",
+          file=progress_stream or sys.stderr, flush=True)
+    return RunSummary(run_id=plan.run_id, atlas=cfg.atlas, version=version, rows=plan.total_rows,
+                      neurons=sum(len(s.neurons) for s in plan.shards), shards=len(plan.shards),
+                      shards_resumed=len(plan.shards), seconds=round(time.perf_counter() - started, 2),
+                      neuron_scores_per_second=0.0)
+
+
+def _check_rows(plan: JobPlan):
+    """The staged rows the metadata's method checks read (only the methods they compare), else none."""
+    methods = set()
+    if plan.config.method_options.screen_top:
+        methods |= {"atp", "neat"}
+    if {"neurgrad", "neg"} <= set(plan.config.methods):
+        methods |= {"neurgrad", "neg"}
+    ids = [s.shard_id for s in plan.shards if s.method in methods]
+    return read_staged(plan.config.atlas, run_id=plan.run_id, shard_ids=ids,
+                       storage_options=plan.config.storage_options)
 
 
 def _screen_pass(plan: JobPlan, actors, progress_stream, groups: list[str] | None = None,
@@ -305,14 +339,19 @@ def _screen_pass(plan: JobPlan, actors, progress_stream, groups: list[str] | Non
     return plan, results, screened - len(todo)
 
 
-def _bf16_check(plan: JobPlan, actor, rows) -> list[dict]:
-    """Scores a seeded sample of neurons with the float32 engine on one full actor (cluster/checks.py)."""
+def _bf16_check(plan: JobPlan, actor) -> list[dict]:
+    """Scores a seeded sample of neurons with the float32 engine on one full actor (cluster/checks.py),
+    against the staged NEAT rows of the shards holding the sample."""
     import ray
 
     count = plan.config.method_options.bf16_check_sample
     if not count or plan.config.method_options.screen_top:  # a screened run has NEAT rows only where screened
         return []
     sample = bf16_sample(plan.layers, plan.d_mlp, count)
+    picked = {(layer, neuron) for layer, neurons in sample for neuron in neurons}
+    ids = [s.shard_id for s in plan.shards
+           if s.method == "neat" and any((s.layer, neuron) in picked for neuron in s.neurons)]
+    rows = read_staged(plan.config.atlas, run_id=plan.run_id, shard_ids=ids, storage_options=plan.config.storage_options)
     return bf16_agreement(rows, sample, ray.get(actor.float32_effects.remote(sample)),
                           ablation=plan.config.ablation[0])
 
@@ -383,6 +422,7 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
                     "compute_seconds": round(sum(r.seconds for r in results), 2),
                     "actors": per_actor, "methods": by_method, "scheduling": scheduling},
         "warnings": list(plan.warnings),
+        **run_lineage(plan),  # fingerprint (and schedule): why this run happened (cluster/fingerprint.py)
     }
 
 

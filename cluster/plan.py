@@ -20,6 +20,7 @@ from attribution.errors import AttributionError
 from attribution.models import (PLANNED_ONLY, ModelSource, architecture_source, load_tokenizer, read_model_config,
                                 resolve_model_source)
 from attribution.sites import architecture_for, head_macs
+from attribution.weight_files import check_weight_files
 from cluster.config import ConfigError, JobConfig
 
 
@@ -193,7 +194,10 @@ def resolve_job(config: JobConfig, *, plan_only: bool = False) -> JobPlan:
             source = architecture_source(config.model, config.architecture)
         model_config = read_model_config(source)
         arch = architecture_for(model_config.model_type, model_name=source.name)
-        tokenizer = load_tokenizer(source) if source.revision != PLANNED_ONLY else None
+        tokenizer = None
+        if source.revision != PLANNED_ONLY:  # planned from its architecture: no tokenizer, no weights here
+            tokenizer = load_tokenizer(source)
+            check_weight_files(source.path)  # headers only: a corrupt or truncated file fails here, not in an actor
     n_layers = getattr(model_config, "num_hidden_layers", None) or model_config.n_layer
     layers = config.layers if config.layers is not None else tuple(range(n_layers))
     for layer in layers:
@@ -219,6 +223,12 @@ def resolve_job(config: JobConfig, *, plan_only: bool = False) -> JobPlan:
                 targets = resolve_targets(tokenizer, concept)
             warnings.extend(targets.warnings)
             concepts.append(ResolvedConcept(concept, targets))
+    if "selectivity" in config.methods:  # a probe needs texts without the concept
+        lacking = [rc.concept.name for rc in concepts if not rc.concept.negatives]
+        if lacking:
+            raise ConfigError(f"config {config.source}: key 'concepts' has value {config.concepts!r}: method "
+                              f"selectivity needs 'negatives' (texts without the concept) for every concept; "
+                              f"missing for {', '.join(lacking[:10])}")
     macs = arch.block_macs(model_config)
     costs = layer_costs(n_layers, head_macs(model_config) / macs)
     d_mlp = getattr(model_config, "intermediate_size", None) or model_config.n_inner or 4 * model_config.n_embd

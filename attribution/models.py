@@ -98,6 +98,18 @@ def resolve_model_source(spec: str) -> ModelSource:
     return _resolve_cached_hub_id(spec)
 
 
+def architecture_source(spec: str, directory: str) -> ModelSource:
+    """A model that is not on this machine, described by its config.json alone: enough to plan
+    (parameter counts on the meta device, layers, shards), never to score."""
+    if not (Path(directory) / "config.json").is_file():
+        raise ModelError(f"architecture directory {directory!r} has no config.json")
+    return ModelSource(name=model_slug(spec), path=str(Path(directory).resolve()), revision=PLANNED_ONLY)
+
+
+# The revision of a model planned from its architecture alone (--dry-run where its weights are elsewhere).
+PLANNED_ONLY = "not on this machine"
+
+
 def _resolve_cached_hub_id(spec: str) -> ModelSource:
     from huggingface_hub import snapshot_download
 
@@ -232,6 +244,7 @@ class SiteModel:
     dtype: torch.dtype
     blocks: nn.ModuleList = field(init=False)
     bf16: LowPrecisionMatmul = field(init=False, repr=False)  # bf16 weight copies, made on first use
+    precision: dict = field(default_factory=dict)  # torch's matmul / reduction flags in force (pin_precision)
 
     def __post_init__(self) -> None:
         self.blocks = self.arch.blocks(self.hf)
@@ -288,32 +301,73 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def pin_precision(device: torch.device, engine: str) -> dict:
+    """On CUDA the float32 engine computes in full float32: no TF32 matmuls or convolutions, no
+    reduced-precision reductions in fp16/bf16 GEMMs (an environment or library may have switched them
+    on). Returns the flags in force, for the run's metadata."""
+    if device.type == "cuda" and engine == "float32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cuda_matmul_allow_fp16_reduced_precision_reduction":
+            bool(torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction),
+        "cuda_matmul_allow_bf16_reduced_precision_reduction":
+            bool(torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "pinned": device.type == "cuda" and engine == "float32",
+    }
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in (config.json `torch_dtype`; float32 if absent)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+WEIGHTS = ("float32", "checkpoint")
+
+
 def load_model(source: ModelSource, *, device: str = "auto", dtype: str = "float32",
-               placement: "Placement | None" = None) -> SiteModel:
+               placement: "Placement | None" = None, weights: str = "float32") -> SiteModel:
     """Load a resolved model once: safetensors only, no remote code, eval mode, gradients off.
 
+    Every tensor goes from the safetensors file straight to its device in its final dtype, one tensor at
+    a time: the host never holds a float32 copy of the whole model (transformers with a device_map
+    builds the model on the meta device and fills it tensor by tensor). weights: "float32" (what the
+    engines compute with; a bf16 checkpoint is upcast tensor by tensor) or "checkpoint" (the stored
+    dtype, e.g. bf16: what a bf16 engine that holds every weight once loads).
     placement (attribution/placement.py): split the replica over the actor's devices by layer, or hold
     only blocks L.. (a suffix replica); None: the whole model on `device`.
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r} is not one of {', '.join(WEIGHTS)}")
     config = read_model_config(source)
     torch_device = pick_device(device)
+    precision = pin_precision(torch_device, dtype)
     arch = architecture_for(config.model_type, model_name=source.name)
+    held = torch.float32 if weights == "float32" else checkpoint_dtype(config)
     if placement is not None:
         from attribution.placement import load_placed, slot_device
 
-        hf = load_placed(source.path, config, arch, placement, torch_device)
+        hf = load_placed(source.path, config, arch, placement, torch_device, dtype=held)
         first = placement.embed if placement.embed is not None else placement.blocks[placement.first_layer]
         return SiteModel(source=source, hf=hf, tokenizer=load_tokenizer(source), arch=arch,
-                         device=slot_device(first, torch_device), dtype=torch.float32)
-    # Weights stay float32: dtype bf16 runs only the matrix multiplies of differences in bf16 (neat.py).
+                         device=slot_device(first, torch_device), dtype=held, precision=precision)
     # An encoder has no LM head: AutoModel gives the encoder itself (its `base_model` is itself).
     auto = AutoModel if arch.encoder else AutoModelForCausalLM
     hf = auto.from_pretrained(
-        source.path, config=config, dtype=torch.float32, use_safetensors=True,
+        source.path, config=config, dtype=held, use_safetensors=True, device_map={"": torch_device},
         trust_remote_code=False, local_files_only=True,
     )
-    hf.eval().requires_grad_(False).to(torch_device)
+    hf.eval().requires_grad_(False)
     return SiteModel(source=source, hf=hf, tokenizer=load_tokenizer(source), arch=arch,
-                     device=torch_device, dtype=torch.float32)
+                     device=torch_device, dtype=held, precision=precision)

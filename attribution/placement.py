@@ -69,8 +69,9 @@ def slot_device(slot: int, device: torch.device) -> torch.device:
     return torch.device("cuda", slot) if device.type == "cuda" else device
 
 
-def load_placed(path: str, config, arch: Architecture, placement: Placement, device: torch.device) -> nn.Module:
-    """A float32 causal LM with every held tensor on its slot's device and the rest left on meta.
+def load_placed(path: str, config, arch: Architecture, placement: Placement, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM (weights in `dtype`) with every held tensor on its slot's device and the rest left on meta.
 
     A full replica (embed held) gets accelerate's hooks, so its ordinary forward (clean pass, concept
     vector, reference means) moves hidden states between devices; the engine moves its rows itself.
@@ -83,7 +84,7 @@ def load_placed(path: str, config, arch: Architecture, placement: Placement, dev
         raise ModelError(f"placement {placement.describe()} needs {placement.devices} GPUs; "
                          f"this actor sees {torch.cuda.device_count()}")
     with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) computed on the CPU
-        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
     n_layers = len(arch.blocks(hf))
     if len(placement.blocks) != n_layers:
         raise ModelError(f"placement has {len(placement.blocks)} layers; the model has {n_layers}")
@@ -93,7 +94,7 @@ def load_placed(path: str, config, arch: Architecture, placement: Placement, dev
     # a tied pair is one tensor, stored and loaded under the embedding's name
     wanted = {name: slot_device(slot, device) for name, slot in slots.items()
               if slot is not None and not (tied and name == head_weight)}
-    loaded = _load_tensors(Path(path), hf, wanted, set_module_tensor_to_device)
+    loaded = _load_tensors(Path(path), hf, wanted, set_module_tensor_to_device, dtype)
     missing = sorted(set(wanted) - loaded)
     if missing:
         raise ModelError(f"model directory {path}: the safetensors files lack {', '.join(missing[:5])}"
@@ -170,8 +171,9 @@ def _tensor_slots(hf: nn.Module, arch: Architecture, placement: Placement) -> di
     return slots
 
 
-def _load_tensors(path: Path, hf: nn.Module, wanted: dict[str, torch.device], set_tensor) -> set[str]:
-    """Read the wanted tensors from the directory's safetensors files, each onto its device, as float32."""
+def _load_tensors(path: Path, hf: nn.Module, wanted: dict[str, torch.device], set_tensor,
+                  dtype: torch.dtype = torch.float32) -> set[str]:
+    """Read the wanted tensors from the directory's safetensors files, each onto its device, in `dtype`."""
     from safetensors import safe_open
 
     prefix = getattr(hf, "base_model_prefix", "")
@@ -188,7 +190,7 @@ def _load_tensors(path: Path, hf: nn.Module, wanted: dict[str, torch.device], se
                 name = key if key in wanted else f"{prefix}.{key}"
                 if name not in wanted or name in loaded:
                     continue
-                value = handle.get_tensor(key).to(wanted[name], torch.float32)
+                value = handle.get_tensor(key).to(wanted[name], dtype)
                 set_tensor(hf, name, wanted[name], value=value, clear_cache=False)  # no empty_cache per tensor
                 loaded.add(name)
     return loaded

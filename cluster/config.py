@@ -63,6 +63,7 @@ class MethodOptions:
     range_tau: float = 2.0  # NeuronLens: the concept range is mu +- tau * sigma
     screen_top: int = 0  # AtP screen: > 0 scores exact NEAT only on AtP's top-K per concept ...
     screen_sample: int = 256  # ... plus this many random neurons (estimates what the screen misses)
+    bf16_check_sample: int = 512  # dtype bf16: neurons per concept also scored in float32 (checks.bf16; 0: none)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class JobConfig:
     # delta-rs/object_store options for the atlas (AWS_ENDPOINT_URL, AWS_REGION, keys...); None: the
     # standard AWS environment and profile chain. Never printed (repr=False) nor stored (snapshot).
     storage_options: dict[str, str] | None = field(default=None, repr=False)
+    # A directory with the model's config.json (geometry only): --dry-run plans from it where the model
+    # itself is not on this machine (configs/cluster/architectures/). Never used to score.
+    architecture: str | None = None
     # When and on what to re-run this job (cluster/schedule_config.py); None: run on demand only.
     schedule: ScheduleConfig | None = None
 
@@ -97,6 +101,8 @@ class JobConfig:
             del data["storage_options"]  # configs without it keep their default run ids
         else:
             data["storage_options"] = redact_options(self.storage_options)
+        if self.architecture is None:
+            del data["architecture"]  # configs without it keep their default run ids
         if self.schedule is None:
             del data["schedule"]  # configs without one keep their default run ids
         else:
@@ -214,7 +220,7 @@ def _parse_method_options(source: str, value: object) -> MethodOptions:
                 raise _fail(source, f"method_options.{key}", item, "a number > 0")
             out[key] = float(item)
             continue
-        minimum = 0 if key == "screen_top" else 1
+        minimum = 0 if key in ("screen_top", "bf16_check_sample") else 1
         if not _is_int(item) or item < minimum:
             raise _fail(source, f"method_options.{key}", item, f"an integer >= {minimum}")
         out[key] = item
@@ -280,6 +286,11 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
             if not _is_int(data[key]) or data[key] < minimum:
                 raise _fail(source, key, data[key], f"an integer >= {minimum}")
             out[key] = data[key]
+    if data.get("architecture") is not None:
+        value = data["architecture"]
+        if not isinstance(value, str) or not value.strip():
+            raise _fail(source, "architecture", value, "a directory holding the model's config.json")
+        out["architecture"] = _resolve_path(base_dir, value.strip())
     if data.get("storage_options") is not None:
         out["storage_options"] = _parse_storage_options(source, data["storage_options"])
     if data.get("schedule") is not None:

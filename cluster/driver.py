@@ -14,7 +14,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from cluster.checks import neg_agreement
+from attribution.models import PLANNED_ONLY, read_model_config
+from cluster.capacity import ray_memory
+from cluster.checks import bf16_agreement, bf16_sample, neg_agreement
 from cluster.fingerprint import run_lineage
 from cluster.plan import JobPlan, Shard
 from cluster.pool import (ACTOR_RESTARTS, IN_FLIGHT_PER_ACTOR, SHARD_TRIES, ActorSlot, PoolError,  # noqa: F401
@@ -150,21 +152,26 @@ class Pool:
 def _demands(plan: JobPlan, replicas: ReplicaPlan, actor_count: int, suffix_count: int) -> list[Demand]:
     cluster = plan.config.cluster
     demands = [Demand("full", actor_count, cluster.cpus_per_actor, cluster.gpus_per_actor,
-                      _host_bytes(plan) if not cluster.gpus_per_actor else 0.0)]
+                      _actor_memory(plan, cluster.gpus_per_actor))]
     if suffix_count:
-        demands.append(Demand("suffix", suffix_count, cluster.cpus_per_actor, replicas.suffix.gpus_per_actor))
+        demands.append(Demand("suffix", suffix_count, cluster.cpus_per_actor, replicas.suffix.gpus_per_actor,
+                              _actor_memory(plan, replicas.suffix.gpus_per_actor,
+                                            first_layer=replicas.suffix_from_layer)))
     return demands
 
 
-def _host_bytes(plan: JobPlan) -> float:
-    """Host memory of a replica on the CPU (weights and engine caches), 0 when the model's config is not here."""
-    from attribution.models import read_model_config
-    from cluster.capacity import replica_bytes
-
+def _actor_memory(plan: JobPlan, gpus: float, *, first_layer: int = 0) -> int:
+    """Bytes of host memory an actor reserves from Ray (its placement group bundle and its `memory=`), from the
+    planner (cluster/capacity.py): its whole allocation on a CPU, its host side on GPUs; 0 (not reserved) for an
+    encoder, whose probing methods are small, or an architecture the planner does not count."""
+    if plan.encoder:
+        return 0
     try:
-        return float(replica_bytes(read_model_config(plan.model), engine=plan.config.dtype).total)
-    except Exception:  # noqa: BLE001 - an encoder or an architecture the planner does not count: not checked
-        return 0.0
+        return ray_memory(read_model_config(plan.model), engine=plan.config.dtype, gpus=gpus,
+                          batch_rows=plan.config.batch_rows, concepts=len(plan.concepts),
+                          ablations=len(plan.config.ablation), first_layer=first_layer)
+    except Exception:  # noqa: BLE001 - not counted by the planner: not reserved
+        return 0
 
 
 def preflight(plan: JobPlan, demands: list[Demand], progress: Progress) -> None:
@@ -209,16 +216,17 @@ def _reserve(pool: Pool, demands: list[Demand], timeout: float) -> None:
                        f"free (other jobs may hold the rest; cluster.placement_timeout_s waits longer)")
 
 
-def _actor_options(plan: JobPlan, gpus: float, group) -> dict:
+def _actor_options(plan: JobPlan, demand: Demand, group) -> dict:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     # max_task_retries=0: the driver retries a dead actor's shards itself, on another actor (cluster/pool.py).
-    return dict(num_cpus=plan.config.cluster.cpus_per_actor, num_gpus=gpus, max_restarts=ACTOR_RESTARTS,
-                max_task_retries=0,
+    # memory= equals the bundle's, so the actor fits the placement group reserved for it.
+    return dict(num_cpus=demand.cpus, num_gpus=demand.gpus, memory=demand.memory or None,
+                max_restarts=ACTOR_RESTARTS, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0))
 
 
-def _start_actors(plan: JobPlan, count: int, replicas: ReplicaPlan | None = None, groups=(), prepared=None):
+def _start_actors(plan: JobPlan, demand: Demand, replicas: ReplicaPlan | None, groups, prepared=None):
     """Full actors, one per placement group; `prepared` is the ObjectRef of the first actor's preparation
     (None: they prepare themselves)."""
     import ray
@@ -228,20 +236,18 @@ def _start_actors(plan: JobPlan, count: int, replicas: ReplicaPlan | None = None
         spec = replace(spec, placement=replicas.full.placement)
     remote_cls = ray.remote(ShardScorer)
     args = (spec,) if prepared is None else (spec, [prepared])  # nested: the actor loads before it resolves
-    return [remote_cls.options(**_actor_options(plan, plan.config.cluster.gpus_per_actor, group)).remote(*args)
-            for group in list(groups)[:count]]
+    return [remote_cls.options(**_actor_options(plan, demand, group)).remote(*args) for group in groups]
 
 
-def _start_suffix_actors(plan: JobPlan, count: int, replicas: ReplicaPlan, prepared, groups=()):
+def _start_suffix_actors(plan: JobPlan, demand: Demand, replicas: ReplicaPlan, prepared, groups):
     """Actors holding only layers suffix_from_layer..; `prepared` is the ObjectRef of a full actor's
     concepts, clean passes and ablation values (small CPU tensors), owned by the driver for the run."""
     import ray
 
     spec = replace(ScorerSpec.from_plan(plan), placement=replicas.suffix.placement)
     remote_cls = ray.remote(SuffixScorer)
-    options = lambda group: _actor_options(plan, replicas.suffix.gpus_per_actor, group)  # noqa: E731
-    return [remote_cls.options(**options(group)).remote(spec, [prepared])  # nested: loads before it resolves
-            for group in list(groups)[:count]]
+    return [remote_cls.options(**_actor_options(plan, demand, group)).remote(spec, [prepared])  # nested: see above
+            for group in groups]
 
 
 def _start_pool(plan: JobPlan, replicas: ReplicaPlan, demands: list[Demand], pool: Pool, progress: Progress) -> None:
@@ -253,12 +259,12 @@ def _start_pool(plan: JobPlan, replicas: ReplicaPlan, demands: list[Demand], poo
     _reserve(pool, demands, cluster.placement_timeout_s)
     full, suffix = demands[0].actors, sum(d.actors for d in demands[1:])
     # One preparation per run (cluster/prepare.py): the first actor's, shared by every other actor.
-    pool.actors += _start_actors(plan, 1, replicas, pool.placement_groups[:1])
+    pool.actors += _start_actors(plan, demands[0], replicas, pool.placement_groups[:1])
     pool.prepared = pool.actors[0].prepared.remote()  # kept referenced until the run ends (restarts)
-    pool.actors += _start_actors(plan, full - 1, replicas, pool.placement_groups[1:full], pool.prepared)
+    pool.actors += _start_actors(plan, demands[0], replicas, pool.placement_groups[1:full], pool.prepared)
     pool.slots += [ActorSlot(kind="full") for _ in range(full)]
     if suffix:
-        pool.actors += _start_suffix_actors(plan, suffix, replicas, pool.prepared, pool.placement_groups[full:])
+        pool.actors += _start_suffix_actors(plan, demands[1], replicas, pool.prepared, pool.placement_groups[full:])
         pool.slots += [ActorSlot(kind="suffix") for _ in range(suffix)]
     refs = {actor.describe.remote(): index for index, actor in enumerate(pool.actors)}
     _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=cluster.load_timeout_s)
@@ -335,6 +341,9 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
         wall = time.perf_counter() - started
         metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall, slots=slots)
         metadata["checks"] = method_checks(plan, _check_rows(plan))
+        if plan.config.dtype == "bf16" and "neat" in plan.config.methods and not plan.encoder:
+            checker = next(a for a, slot in zip(pool.actors, pool.slots) if slot.kind == "full" and slot.state == "ready")
+            metadata["checks"]["bf16"] = _bf16_check(plan, checker)
         if suffix_count:
             metadata["replicas"] = {"suffix_actors": suffix_count, "suffix_from_layer": replicas.suffix_from_layer}
         # The streaming reduce: the driver holds one record batch and one ranked group at a time.
@@ -403,6 +412,23 @@ def _screen_pass(plan: JobPlan, pool: Pool, progress_stream, route) -> tuple[Job
     return plan, results, screened - len(todo)
 
 
+def _bf16_check(plan: JobPlan, actor) -> list[dict]:
+    """Scores a seeded sample of neurons with the float32 engine on one full actor (cluster/checks.py),
+    against the staged NEAT rows of the shards holding the sample."""
+    import ray
+
+    count = plan.config.method_options.bf16_check_sample
+    if not count or plan.config.method_options.screen_top:  # a screened run has NEAT rows only where screened
+        return []
+    sample = bf16_sample(plan.layers, plan.d_mlp, count)
+    picked = {(layer, neuron) for layer, neurons in sample for neuron in neurons}
+    ids = [s.shard_id for s in plan.shards
+           if s.method == "neat" and any((s.layer, neuron) in picked for neuron in s.neurons)]
+    rows = read_staged(plan.config.atlas, run_id=plan.run_id, shard_ids=ids, storage_options=plan.config.storage_options)
+    return bf16_agreement(rows, sample, ray.get(actor.float32_effects.remote(sample)),
+                          ablation=plan.config.ablation[0])
+
+
 def method_checks(plan: JobPlan, rows) -> dict:
     """Agreement between methods of the run that estimate the same thing (stored in its metadata)."""
     checks = {}
@@ -466,6 +492,7 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
         "dtype": info.dtype,
         "threads_per_actor": info.threads,
         "versions": info.versions,
+        "precision": info.precision,
         "shards": {"planned": len(plan.shards), "resumed": resumed, "computed": len(results)},
         "timings": {"wall_seconds": round(wall_seconds, 2),
                     "compute_seconds": round(sum(r.seconds for r in results), 2),
@@ -500,6 +527,8 @@ def describe_plan(plan: JobPlan) -> str:
         tokens = ", ".join(f"{w}->{t!r}({i})" for w, t, i in zip(rc.targets.words, rc.targets.strings, rc.targets.ids))
         if plan.encoder:
             tokens = "not used (an encoder: probing methods only)"
+        elif plan.model.revision == PLANNED_ONLY:
+            tokens = f"{len(rc.concept.targets)} words, checked when the job starts (no tokenizer on this machine)"
         elif rc.targets.pending:
             tokens = "none given: derived by each actor from the concept vector (recorded in the run)"
         lines.append(f"  {rc.concept.name:<20} {len(rc.concept.examples)} examples; targets {tokens}")

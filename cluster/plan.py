@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 
 from attribution.concepts import Concept, TargetTokens, load_concept_file, resolve_targets
 from attribution.errors import AttributionError
-from attribution.models import ModelSource, load_tokenizer, read_model_config, resolve_model_source
+from attribution.models import (PLANNED_ONLY, ModelSource, architecture_source, load_tokenizer, read_model_config,
+                                resolve_model_source)
 from attribution.sites import architecture_for, head_macs
 from attribution.weight_files import check_weight_files
 from cluster.config import ConfigError, JobConfig
@@ -178,14 +179,25 @@ def check_before_submit(config: JobConfig) -> str | None:
     return None
 
 
-def resolve_job(config: JobConfig) -> JobPlan:
-    """Check the config against the model (config + tokenizer, no weights) and plan the shards."""
+def resolve_job(config: JobConfig, *, plan_only: bool = False) -> JobPlan:
+    """Check the config against the model (config + tokenizer, no weights) and plan the shards.
+
+    plan_only (--dry-run): a model that is not on this machine is planned from the config's
+    `architecture` (its config.json); its target words are then left for the cluster to check.
+    """
     with config_value(config, "model", config.model):
-        source = resolve_model_source(config.model)
+        try:
+            source = resolve_model_source(config.model)
+        except AttributionError:
+            if not (plan_only and config.architecture):
+                raise
+            source = architecture_source(config.model, config.architecture)
         model_config = read_model_config(source)
         arch = architecture_for(model_config.model_type, model_name=source.name)
-        tokenizer = load_tokenizer(source)
-        check_weight_files(source.path)  # headers only: a corrupt or truncated file fails here, not in an actor
+        tokenizer = None
+        if source.revision != PLANNED_ONLY:  # planned from its architecture: no tokenizer, no weights here
+            tokenizer = load_tokenizer(source)
+            check_weight_files(source.path)  # headers only: a corrupt or truncated file fails here, not in an actor
     n_layers = getattr(model_config, "num_hidden_layers", None) or model_config.n_layer
     layers = config.layers if config.layers is not None else tuple(range(n_layers))
     for layer in layers:
@@ -205,7 +217,10 @@ def resolve_job(config: JobConfig) -> JobPlan:
     with config_value(config, "concepts", config.concepts):
         for concept in load_concept_file(config.concepts):
             # An encoder's probing methods read activations only: target words play no part.
-            targets = TargetTokens((), (), ()) if arch.encoder else resolve_targets(tokenizer, concept)
+            if arch.encoder or tokenizer is None:
+                targets = TargetTokens((), (), ())
+            else:
+                targets = resolve_targets(tokenizer, concept)
             warnings.extend(targets.warnings)
             concepts.append(ResolvedConcept(concept, targets))
     if "selectivity" in config.methods:  # a probe needs texts without the concept

@@ -19,11 +19,12 @@ class Demand:
     actors: int
     cpus: float
     gpus: float
-    memory: float = 0.0  # host bytes one actor needs at least (checked, not reserved): 0 when unknown
+    memory: float = 0.0  # host bytes one actor reserves (the planner's estimate): 0 when unknown
 
     def bundle(self) -> dict[str, float]:
         """The placement group bundle of one actor: what Ray reserves for it on one node."""
-        return {name: value for name, value in (("CPU", self.cpus), ("GPU", self.gpus)) if value}
+        return {name: value for name, value in (("CPU", self.cpus), ("GPU", self.gpus), ("memory", self.memory))
+                if value}
 
 
 def _amount(resource: str, value: float) -> str:
@@ -38,7 +39,7 @@ def check_resources(demands: list[Demand], nodes: list[dict[str, float]]) -> str
 
     nodes: the total resources of each alive node (Ray's "CPU", "GPU", "memory"). A replica must fit one
     node (its placement group is STRICT_PACK); all replicas together must fit the nodes (first fit,
-    largest first). Memory is checked per replica only: actors do not reserve it.
+    largest first). Memory counts per replica and in total: actors reserve it.
     """
     demands = [d for d in demands if d.actors > 0]
     totals = {r: sum(n.get(r, 0.0) for n in nodes) for r in ("CPU", "GPU", "memory")}

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from attribution.models import read_model_config
 from attribution.placement import Placement
-from cluster.capacity import (GB, activation_bytes, first_fitting_layer, gpus_needed, replica_bytes,
-                              split_layers)
+from cluster.capacity import (GB, ActorMemory, activation_bytes, actor_memory, first_fitting_layer, gpus_needed,
+                              replica_bytes, split_layers)
 from cluster.config import ConfigError
 from cluster.plan import JobPlan, Shard
 from cluster.prepare import PreparedConcepts
@@ -36,8 +36,9 @@ class ReplicaGroup:
     actors: int
     gpus_per_actor: float
     placement: Placement | None  # None: the whole model on the actor's one device
-    device_bytes: tuple[int, ...]  # weights and engine caches per device (cluster/capacity.py)
-    headroom: int  # activations and CUDA overhead reserved on every device
+    device_bytes: tuple[int, ...]  # weights, engine caches and head moments per device (cluster/capacity.py)
+    headroom: int  # activations, trajectories and CUDA overhead reserved on every device
+    memory: ActorMemory | None = None  # the replica's allocation by part (bytes per parameter...)
 
     @property
     def first_layer(self) -> int:
@@ -76,10 +77,12 @@ def plan_replicas(plan: JobPlan, *, model_config=None) -> ReplicaPlan:
     model_config = model_config if model_config is not None else read_model_config(plan.model)
     engine = cfg.dtype
     gpu_memory = cluster.gpu_memory_gb * GB if cluster.gpu_memory_gb else None
-    headroom = activation_bytes(model_config, engine=engine, batch_rows=cfg.batch_rows)
+    concepts, ablations = len(plan.concepts), len(cfg.ablation)
+    headroom = activation_bytes(model_config, engine=engine, batch_rows=cfg.batch_rows, concepts=concepts,
+                                ablations=ablations)
     name = plan.model.name
 
-    full_bytes = replica_bytes(model_config, engine=engine)
+    full_bytes = replica_bytes(model_config, engine=engine, concepts=concepts)
     devices = _devices(cfg.source, "cluster.gpus_per_actor", cluster.gpus_per_actor)
     needed = gpus_needed(full_bytes, gpu_memory=gpu_memory, headroom=headroom) if gpu_memory else None
     if devices > plan.n_layers:
@@ -94,14 +97,19 @@ def plan_replicas(plan: JobPlan, *, model_config=None) -> ReplicaPlan:
     if gpu_memory and cluster.gpus_per_actor > 0:
         usable = gpu_memory * min(1.0, cluster.gpus_per_actor)
         if max(split.device_bytes) + headroom > usable:
+            slot = split.device_bytes.index(max(split.device_bytes))
             raise ConfigError(
                 f"config {cfg.source}: key 'cluster.gpus_per_actor' has value {cluster.gpus_per_actor}: a full "
-                f"replica of {name} ({full_bytes.total / GB:.1f} GB with {engine} engine caches, plus "
-                f"{headroom / GB:.1f} GB per GPU for {cfg.batch_rows}-row batches) does not fit "
-                f"{devices} GPU(s) of {cluster.gpu_memory_gb} GB: it needs {needed or 'more than 64'}")
+                f"replica of {name} does not fit: device cuda:{slot} would hold "
+                f"{split.device_bytes[slot] / GB:.1f} GB ({engine} weights, engine caches"
+                f"{', head moments' if slot == devices - 1 and engine == 'bf16' else ''}) + {headroom / GB:.1f} GB "
+                f"headroom ({cfg.batch_rows}-row batches, {concepts} concepts' trajectories, CUDA overhead) = "
+                f"{(split.device_bytes[slot] + headroom) / GB:.1f} GB > {usable / GB:g} GB; "
+                f"it needs {needed or 'more than 64'} GPU(s)")
+    memory = dict(engine=engine, batch_rows=cfg.batch_rows, concepts=concepts, ablations=ablations)
     full = ReplicaGroup("full", cluster.actors, cluster.gpus_per_actor,
                         Placement.from_ranges(split.ranges, plan.n_layers) if devices > 1 else None,
-                        split.device_bytes, headroom)
+                        split.device_bytes, headroom, actor_memory(model_config, **memory))
 
     if not cluster.suffix_actors:
         if cluster.suffix_from_layer is not None:
@@ -114,9 +122,12 @@ def plan_replicas(plan: JobPlan, *, model_config=None) -> ReplicaPlan:
     gpus = cluster.gpus_per_suffix_actor if cluster.gpus_per_suffix_actor is not None else cluster.gpus_per_actor
     suffix_devices = _devices(cfg.source, "cluster.gpus_per_suffix_actor", gpus)
     earliest = 1
+    suffix_headroom = activation_bytes(model_config, engine=engine, batch_rows=cfg.batch_rows, concepts=concepts,
+                                       ablations=ablations, prepares=False)  # a suffix never runs texts
     if gpu_memory and gpus > 0:
         earliest = first_fitting_layer(model_config, engine=engine, devices=suffix_devices,
-                                       gpu_memory=gpu_memory * min(1.0, gpus), headroom=headroom)
+                                       gpu_memory=gpu_memory * min(1.0, gpus), headroom=suffix_headroom,
+                                       concepts=concepts)
         if earliest is None:
             raise ConfigError(f"config {cfg.source}: key 'cluster.gpus_per_suffix_actor' has value {gpus}: "
                               f"not even the last layer of {name} fits {suffix_devices} GPU(s) of "
@@ -133,10 +144,12 @@ def plan_replicas(plan: JobPlan, *, model_config=None) -> ReplicaPlan:
     if plan.n_layers - layer < suffix_devices:
         raise ConfigError(f"config {cfg.source}: key 'cluster.gpus_per_suffix_actor' has value {gpus}: more GPUs "
                           f"than the {plan.n_layers - layer} layers of a suffix from layer {layer}")
-    suffix_split = split_layers(replica_bytes(model_config, engine=engine, first_layer=layer), suffix_devices)
+    suffix_split = split_layers(replica_bytes(model_config, engine=engine, first_layer=layer, concepts=concepts),
+                                suffix_devices)
     suffix = ReplicaGroup("suffix", cluster.suffix_actors, gpus,
                           Placement.from_ranges(suffix_split.ranges, plan.n_layers, suffix=True),
-                          suffix_split.device_bytes, headroom)
+                          suffix_split.device_bytes, suffix_headroom,
+                          actor_memory(model_config, first_layer=layer, **memory))
     return ReplicaPlan(full, suffix, gpu_memory, needed)
 
 
@@ -184,10 +197,20 @@ def describe_replicas(plan: JobPlan, replicas: ReplicaPlan) -> list[str]:
         split = group.placement is not None and group.placement.devices > 1
         where = group.placement.describe() if split else "one device"
         memory = ", ".join(f"{size / GB:.1f}" for size in group.device_bytes)
-        lines.append(f"replicas    {group.kind}: {group.actors} actors x {group.gpus_per_actor:g} GPU, {layers} "
+        kind = "split" if split and group.kind == "full" else group.kind
+        lines.append(f"replicas    {kind}: {group.actors} actors x {group.gpus_per_actor:g} GPU, {layers} "
                      f"({where}); {shards} shards, {100 * cost / total:.1f}% of the cost")
-        lines.append(f"  memory    {memory} GB per device + {group.headroom / GB:.1f} GB headroom"
-                     + (f" (of {replicas.gpu_memory / GB:g} GB)" if replicas.gpu_memory else ""))
+        if group.memory is not None:
+            parts = group.memory
+            lines.append(f"  weights   {parts.bytes_per_parameter:.2f} bytes per parameter ({dtype} engine); "
+                         f"head moments of {len(plan.concepts)} concepts {parts.moments / GB:.2f} GB "
+                         f"(on the head's device)")
+            lines.append(f"  memory    {memory} GB per device + {group.headroom / GB:.1f} GB headroom (activations "
+                         f"{parts.peak / GB:.1f}, trajectories {parts.trajectories / GB:.2f}, CUDA {parts.overhead / GB:.0f})"
+                         + (f" of {replicas.gpu_memory / GB:g} GB" if replicas.gpu_memory else ""))
+        else:
+            lines.append(f"  memory    {memory} GB per device + {group.headroom / GB:.1f} GB headroom"
+                         + (f" (of {replicas.gpu_memory / GB:g} GB)" if replicas.gpu_memory else ""))
     if replicas.full_gpus_needed:
         lines.append(f"  capacity  a full replica ({dtype} engine) needs {replicas.full_gpus_needed} GPU(s) of "
                      f"{replicas.gpu_memory / GB:g} GB")

@@ -85,6 +85,7 @@ class ScorerInfo:
     load_seconds: float
     prepare_seconds: float
     versions: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)  # torch's matmul flags in force (attribution/models.py)
 
 
 class ShardScorer:
@@ -122,7 +123,7 @@ class ShardScorer:
             actor=f"{os.uname().nodename}:{os.getpid()}", device=str(self.model.device), dtype=spec.dtype,
             threads=torch.get_num_threads(), load_seconds=loaded - started,
             prepare_seconds=time.perf_counter() - loaded,  # preparing, or waiting for the first actor's
-            versions=library_versions(),
+            versions=library_versions(), precision=self.model.precision,
         )
 
     def prepared(self) -> PreparedConcepts:
@@ -238,6 +239,20 @@ class ShardScorer:
     def _ablate_to(self, rc: ResolvedConcept, mode: str) -> torch.Tensor:  # [n_layers, d_mlp]
         """The value each neuron is set to (range ablation: only activations inside the concept's range)."""
         return self._prepared.ablate_to[(rc.concept.name, mode)]
+
+    def float32_effects(self, sample: tuple[tuple[int, tuple[int, ...]], ...]) -> dict[str, list[float]]:
+        """concept -> float32 NEAT effects (the exact engine, first ablation mode) of the (layer, neurons)
+        sample, in sample order: what a bf16 run's ranking is checked against (cluster/checks.py)."""
+        from attribution.neat import neat_effects
+
+        mode = self.spec.ablations[0]
+        out = {}
+        for rc in self.concepts:
+            effects = [neat_effects(self.model, self.clean[rc.concept.name], rc.targets.ids, layer, neurons,
+                                    self._ablate_to(rc, mode)[layer], batch_rows=self.spec.batch_rows)
+                       for layer, neurons in sample]
+            out[rc.concept.name] = torch.cat(effects).tolist()
+        return out
 
     def score(self, shard: Shard) -> ShardResult:
         started = time.perf_counter()

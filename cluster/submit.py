@@ -322,9 +322,6 @@ def _until_agent(send, address: str, progress: TextIO | None, *, wait: float | N
             delay = min(2 * delay, 8.0)
 
 
-    return Submission(submission_id=submission_id, address=address, entrypoint=entrypoint, run_id=run_id)
-
-
 def job_state(address: str, submission_id: str) -> JobState:
     info = _call(address, submission_id, _client(address).get_job_info, submission_id)
     return JobState(submission_id=submission_id, status=str(info.status), message=info.message or "",

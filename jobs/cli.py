@@ -295,8 +295,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     from storage.preflight import check_atlas_writable
 
-    check_atlas_writable(config.atlas, config.storage_options)  # before any model is read or Ray started
-    plan = resolve_job(config)
+    if not args.dry_run:  # a dry run writes nothing: plan a cluster job from anywhere
+        check_atlas_writable(config.atlas, config.storage_options)  # before any model is read or Ray started
+    plan = resolve_job(config, plan_only=args.dry_run)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:

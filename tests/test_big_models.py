@@ -13,8 +13,8 @@ import yaml
 
 from attribution.models import load_model
 from attribution.neat import NEAT_ENGINES, clean_pass, concept_vector
-from cluster.capacity import (GB, activation_bytes, count_parameters, first_fitting_layer, gpus_needed,
-                              model_bytes, replica_bytes, split_layers)
+from cluster.capacity import (GB, activation_bytes, actor_memory, count_parameters, first_fitting_layer,
+                              gpus_needed, model_bytes, moment_bytes, moment_build_bytes, replica_bytes, split_layers)
 from cluster.config import ConfigError, apply_overrides, load_job_config
 from cluster.plan import resolve_job
 from cluster.replicas import SuffixScorer, group_costs, plan_replicas, prepared_concepts
@@ -102,20 +102,28 @@ def test_gpus_needed_for_weights_and_for_the_engines_replicas():
     gpu = 80 * GB
     assert gpus_needed(model_bytes(large, "bf16"), gpu_memory=gpu, headroom=0) == 2  # 141 GB of bf16 weights
     assert gpus_needed(model_bytes(small, "bf16"), gpu_memory=gpu, headroom=0) == 1
-    # What an actor holds: float32 weights (+ folded GQA o_proj), or + bf16 copies of the multiplied matrices.
-    headroom = {e: activation_bytes(large, engine=e, batch_rows=4096) for e in ("float32", "bf16")}
+    # What an actor holds: float32 weights (+ folded o_proj), or every weight once in bf16 (+ folded GQA o_proj).
+    headroom = {e: activation_bytes(large, engine=e, batch_rows=4096, concepts=6) for e in ("float32", "bf16")}
     assert 280 * GB < replica_bytes(large, engine="float32").total < 290 * GB
-    assert 395 * GB < replica_bytes(large, engine="bf16").total < 405 * GB
+    bf16 = replica_bytes(large, engine="bf16")
+    assert 141 * GB < bf16.total < 143 * GB and bf16.total / count_parameters(large).total < 2.03
     assert gpus_needed(replica_bytes(large, engine="float32"), gpu_memory=gpu, headroom=headroom["float32"]) == 4
-    assert gpus_needed(replica_bytes(large, engine="bf16"), gpu_memory=gpu, headroom=headroom["bf16"]) == 6
-    bf16_7b = replica_bytes(small, engine="bf16")
-    assert 37 * GB < bf16_7b.total < 39 * GB
-    assert gpus_needed(bf16_7b, gpu_memory=gpu, headroom=activation_bytes(small, engine="bf16", batch_rows=4096)) == 1
+    assert gpus_needed(replica_bytes(large, engine="bf16", concepts=6), gpu_memory=gpu, headroom=headroom["bf16"]) == 2
+    # Head moments: d_model^2 float32 per concept (268 MB at 70B) plus one vocabulary chunk while building them,
+    # on the head's part; the float32 engine has none.
+    moments = replica_bytes(large, engine="bf16", concepts=6).head - bf16.head
+    assert moments == 6 * moment_bytes(large) + moment_build_bytes(large) and 268e6 < moment_bytes(large) < 269e6
+    assert replica_bytes(large, engine="float32", concepts=6) == replica_bytes(large, engine="float32")
+    assert replica_bytes(small, engine="bf16").total == 2 * count_parameters(small).total  # MHA: no fold copy
+    memory = actor_memory(small, engine="bf16", batch_rows=4096, concepts=6)
+    assert memory.bytes_per_parameter == 2.0 and memory.total < 20 * GB
     # A suffix replica drops the earlier blocks, the input embeddings, and Q/K of the blocks it holds.
     suffix = replica_bytes(large, engine="bf16", first_layer=50)
     assert suffix.embed == 0 and suffix.blocks[:50] == (0,) * 50 and suffix.first_layer == 50
     assert suffix.blocks[50] < replica_bytes(large, engine="bf16").blocks[50]
-    assert first_fitting_layer(large, engine="bf16", devices=2, gpu_memory=gpu, headroom=headroom["bf16"]) == 50
+    assert first_fitting_layer(large, engine="bf16", devices=1, gpu_memory=gpu, headroom=headroom["bf16"],
+                               concepts=6) == 36
+    assert first_fitting_layer(large, engine="float32", devices=2, gpu_memory=gpu, headroom=headroom["float32"]) == 35
 
 
 def test_split_layers_is_the_best_contiguous_split_with_embed_first_and_head_last():
@@ -170,39 +178,43 @@ def test_7b_example_plans_eight_whole_replicas_on_one_gpu_each(model_dirs, tmp_p
     assert 2 * plan.macs_per_block * sum(plan.shard_cost(s) for s in plan.shards) == pytest.approx(11.6e15, rel=0.01)
 
 
-def test_70b_example_splits_full_replicas_over_6_gpus_and_gives_late_layers_to_suffix_actors(model_dirs, tmp_path):
+def test_70b_example_splits_full_replicas_over_2_gpus_and_gives_late_layers_to_suffix_actors(model_dirs, tmp_path):
     plan = example_plan(CONFIG_70B, model_dirs["70b"], tmp_path / "atlas")
     assert (plan.n_layers, plan.d_mlp, len(plan.shards)) == (80, 28672, 323)
     replicas = plan_replicas(plan)
     assert replicas == plan_replicas(plan)  # deterministic
     full, suffix = replicas.full, replicas.suffix
-    # Full replicas: 6 contiguous ranges balanced by bytes, embeddings on the first GPU, head on the last.
-    assert full.placement.devices == 6 and full.placement.embed == 0 and full.placement.head == 5
-    slots = full.placement.blocks
-    assert list(slots) == sorted(slots) and set(slots) == set(range(6))
-    assert max(full.device_bytes) + full.headroom <= 80 * GB
-    assert max(full.device_bytes) - min(full.device_bytes) < 2 * replica_bytes(
-        llama_config(**LLAMA_3_70B), engine="bf16").blocks[0]
-    # Suffix replicas: the earliest layer that fits 2 GPUs (balance alone would pick an earlier one).
-    assert replicas.suffix_from_layer == 50 and suffix.placement.suffix_only and suffix.placement.devices == 2
-    assert suffix.placement.blocks[:50] == (None,) * 50 and set(suffix.placement.blocks[50:]) == {0, 1}
-    assert max(suffix.device_bytes) + suffix.headroom <= 80 * GB
+    # Full replicas: bf16 weights once (2.02 bytes per parameter with the folded GQA o_proj) and 6 concepts'
+    # head moments on 2 x 80 GB, embeddings on the first GPU, head and moments on the last.
+    assert full.placement.devices == 2 and full.placement.embed == 0 and full.placement.head == 1
+    assert list(full.placement.blocks) == [0] * 41 + [1] * 39
+    assert max(full.device_bytes) + full.headroom <= 80 * GB and full.memory.bytes_per_parameter < 2.1
+    assert full.memory.moments == 6 * moment_bytes(llama_config(**LLAMA_3_70B)) + moment_build_bytes(
+        llama_config(**LLAMA_3_70B))
+    assert sum(full.device_bytes) == full.memory.weights + full.memory.moments
+    # Suffix replicas: 2 GPUs hold any suffix, so the layer balances the cost per actor of the two kinds.
+    assert replicas.suffix_from_layer == 41 and suffix.placement.suffix_only and suffix.placement.devices == 2
+    assert suffix.placement.blocks[:41] == (None,) * 41 and set(suffix.placement.blocks[41:]) == {0, 1}
+    assert max(suffix.device_bytes) + suffix.headroom <= 80 * GB and suffix.memory.bytes_per_parameter < 2.0
     late = [s for s in plan.shards if replicas.group_of(s) == "suffix"]
-    assert late == [s for s in plan.shards if s.layer >= 50] and len(late) == 57
-    shards, cost = group_costs(plan, replicas)["suffix"]
-    assert shards == 57 and 0.14 < cost / sum(plan.shard_cost(s) for s in plan.shards) < 0.15
-    # Too few GPUs for a full replica, or a suffix that cannot fit, are refused with the numbers.
-    with pytest.raises(ConfigError, match="does not fit 4 GPU.*needs 6"):
-        plan_replicas(example_plan(CONFIG_70B, model_dirs["70b"], tmp_path / "a", gpus_per_actor=4))
-    with pytest.raises(ConfigError, match="suffix_from_layer.*earliest that fits is 50"):
-        plan_replicas(example_plan(CONFIG_70B, model_dirs["70b"], tmp_path / "b", suffix_from_layer=40))
+    assert late == [s for s in plan.shards if s.layer >= 41] and len(late) == 89
+    costs = group_costs(plan, replicas)
+    per_actor = costs["full"][1] / 6, costs["suffix"][1] / 2  # balanced within one layer's cost
+    assert abs(per_actor[0] - per_actor[1]) < max(per_actor) * 0.1
+    # Too few GPUs for a full replica, or a suffix that cannot fit, are refused naming the device and numbers.
+    with pytest.raises(ConfigError, match=r"device cuda:0 would hold 145.1 GB .* \+ 5.5 GB headroom .* = 150.6 GB "
+                                          r"> 80 GB; it needs 2 GPU"):
+        plan_replicas(example_plan(CONFIG_70B, model_dirs["70b"], tmp_path / "a", gpus_per_actor=1))
+    with pytest.raises(ConfigError, match="suffix_from_layer.*earliest that fits is 36"):
+        plan_replicas(example_plan(CONFIG_70B, model_dirs["70b"], tmp_path / "b", suffix_from_layer=20,
+                                   gpus_per_suffix_actor=1))
     # NEAT and AtP (the screen) run on a split replica; other methods are refused up front.
     screen = resolve_job(apply_overrides(load_job_config(CONFIG_70B), model=str(model_dirs["70b"]),
                                          atlas=str(tmp_path / "c"), run_id="r", methods=["neat", "atp"]))
-    assert plan_replicas(screen).full.placement.devices == 6
+    assert plan_replicas(screen).full.placement.devices == 2
     gradients = resolve_job(apply_overrides(load_job_config(CONFIG_70B), model=str(model_dirs["70b"]),
                                             atlas=str(tmp_path / "d"), run_id="r", methods=["neat", "neurgrad"]))
-    with pytest.raises(ConfigError, match=r"split over 6 GPUs scores neat and atp only, and methods has \['neurgrad'\]"):
+    with pytest.raises(ConfigError, match=r"split over 2 GPUs scores neat and atp only, and methods has \['neurgrad'\]"):
         plan_replicas(gradients)
 
 
@@ -212,9 +224,31 @@ def test_70b_dry_run_prints_the_replicas(model_dirs, tmp_path, capsys):
     assert main(["run", str(CONFIG_70B), "--model", str(model_dirs["70b"]), "--atlas", str(tmp_path / "atlas"),
                  "--run-id", "r", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "full: 2 actors x 6 GPU, layers 0-79 (0: embed + L0-12 |" in out and "L68-79 + head" in out
-    assert "suffix: 2 actors x 2 GPU, layers 50-79 (0: L50-65 | 1: L66-79 + head); 57 shards" in out
-    assert "a full replica (bf16 engine) needs 6 GPU(s) of 80 GB" in out
+    assert "split: 6 actors x 2 GPU, layers 0-79 (0: embed + L0-40 | 1: L41-79 + head)" in out
+    assert "suffix: 2 actors x 2 GPU, layers 41-79 (0: L41-61 | 1: L62-79 + head); 89 shards" in out
+    assert "2.02 bytes per parameter (bf16 engine); head moments of 6 concepts 2.69 GB" in out
+    assert "a full replica (bf16 engine) needs 2 GPU(s) of 80 GB" in out
+
+
+@pytest.mark.parametrize("config_path", [CONFIG_7B, CONFIG_70B])
+def test_example_configs_plan_anywhere_from_their_shipped_architecture(config_path, tmp_path, capsys):
+    """A fresh clone without the model in any cache: --dry-run plans from the config.json the config names."""
+    from jobs.cli import main
+
+    config = load_job_config(config_path)
+    assert main(["run", str(config_path), "--atlas", str(tmp_path / "atlas"), "--run-id", "r", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "revision not on this machine" in out and "checked when the job starts" in out
+    shape = LLAMA_2_7B if config_path == CONFIG_7B else LLAMA_3_70B
+    from transformers import AutoConfig
+
+    shipped = AutoConfig.from_pretrained(config.architecture, local_files_only=True)  # the published geometry
+    assert {key: getattr(shipped, key) for key in shape} == shape
+    per_parameter = [float(line.split()[1]) for line in out.splitlines() if "bytes per parameter" in line]
+    assert per_parameter and max(per_parameter) <= 2.1
+    # ... but running it here is refused at once: the weights are not on this machine.
+    assert main(["run", str(config_path), "--atlas", str(tmp_path / "atlas"), "--run-id", "r"]) == 2
+    assert "not a hub id in the local Hugging Face cache" in capsys.readouterr().err
 
 
 # --- replicas of tiny-width models with the same layer structure, on CPU --------------------------

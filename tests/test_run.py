@@ -94,6 +94,21 @@ def test_a_bf16_run_keeps_the_float32_ranking_and_records_its_dtype(tmp_path, ti
     assert runs["float32"].drop_columns(["score", "effect"]).equals(runs["bf16"].drop_columns(["score", "effect"]))
     assert spearman(exact, fast) > 0.999 and float((exact - fast).abs().max()) <= 0.02 * float(exact.max())
     assert set(exact.topk(10).indices.tolist()) == set(fast.topk(10).indices.tolist())
+    # The bf16 run checked itself against the float32 engine on a seeded sample (here: all 192 neurons of
+    # layers 0 and 3), and recorded the precision flags in force.
+    meta = run_metadata(str(tmp_path / "atlas"), "bf16")
+    checks = {entry["concept"]: entry for entry in meta["checks"]["bf16"]}
+    assert set(checks) == set(runs["bf16"]["concept"].to_pylist())
+    for concept, entry in checks.items():
+        mine = [r["concept"] == concept for r in runs["bf16"].to_pylist()]
+        fast_c, exact_c = fast[torch.tensor(mine)], exact[torch.tensor(mine)]
+        assert entry["neurons"] == len(fast_c) == 2 * 96 and entry["top_k"] == 19
+        assert entry["spearman"] == pytest.approx(spearman(exact_c, fast_c), abs=1e-4)
+        assert entry["top_k_agreement"] > 0.9
+        assert entry["max_abs_diff"] == pytest.approx(float((exact_c - fast_c).abs().max()), rel=0.05, abs=1e-6)
+    assert meta["precision"]["float32_matmul_precision"] in ("highest", "high", "medium")
+    assert meta["precision"]["pinned"] is False  # CPU: nothing to pin
+    assert "bf16" not in run_metadata(str(tmp_path / "atlas"), "float32")["checks"]
 
 
 def test_interrupted_run_resumes_only_missing_shards_with_identical_rows(tmp_path, tiny_sources):

@@ -312,6 +312,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         say_error("run", f"{type(err).__name__}: {err}; staged shards are kept, re-run with --run-id "
                          f"{plan.run_id} to resume", "failed")
         return EXIT_FAILED
+    except _user_errors():
+        raise
+    except Exception as err:  # e.g. Ray's "node timed out during startup": one line, not a traceback
+        if os.environ.get("NEURON_ATLAS_TRACEBACK"):
+            raise
+        say_error("run", f"{type(err).__name__}: {_last_line(err)}; staged shards are kept, re-run with --run-id "
+                         f"{plan.run_id} to resume (NEURON_ATLAS_TRACEBACK=1 shows the traceback)", "failed")
+        return EXIT_FAILED
     print(f"committed run {summary.run_id} as atlas version {summary.version}: {summary.rows:,} rows, "
           f"{summary.seconds:.1f} s, {summary.neuron_scores_per_second:,.0f} neuron scores/s, "
           f"atlas {summary.atlas}", file=sys.stderr)

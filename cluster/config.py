@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 
+from cluster.schedule_config import ScheduleConfig, parse_schedule
+
 RUN_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")  # matched whole (fullmatch: no trailing newline)
 # neat: exact ablation; atp: first-order attribution patching; neurgrad / neg: neuron empirical
 # gradients (estimate / swept slope); neuronlens: activation ranges; selectivity: probing with
@@ -71,6 +73,8 @@ class JobConfig:
     # delta-rs/object_store options for the atlas (AWS_ENDPOINT_URL, AWS_REGION, keys...); None: the
     # standard AWS environment and profile chain. Never printed (repr=False) nor stored (snapshot).
     storage_options: dict[str, str] | None = field(default=None, repr=False)
+    # When and on what to re-run this job (cluster/schedule_config.py); None: run on demand only.
+    schedule: ScheduleConfig | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """The config as plain data, for the run's metadata; credentials in storage_options redacted."""
@@ -82,6 +86,10 @@ class JobConfig:
             del data["storage_options"]  # configs without it keep their default run ids
         else:
             data["storage_options"] = redact_options(self.storage_options)
+        if self.schedule is None:
+            del data["schedule"]  # configs without one keep their default run ids
+        else:
+            data["schedule"] = self.schedule.as_data()
         return data
 
 
@@ -193,6 +201,13 @@ def _resolve_path(base: Path, value: str) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
+def _concepts_path(base: Path, value: str) -> str:
+    """`builtin` names the shipped concept file (package data); anything else is a path."""
+    from configs import BUILTIN, builtin_concepts
+
+    return str(builtin_concepts()) if value.strip() == BUILTIN else _resolve_path(base, value)
+
+
 def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
     """Validate a config mapping; relative paths are relative to `base_dir` (the config's folder)."""
     if not isinstance(data, dict):
@@ -208,7 +223,7 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
             raise _fail(source, key, data[key], "a non-empty string")
     out: dict[str, Any] = {
         "model": data["model"].strip(),
-        "concepts": _resolve_path(base_dir, data["concepts"]),
+        "concepts": _concepts_path(base_dir, data["concepts"]),
         "atlas": _resolve_path(base_dir, data["atlas"]),
         "layers": parse_layers(source, data.get("layers", "all")),
         "source": source,
@@ -240,6 +255,8 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
             out[key] = data[key]
     if data.get("storage_options") is not None:
         out["storage_options"] = _parse_storage_options(source, data["storage_options"])
+    if data.get("schedule") is not None:
+        out["schedule"] = parse_schedule(source, data["schedule"], base_dir)
     return JobConfig(**out)
 
 
@@ -289,7 +306,7 @@ def apply_overrides(config: JobConfig, **flags: Any) -> JobConfig:
     if flags.get("model"):
         changes["model"] = flags["model"]
     if flags.get("concepts"):
-        changes["concepts"] = str(Path(flags["concepts"]).expanduser().resolve())
+        changes["concepts"] = _concepts_path(Path.cwd(), flags["concepts"])
     if flags.get("atlas"):
         atlas = flags["atlas"]
         changes["atlas"] = atlas if "://" in atlas else str(Path(atlas).expanduser().resolve())

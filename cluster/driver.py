@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
 from cluster.checks import neg_agreement
+from cluster.fingerprint import run_lineage
 from cluster.plan import JobPlan, Shard
 from cluster.replicas import ReplicaPlan, SuffixScorer, describe_replicas, plan_replicas
 from cluster.screen import screen_report, screen_shards
 from cluster.progress import Progress, format_seconds
 from cluster.scorer import ScorerSpec, ShardResult, ShardScorer
-from storage.commit import commit_run, run_committed
+from storage.commit import commit_staged_run, run_committed, run_recorded
 from storage.staging import claim_staging, delete_staging, read_staged, staged_shards
 
 IN_FLIGHT_PER_ACTOR = 2  # one computing, one queued: no idle gap between shards
@@ -213,7 +215,9 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
 
     cfg = plan.config
     if run_committed(cfg.atlas, plan.run_id, storage_options=cfg.storage_options):
-        raise RunError(f"run {plan.run_id!r} is already committed in atlas {cfg.atlas}: choose another --run-id")
+        if run_recorded(cfg.atlas, plan.run_id, storage_options=cfg.storage_options):
+            raise RunError(f"run {plan.run_id!r} is already committed in atlas {cfg.atlas}: choose another --run-id")
+        return _repair_runs_row(plan, progress_stream)
     replicas = plan_replicas(plan)  # raises ConfigError before anything starts when a replica cannot fit
     started = time.perf_counter()
     claim_staging(cfg.atlas, run_id=plan.run_id, fingerprint=plan.fingerprint, storage_options=cfg.storage_options)
@@ -246,18 +250,20 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
             plan, more, more_resumed = _screen_pass(plan, actors, progress_stream, groups, replicas)
             results += more
             resumed += more_resumed
-        rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
-                           storage_options=cfg.storage_options)
-        if rows.num_rows != plan.total_rows:
-            raise RunError(f"run {plan.run_id}: staged {rows.num_rows} rows, planned {plan.total_rows}")
         wall = time.perf_counter() - started
         metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall, slots=slots)
-        metadata["checks"] = method_checks(plan, rows)
+        metadata["checks"] = method_checks(plan, _check_rows(plan))
         if suffix_count:
             metadata["replicas"] = {"suffix_actors": suffix_count, "suffix_from_layer": replicas.suffix_from_layer}
-        version = commit_run(cfg.atlas, rows, run_id=plan.run_id, metadata=metadata,
-                             storage_options=cfg.storage_options)
+        # The streaming reduce: the driver holds one record batch and one ranked group at a time.
+        version = commit_staged_run(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
+                                    metadata=metadata, expected_rows=plan.total_rows,
+                                    storage_options=cfg.storage_options)
         delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
+        if cfg.schedule is not None:  # a scheduled run: compare with the family's previous run (storage/drift.py)
+            from cluster.schedule import record_run_drift
+
+            record_run_drift(cfg, plan.run_id, stream=progress_stream)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -269,6 +275,34 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
                       neurons=sum(len(s.neurons) for s in plan.shards), shards=len(plan.shards),
                       shards_resumed=resumed, seconds=round(seconds, 2),
                       neuron_scores_per_second=round(computed / seconds, 1) if seconds else 0.0)
+
+
+def _repair_runs_row(plan: JobPlan, progress_stream=None) -> RunSummary:
+    """A rerun of a run whose `neurons` commit landed but whose driver died before the runs row."""
+    cfg = plan.config
+    started = time.perf_counter()
+    # The staged record holds the first attempt's metadata; this rerun's is only a fallback.
+    version = commit_staged_run(cfg.atlas, run_id=plan.run_id, shard_ids=[], metadata={"repaired": True},
+                                storage_options=cfg.storage_options)
+    delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
+    print(f"run {plan.run_id}: committed before without its runs row; added the row (atlas version {version})",
+          file=progress_stream or sys.stderr, flush=True)
+    return RunSummary(run_id=plan.run_id, atlas=cfg.atlas, version=version, rows=plan.total_rows,
+                      neurons=sum(len(s.neurons) for s in plan.shards), shards=len(plan.shards),
+                      shards_resumed=len(plan.shards), seconds=round(time.perf_counter() - started, 2),
+                      neuron_scores_per_second=0.0)
+
+
+def _check_rows(plan: JobPlan):
+    """The staged rows the metadata's method checks read (only the methods they compare), else none."""
+    methods = set()
+    if plan.config.method_options.screen_top:
+        methods |= {"atp", "neat"}
+    if {"neurgrad", "neg"} <= set(plan.config.methods):
+        methods |= {"neurgrad", "neg"}
+    ids = [s.shard_id for s in plan.shards if s.method in methods]
+    return read_staged(plan.config.atlas, run_id=plan.run_id, shard_ids=ids,
+                       storage_options=plan.config.storage_options)
 
 
 def _screen_pass(plan: JobPlan, actors, progress_stream, groups: list[str] | None = None,
@@ -355,6 +389,7 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
                     "compute_seconds": round(sum(r.seconds for r in results), 2),
                     "actors": per_actor, "methods": by_method, "scheduling": scheduling},
         "warnings": list(plan.warnings),
+        **run_lineage(plan),  # fingerprint (and schedule): why this run happened (cluster/fingerprint.py)
     }
 
 

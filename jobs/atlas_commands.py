@@ -1,4 +1,4 @@
-"""`neuron-atlas atlas history|vacuum`, `neuron`, `diff`, and the `--as-of` / `--run` flags of `query`
+"""`neuron-atlas atlas history|vacuum|optimize`, `neuron`, `diff`, and the `--as-of` / `--run` flags of `query`
 and `sql`. Storage options come from the standard AWS environment and profile chain (AWS_ENDPOINT_URL,
 AWS_REGION, AWS_PROFILE, ...): never from flags, which other users of the machine can read.
 """
@@ -33,6 +33,10 @@ def register(sub) -> dict:
                         help="only files older than this (default 168); must exceed the longest job")
     vacuum.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     vacuum.add_argument("--format", choices=formats[:2], default="table")
+    optimize = atlas_sub.add_parser("optimize", help="compact small files into larger ones and write a checkpoint "
+                                                     "(rows unchanged; keeps reads fast as runs accumulate)")
+    optimize.add_argument("--atlas", required=True)
+    optimize.add_argument("--format", choices=formats[:2], default="table")
 
     neuron = sub.add_parser("neuron", help="a neuron's passport: every concept it ranks in the top k for")
     neuron.add_argument("--atlas", required=True)
@@ -48,7 +52,7 @@ def register(sub) -> dict:
     diff = sub.add_parser("diff", help="how a concept's top-k and ranking moved between two runs")
     diff.add_argument("--atlas", required=True)
     diff.add_argument("--concept", required=True)
-    diff.add_argument("--run-a", required=True)
+    diff.add_argument("--run-a", help="default: the run --run-b's stored drift compares with (neuron-atlas drift)")
     diff.add_argument("--run-b", required=True)
     diff.add_argument("--top", "--k", dest="top", type=int, default=100, help="top-k cut")
     diff.add_argument("--method", default="neat")
@@ -72,6 +76,17 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         if args.limit is not None and args.limit < 1:
             raise _usage(f"--limit {args.limit}: expected a positive number of versions")
         write_table(atlas_history(args.atlas, limit=args.limit), args.format)
+        return 0
+    if args.atlas_command == "optimize":
+        from storage.history import optimize_atlas
+
+        report = optimize_atlas(args.atlas)
+        if args.format == "json":
+            print(json.dumps(report.as_dict()))
+            return 0
+        for name, done in (("neurons", report.neurons), ("runs", report.runs)):
+            print(f"{name}: {done['files_removed']} files compacted into {done['files_added']}, checkpoint at "
+                  f"version {done['checkpoint_version']}")
         return 0
     from storage.history import vacuum_atlas
 
@@ -150,6 +165,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise _usage(f"--top {args.top}: expected a positive number of neurons")
+    from storage.drift import stored_drift, summary_line
+
+    stored = stored_drift(args.atlas, args.run_b, args.concept, method=args.method, ablation=args.ablation,
+                          previous=args.run_a)
+    if args.run_a is None:
+        if stored is None:
+            raise _usage(f"--run-a is needed: run {args.run_b!r} has no stored drift for concept {args.concept!r}")
+        args.run_a = stored["previous_run_id"]
+    if stored is not None and args.format == "table":
+        print(summary_line(stored), file=sys.stderr)  # as recorded when the run committed
     diff = Atlas.open(args.atlas).diff(args.run_a, args.run_b, args.concept, k=args.top, method=args.method,
                                        ablation=args.ablation)
     if args.format == "json":

@@ -13,7 +13,8 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
+
+from configs import builtin_concepts
 
 # Quiet, offline library defaults for a command-line tool: no hub calls, no progress bars.
 for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
@@ -23,8 +24,7 @@ for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error
                       ("RUST_LOG", "error")):
     os.environ.setdefault(_name, _value)
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-BUILTIN_CONCEPTS = REPO_CONFIGS / "concepts" / "builtin.yaml"
+BUILTIN_CONCEPTS = builtin_concepts()  # package data: found in a wheel install too
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 EXIT_RETRY = 75  # EX_TEMPFAIL: the commit lost its races against concurrent writers; run it again
 EXIT_TIMEOUT = 124  # as timeout(1): `sql` stopped at its --timeout
@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_validate(sub)
     from jobs.report_command import register as register_report  # report
     register_report(sub)
+    from jobs.schedule_command import register as register_schedule  # schedule, drift
+
+    register_schedule(sub)
     parser.add_argument("--version", action="version", version=f"neuron-atlas {package_version()}")
     _complete_help(parser)
     return parser
@@ -432,10 +435,15 @@ def cmd_query(args: argparse.Namespace) -> int:
                         ablation=args.ablation, run_id=args.run_id, top=args.top, as_of=args.as_of)
     if args.format == "table" and table.num_rows:
         # A person reads the ranking; what is the same on every row goes into one line on stderr.
+        from storage.read import describe_sources
+
         first = table.slice(0, 1).to_pylist()[0]
-        print(f"{first['model']} ({first['model_revision']}), run {first['run_id']}, concept {first['concept']}, "
+        print(f"{first['model']} ({first['model_revision']}), {describe_sources(table)}, concept {first['concept']}, "
               f"method {first['method']}", file=sys.stderr)
-        table = table.select(["rank", "layer", "neuron", "score", "effect", "activation", "ablation"])
+        columns = ["rank", "layer", "neuron", "score", "effect", "activation", "ablation"]
+        if len(set(table.column("run_id").to_pylist())) > 1:  # rows of several runs: say which row is whose
+            columns.append("run_id")
+        table = table.select(columns)
     write_table(table, args.format)
     return 0
 

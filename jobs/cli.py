@@ -212,6 +212,8 @@ def package_version() -> str:
         return version("neuron-atlas")
     except PackageNotFoundError:
 
+        from pathlib import Path
+
         text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
         found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', text)
         return found.group(1) if found else "unknown"

@@ -219,6 +219,8 @@ def package_version() -> str:
     except PackageNotFoundError:
         from pathlib import Path
 
+        from pathlib import Path
+
         text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
         found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', text)
         return found.group(1) if found else "unknown"
@@ -322,6 +324,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as err:  # the atlas's storage went away during the run (delta-rs, s3fs)
         say_error("run", f"{type(err).__name__}: {err}; staged shards are kept, re-run with --run-id "
                          f"{plan.run_id} to resume", "failed")
+        return EXIT_FAILED
+    except _user_errors():
+        raise
+    except Exception as err:  # e.g. Ray's "node timed out during startup": one line, not a traceback
+        if os.environ.get("NEURON_ATLAS_TRACEBACK"):
+            raise
+        say_error("run", f"{type(err).__name__}: {_last_line(err)}; staged shards are kept, re-run with --run-id "
+                         f"{plan.run_id} to resume (NEURON_ATLAS_TRACEBACK=1 shows the traceback)", "failed")
         return EXIT_FAILED
     print(f"committed run {summary.run_id} as atlas version {summary.version}: {summary.rows:,} rows, "
           f"{summary.seconds:.1f} s, {summary.neuron_scores_per_second:,.0f} neuron scores/s, "

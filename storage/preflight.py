@@ -53,8 +53,18 @@ def check_atlas_exists(atlas: str | os.PathLike, storage_options: dict | None = 
         except TableNotFoundError:
             continue
         except (DeltaError, OSError, ValueError) as e:
-            raise AtlasError(f"cannot read the atlas at {uri}: {_first_line(e)}") from None
+            raise AtlasError(f"cannot read the atlas at {uri}: {_first_line(e)}{_refusal_hint(e, storage_options)}") from None
     raise AtlasError(f"no atlas at {uri}: it has no {NEURONS} or {RUNS} Delta table")
+
+
+def _refusal_hint(err: BaseException, storage_options: dict | None) -> str:
+    """What delta-rs leaves out of an object store's refusal: that it was a 403, or that no keys were found."""
+    keys = {k.lower() for k in (storage_options or {})} | {k.lower() for k in os.environ}
+    if not keys & {"aws_access_key_id", "access_key_id", "key"}:
+        return " (no S3 credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or storage_options)"
+    if "lacked the necessary privileges" in str(err):
+        return " (HTTP 403 from the object store: the keys were refused)"
+    return ""
 
 
 def check_atlas_writable(atlas: str | os.PathLike, storage_options: dict | None = None) -> None:

@@ -72,6 +72,9 @@ class JobConfig:
     # delta-rs/object_store options for the atlas (AWS_ENDPOINT_URL, AWS_REGION, keys...); None: the
     # standard AWS environment and profile chain. Never printed (repr=False) nor stored (snapshot).
     storage_options: dict[str, str] | None = field(default=None, repr=False)
+    # AtP of every neuron on the reference concepts (configs/concepts/reference.yaml), for the specific
+    # ranking (README "Concept-specific rankings"); false: the run stores no specificity table.
+    reference_contrast: bool = True
 
     def snapshot(self) -> dict[str, Any]:
         """The config as plain data, for the run's metadata; credentials in storage_options redacted."""
@@ -83,6 +86,8 @@ class JobConfig:
             del data["storage_options"]  # configs without it keep their default run ids
         else:
             data["storage_options"] = redact_options(self.storage_options)
+        if self.reference_contrast:
+            del data["reference_contrast"]  # the default: configs without the key keep their run ids
         return data
 
 
@@ -231,6 +236,10 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
             if not _is_int(data[key]) or data[key] < minimum:
                 raise _fail(source, key, data[key], f"an integer >= {minimum}")
             out[key] = data[key]
+    if "reference_contrast" in data:
+        if not isinstance(data["reference_contrast"], bool):
+            raise _fail(source, "reference_contrast", data["reference_contrast"], "true or false")
+        out["reference_contrast"] = data["reference_contrast"]
     if data.get("storage_options") is not None:
         out["storage_options"] = _parse_storage_options(source, data["storage_options"])
     return JobConfig(**out)

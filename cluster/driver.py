@@ -17,7 +17,9 @@ from cluster.replicas import ReplicaPlan, SuffixScorer, describe_replicas, plan_
 from cluster.screen import screen_report, screen_shards
 from cluster.progress import Progress, format_seconds
 from cluster.scorer import ScorerSpec, ShardResult, ShardScorer
+from cluster.contrast_step import contrast_metadata, reference_contrast, specificity_table
 from storage.commit import commit_run, run_committed
+from storage.specificity import write_specificity
 from storage.staging import claim_staging, delete_staging, read_staged, staged_shards
 
 IN_FLIGHT_PER_ACTOR = 2  # one computing, one queued: no idle gap between shards
@@ -246,6 +248,7 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
             plan, more, more_resumed = _screen_pass(plan, actors, progress_stream, groups, replicas)
             results += more
             resumed += more_resumed
+        contrast, contrast_note = _reference_contrast(plan, actors[:actor_count], progress)
         rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
                            storage_options=cfg.storage_options)
         if rows.num_rows != plan.total_rows:
@@ -255,8 +258,13 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
         metadata["checks"] = method_checks(plan, rows)
         if suffix_count:
             metadata["replicas"] = {"suffix_actors": suffix_count, "suffix_from_layer": replicas.suffix_from_layer}
+        metadata["reference_contrast"] = contrast_metadata(contrast, contrast_note)
         version = commit_run(cfg.atlas, rows, run_id=plan.run_id, metadata=metadata,
                              storage_options=cfg.storage_options)
+        if contrast is not None:  # its own commit, after the run's: a run never waits on it to be readable
+            write_specificity(cfg.atlas, specificity_table(rows, contrast, run_id=plan.run_id, model=plan.model.name,
+                                                           layers=list(plan.layers)),
+                              storage_options=cfg.storage_options)
         delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
     finally:
         for actor in actors:
@@ -269,6 +277,20 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
                       neurons=sum(len(s.neurons) for s in plan.shards), shards=len(plan.shards),
                       shards_resumed=resumed, seconds=round(seconds, 2),
                       neuron_scores_per_second=round(computed / seconds, 1) if seconds else 0.0)
+
+
+def _reference_contrast(plan: JobPlan, actors, progress: Progress) -> tuple[dict | None, str]:
+    """The reference set's AtP effects for the specific ranking (cluster/contrast_step.py), or why not."""
+    if not plan.config.reference_contrast:
+        return None, "reference_contrast: false in the config"
+    if not {"neat", "atp"} & set(plan.config.methods) or not {"zero", "mean"} & set(plan.config.ablation):
+        return None, "the run has no neat or atp rows with zero or mean ablation"
+    contrast = reference_contrast(actors)
+    if contrast is None:
+        return None, "AtP does not run on this model's replicas (an encoder, or split replicas)"
+    progress.message(f"reference contrast: AtP of {len(contrast['concepts'])} reference concepts in "
+                     f"{contrast['seconds']:.1f} s")
+    return contrast, ""
 
 
 def _screen_pass(plan: JobPlan, actors, progress_stream, groups: list[str] | None = None,

@@ -1,0 +1,82 @@
+"""The specific ranking: the greedy set selection's properties on known effects, the reference
+contrast equals AtP, and a run stores a specificity table that query, validate and report use."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attribution.specificity import generic_mask, specific_order, specificity_ratio
+
+
+def test_specific_order_prefers_neurons_that_move_only_the_concept():
+    # Neurons 0-1: large own effects, as large on contrast concept 0 (generic). Neurons 2-4: medium own
+    # effects, little elsewhere (specific). Neuron 5: large and opposite in sign, but it moves concept 1.
+    # Neurons 6-7: specific, opposite in sign to 2-4 (their sum would cancel).
+    effect = torch.tensor([5.0, 4.0, 2.0, 2.0, 1.5, -3.0, -1.0, -0.9])
+    off = torch.tensor([[5.0, 4.5, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0],
+                        [0.0, 0.0, 0.1, 0.0, 0.2, 2.0, 0.0, 0.0]])
+    order = specific_order(effect, off, k=3, penalty=5.0).tolist()
+    assert set(order) == {2, 3, 4}  # the specific ones of one sign, before the generic and the cancelling
+    assert specific_order(effect, off, k=100).numel() == len(effect)
+    # With no penalty the largest own effects come first, as raw NEAT ranks them.
+    assert specific_order(effect, off, k=2, penalty=0.0).tolist() == [0, 1]
+
+
+def test_specificity_ratio_and_generic_mask():
+    effect = torch.tensor([2.0, 2.0, 0.001])
+    off = torch.tensor([[1.0, 0.0, 0.0], [-4.0, 0.0, 0.0]])
+    ratio = specificity_ratio(effect, off, floor=0.1)
+    assert ratio.tolist() == pytest.approx([0.5, 20.0, 0.01])
+    effects = torch.rand(4, 200, generator=torch.Generator().manual_seed(0)) * 0.1
+    effects[:, 7] = 10.0  # top of every concept
+    effects[0, 8] = 10.0  # top of one concept only
+    assert generic_mask(effects).nonzero().flatten().tolist() == [7]
+
+
+def test_reference_effects_equal_atp_of_each_concept(tiny_models):
+    from attribution.atp import atp_effects, log_p_gradients
+    from attribution.concepts import resolve_targets
+    from attribution.neat import clean_pass, concept_vector
+    from attribution.reference import reference_concepts, reference_effects
+
+    model = tiny_models["llama"]
+    concepts = reference_concepts()[:2]
+    mean = torch.randn(model.n_layers, model.d_mlp, generator=torch.Generator().manual_seed(0))
+    result = reference_effects(model, concepts, {"zero": torch.zeros(model.n_layers, model.d_mlp), "mean": mean})
+    assert result.concepts == tuple(c.name for c in concepts)
+    for i, concept in enumerate(concepts):
+        ids = resolve_targets(model.tokenizer, concept).ids
+        clean = clean_pass(model, concept_vector(model, concept.examples), ids)
+        grads = log_p_gradients(model, clean, ids)
+        for mode, values in (("zero", torch.zeros(model.n_layers, model.d_mlp)), ("mean", mean)):
+            for layer in range(model.n_layers):
+                expected = atp_effects(grads, clean, layer, range(model.d_mlp), values[layer])
+                assert torch.allclose(result.effects[mode][i, layer], expected, atol=1e-6)
+
+
+def test_reference_set_is_broad_clean_and_disjoint():
+    """30+ concepts of 10+ examples each, every target one token of SmolLM2's tokenizer, no target token
+    shared between concepts, nothing shared with the built-ins or the benchmark's held-out concepts."""
+    from pathlib import Path
+
+    from attribution.concepts import load_concept_file
+    from attribution.reference import reference_concepts
+    from tiny_models import smollm2_tokenizer
+
+    root = Path(__file__).resolve().parent.parent
+    reference = reference_concepts()
+    others = (load_concept_file(root / "configs" / "concepts" / "builtin.yaml")
+              + load_concept_file(root / "benchmarks" / "data" / "heldout_concepts.yaml"))
+    tokenizer = smollm2_tokenizer()
+    assert len(reference) >= 30 and all(len(c.examples) >= 10 and len(c.targets) >= 5 for c in reference)
+    owner = {}
+    for concept in reference + others:
+        for word in concept.targets:
+            ids = tokenizer.encode(" " + word, add_special_tokens=False)
+            assert len(ids) == 1, (concept.name, word)
+            assert owner.setdefault(ids[0], concept.name) == concept.name, (concept.name, word, owner[ids[0]])
+    assert not {c.name for c in reference} & {c.name for c in others}
+    examples = {e for c in reference for e in c.examples}
+    assert not examples & {e for c in others for e in c.examples}

@@ -49,14 +49,14 @@ HELDOUT = ROOT / "benchmarks" / "data" / "heldout_concepts.yaml"
 
 
 def concept_data(model, concepts, cache: Path | None, group: str, *, screen: int | None):
-    """name -> {probe, atp [n], neat [n] (screened exact, when `screen`)}; cached per group."""
-    path = cache / f"{group}-{screen}.pt" if cache else None
-    if path is not None and path.exists():
-        stored = torch.load(path)
-    else:
-        stored = {}
-        zeros = torch.zeros(model.d_mlp)
-        for concept in concepts:
+    """name -> {probe, atp [n], neat [n] (screened exact, when `screen`)}; cached per concept."""
+    out = {}
+    zeros = torch.zeros(model.d_mlp)
+    for concept in concepts:
+        path = cache / f"{group}-{screen}-{concept.name}.pt" if cache else None
+        if path is not None and path.exists():
+            entry = torch.load(path)
+        else:
             started = time.perf_counter()
             targets = resolve_targets(model.tokenizer, concept).ids
             clean = clean_pass(model, concept_vector(model, concept.examples, concept=concept.name), targets)
@@ -73,15 +73,12 @@ def concept_data(model, concepts, cache: Path | None, group: str, *, screen: int
                         values = neat_effects(model, clean, targets, layer, tuple(mine), zeros)
                         exact[[layer * model.d_mlp + i for i in mine]] = values
                 entry["neat"] = exact
-            stored[concept.name] = entry
-            print(f"{group}: {concept.name} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(stored, path)
-    out = {}
-    for name, entry in stored.items():
+            print(f"{group}: {concept.name} in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(entry, path)
         clean = clean_pass(model, entry["vector"], entry["targets"])
-        out[name] = {**entry, "probe": ConceptProbe(name, clean, entry["targets"])}
+        out[concept.name] = {**entry, "probe": ConceptProbe(concept.name, clean, entry["targets"])}
     return out
 
 
@@ -93,7 +90,7 @@ def contrastive_order(neat: dict[str, torch.Tensor], concept: str) -> torch.Tens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--screen", type=int, default=2000)
     parser.add_argument("--penalty", type=float, default=None, help="override the specific ranking's penalty")

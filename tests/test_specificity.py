@@ -80,3 +80,70 @@ def test_reference_set_is_broad_clean_and_disjoint():
     assert not {c.name for c in reference} & {c.name for c in others}
     examples = {e for c in reference for e in c.examples}
     assert not examples & {e for c in others for e in c.examples}
+
+
+def _run(tmp_path, source, run_id: str, **extra):
+    from pathlib import Path
+
+    import yaml
+
+    from cluster.config import load_job_config
+    from cluster.driver import run_job
+    from cluster.plan import resolve_job
+
+    data = {"model": source.path, "concepts": str(Path(__file__).parent / "data" / "unseen_concepts.yaml"),
+            "layers": [0, 3], "atlas": str(tmp_path / "atlas"), "ablation": "zero", "shard_neurons": 96,
+            "batch_rows": 64, "run_id": run_id, "cluster": {"actors": 2, "cpus_per_actor": 1}, **extra}
+    path = tmp_path / f"{run_id}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run_job(resolve_job(load_job_config(path)))
+    return str(tmp_path / "atlas")
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_run_stores_the_specific_ranking_that_query_shows_by_default(tmp_path, tiny_sources, tiny_models, capsys):
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    from attribution.reference import reference_concepts, reference_effects
+    from jobs.cli import main
+    from storage.read import open_neurons, run_metadata
+
+    atlas = _run(tmp_path, tiny_sources["llama"], "spec1")
+    meta = run_metadata(atlas, "spec1")["reference_contrast"]
+    assert meta["enabled"] and meta["concepts"] == [c.name for c in reference_concepts()]
+    table = DeltaTable(f"{atlas}/specificity").to_pyarrow_table()
+    model = tiny_models["llama"]
+    assert table.num_rows == 2 * 2 * model.d_mlp  # concepts x layers x neurons
+    # The stored ranking is the greedy selection recomputed here from the run's effects and an
+    # in-process reference contrast.
+    zeros = torch.zeros(model.n_layers, model.d_mlp)
+    reference = reference_effects(model, reference_concepts(), {"zero": zeros}).effects["zero"][:, [0, 3]]
+    rows = open_neurons(atlas).to_pyarrow_table().sort_by([("layer", "ascending"), ("neuron", "ascending")])
+    effect = {c: torch.tensor(rows.filter(pc.equal(rows["concept"], c))["effect"].to_pylist()) for c in ("music", "weather")}
+    off = torch.cat([reference.reshape(reference.shape[0], -1), effect["weather"][None]])
+    expected = specific_order(effect["music"], off, k=5).tolist()
+    music = table.filter(pc.equal(table["concept"], "music")).sort_by("specific_rank").slice(0, 5)
+    position = {0: 0, 3: 1}  # the run's layers, in order
+    assert [position[r["layer"]] * model.d_mlp + r["neuron"] for r in music.to_pylist()] == expected
+    assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "ranked by specificity" in captured.err
+    assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "5", "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [r["specific_rank"] for r in shown] == [1, 2, 3, 4, 5]
+    assert [(r["layer"], r["neuron"]) for r in shown] == [(r["layer"], r["neuron"]) for r in music.to_pylist()]
+    assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "3", "--rank-by", "score",
+                 "--format", "json"]) == 0
+    assert [r["rank"] for r in json.loads(capsys.readouterr().out)] == [1, 2, 3]
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_without_the_reference_contrast_query_falls_back_to_scores_and_says_so(tmp_path, tiny_sources, capsys):
+    from jobs.cli import main
+    from storage.read import run_metadata
+
+    atlas = _run(tmp_path, tiny_sources["gpt2"], "plain", reference_contrast=False)
+    assert run_metadata(atlas, "plain")["reference_contrast"]["enabled"] is False
+    assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "3"]) == 0
+    assert "ranked by score (raw neat): run plain has no reference contrast" in capsys.readouterr().err

@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--screen", type=int, default=2000)
     parser.add_argument("--penalty", type=float, default=None, help="override the specific ranking's penalty")
+    parser.add_argument("--penalties", default="", help="also rank with these penalties (comma-separated), "
+                                                        "as rankings specific-pP")
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--no-neutral", action="store_true")
     parser.add_argument("--json", type=Path)
@@ -122,11 +124,18 @@ def main() -> None:
                 "specific": specific_order(effect, torch.cat([reference_atp, run_others]), k=args.k, **penalty),
                 "specific-alone": specific_order(effect, reference_atp, k=args.k, **penalty),
             }
+            for p in [float(x) for x in args.penalties.split(",") if x.strip()]:
+                orders[f"specific-p{p:g}"] = specific_order(effect, torch.cat([reference_atp, run_others]),
+                                                            k=args.k, penalty=p)
             panel = [d["probe"] for n, d in everyone.items() if n != name]
-            for ranking, order in orders.items():
-                top = [(int(i) // model.d_mlp, int(i) % model.d_mlp) for i in order[:args.k]]
-                changes = vector_changes(model, [(data["probe"], top)] + [(p, top) for p in panel], zeros)
-                own, others = changes[0], changes[1:]
+            tops = {ranking: [(int(i) // model.d_mlp, int(i) % model.d_mlp) for i in order[:args.k]]
+                    for ranking, order in orders.items()}
+            # One batched pass: every ranking's top-k on the concept and on every panel concept.
+            changes = vector_changes(model, [(p, top) for top in tops.values() for p in [data["probe"], *panel]],
+                                     zeros)
+            for j, (ranking, top) in enumerate(tops.items()):
+                mine = changes[j * (len(panel) + 1):(j + 1) * (len(panel) + 1)]
+                own, others = mine[0], mine[1:]
                 worst = max(range(len(panel)), key=lambda i: abs(others[i]))
                 loss = None if clean_loss is None else neutral_loss(model, texts, layer_masks(top, zeros)) - clean_loss
                 rows.append({"group": group, "concept": name, "ranking": ranking, "own_change": own,
@@ -137,7 +146,7 @@ def main() -> None:
                                                    for r in rows[-len(orders):]), file=sys.stderr)
     table = []
     for group in runs:
-        for ranking in ("neat", "contrastive", "specific", "specific-alone"):
+        for ranking in dict.fromkeys(r["ranking"] for r in rows):
             mine = [r for r in rows if r["group"] == group and r["ranking"] == ranking]
             raw = {r["concept"]: abs(r["own_change"]) for r in rows if r["group"] == group and r["ranking"] == "neat"}
             losses = [r["neutral_loss_change"] for r in mine if r["neutral_loss_change"] is not None]

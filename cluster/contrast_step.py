@@ -14,14 +14,19 @@ from attribution.reference import reference_concepts
 
 
 def reference_contrast(actors) -> dict | None:
-    """Every reference concept's AtP effects, the concepts dealt round-robin to the actors:
-    {"concepts", "target_ids", "effects": {mode: [concepts, n_layers, d_mlp]}, "seconds"}; None where
-    the actors cannot run AtP."""
+    """Every reference concept's AtP effects, the concepts dealt round-robin to the actors (Ray handles
+    of ShardScorer); None where the actors cannot run AtP. See `merge_reference_parts`."""
     import ray
 
     started = time.perf_counter()
     names = [c.name for c in reference_concepts()]
     parts = ray.get([actor.reference_effects.remote(names[i::len(actors)]) for i, actor in enumerate(actors)])
+    return merge_reference_parts(names, parts, seconds=time.perf_counter() - started)
+
+
+def merge_reference_parts(names: list[str], parts: list, *, seconds: float = 0.0) -> dict | None:
+    """ShardScorer.reference_effects results of disjoint name subsets -> {"concepts" (in `names` order),
+    "target_ids", "effects": {mode: [concepts, n_layers, d_mlp]}, "seconds"}; None if any part is None."""
     if any(part is None for part in parts):
         return None
     order, targets, effects = [], [], {}
@@ -32,9 +37,9 @@ def reference_contrast(actors) -> dict | None:
             effects.setdefault(mode, []).append(values)
     position = {name: i for i, name in enumerate(order)}
     index = [position[name] for name in names]  # back to the file's order
-    return {"concepts": names, "target_ids": [targets[i] for i in index],
+    return {"concepts": list(names), "target_ids": [targets[i] for i in index],
             "effects": {mode: np.concatenate(values)[index] for mode, values in effects.items()},
-            "seconds": round(time.perf_counter() - started, 2)}
+            "seconds": round(seconds, 2)}
 
 
 def contrast_metadata(contrast: dict | None, reason: str = "") -> dict:

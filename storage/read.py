@@ -260,6 +260,9 @@ def connect_views(
         con.execute(f"CREATE VIEW neurons AS SELECT * FROM atlas_neurons{where}")
         con.execute("CREATE VIEW runs AS SELECT * FROM atlas_runs")
         con.execute(_LATEST_VIEW)
+        from storage.specificity import register_view  # the specific ranking's table, when runs wrote one
+
+        register_view(con, uri, storage_options, run_id=run_id, as_of=as_of)
     except BaseException:
         con.close()
         raise

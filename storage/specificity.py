@@ -151,3 +151,26 @@ def generic_neurons(atlas_uri, *, run_id: str, method: str = "neat", ablation: s
     rows = table.to_pyarrow_dataset().to_table(columns=["ablation", "layer", "neuron", "concept"], filter=where)
     return rows.group_by(["ablation", "layer", "neuron"]).aggregate([]).sort_by(
         [("ablation", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
+
+
+def register_view(con, atlas_uri, storage_options: dict | None = None, *, run_id: str | None = None,
+                  as_of=None) -> None:
+    """The view `specificity` on a DuckDB connection: the table's rows, or none (SPECIFICITY_SCHEMA)
+    when the atlas has no such table. With `as_of` a time, the table as it was then; a version number
+    counts the neurons table's versions, so with one the view is empty."""
+    from datetime import datetime
+
+    from storage.read import _open as open_table, parse_as_of
+
+    source = SPECIFICITY_SCHEMA.empty_table()
+    moment = parse_as_of(as_of)
+    if moment is None or isinstance(moment, datetime):
+        try:
+            table = open_table(atlas_uri, SPECIFICITY, storage_options, as_of=moment)
+        except AtlasError:  # the table did not exist yet at that time
+            table = None
+        if table is not None:
+            source = table.to_pyarrow_dataset()
+    con.register("atlas_specificity", source)
+    where = f" WHERE run_id = '{run_id}'" if run_id is not None else ""  # a validated slug
+    con.execute(f"CREATE VIEW specificity AS SELECT * FROM atlas_specificity{where}")

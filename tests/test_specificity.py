@@ -82,36 +82,48 @@ def test_reference_set_is_broad_clean_and_disjoint():
     assert not examples & {e for c in others for e in c.examples}
 
 
-def _run(tmp_path, source, run_id: str, **extra):
+def _scored_run(tmp_path, source, run_id: str, *, contrast: bool = True) -> str:
+    """A run scored and committed without Ray: every shard through ShardScorer, the reference contrast
+    dealt to two scorer calls as the driver deals it to two actors, then the specificity table."""
     from pathlib import Path
 
+    import pyarrow as pa
     import yaml
 
+    from attribution.reference import reference_concepts
     from cluster.config import load_job_config
-    from cluster.driver import run_job
+    from cluster.contrast_step import merge_reference_parts, specificity_table
     from cluster.plan import resolve_job
+    from cluster.scorer import ScorerSpec, ShardScorer
+    from storage.commit import commit_run
+    from storage.specificity import write_specificity
 
     data = {"model": source.path, "concepts": str(Path(__file__).parent / "data" / "unseen_concepts.yaml"),
             "layers": [0, 3], "atlas": str(tmp_path / "atlas"), "ablation": "zero", "shard_neurons": 96,
-            "batch_rows": 64, "run_id": run_id, "cluster": {"actors": 2, "cpus_per_actor": 1}, **extra}
+            "batch_rows": 64, "run_id": run_id, "methods": ["neat"]}
     path = tmp_path / f"{run_id}.yaml"
     path.write_text(yaml.safe_dump(data))
-    run_job(resolve_job(load_job_config(path)))
-    return str(tmp_path / "atlas")
+    plan = resolve_job(load_job_config(path))
+    scorer = ShardScorer(ScorerSpec.from_plan(plan))
+    rows = pa.concat_tables([scorer.score_table(shard) for shard in plan.shards])
+    names = [c.name for c in reference_concepts()]
+    merged = merge_reference_parts(names, [scorer.reference_effects(names[0::2]), scorer.reference_effects(names[1::2])])
+    atlas = str(tmp_path / "atlas")
+    commit_run(atlas, rows, run_id=run_id, metadata={"run_id": run_id, "layers": [0, 3]})
+    if contrast:
+        write_specificity(atlas, specificity_table(rows, merged, run_id=run_id, model=plan.model.name, layers=[0, 3]))
+    return atlas
 
 
-@pytest.mark.usefixtures("local_ray")
 def test_a_run_stores_the_specific_ranking_that_query_shows_by_default(tmp_path, tiny_sources, tiny_models, capsys):
     import pyarrow.compute as pc
     from deltalake import DeltaTable
 
     from attribution.reference import reference_concepts, reference_effects
     from jobs.cli import main
-    from storage.read import open_neurons, run_metadata
+    from storage.read import open_neurons
 
-    atlas = _run(tmp_path, tiny_sources["llama"], "spec1")
-    meta = run_metadata(atlas, "spec1")["reference_contrast"]
-    assert meta["enabled"] and meta["concepts"] == [c.name for c in reference_concepts()]
+    atlas = _scored_run(tmp_path, tiny_sources["llama"], "spec1")
     table = DeltaTable(f"{atlas}/specificity").to_pyarrow_table()
     model = tiny_models["llama"]
     assert table.num_rows == 2 * 2 * model.d_mlp  # concepts x layers x neurons
@@ -127,8 +139,7 @@ def test_a_run_stores_the_specific_ranking_that_query_shows_by_default(tmp_path,
     position = {0: 0, 3: 1}  # the run's layers, in order
     assert [position[r["layer"]] * model.d_mlp + r["neuron"] for r in music.to_pylist()] == expected
     assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "5"]) == 0
-    captured = capsys.readouterr()
-    assert "ranked by specificity" in captured.err
+    assert "ranked by specificity" in capsys.readouterr().err
     assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "5", "--format", "json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert [r["specific_rank"] for r in shown] == [1, 2, 3, 4, 5]
@@ -136,14 +147,56 @@ def test_a_run_stores_the_specific_ranking_that_query_shows_by_default(tmp_path,
     assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "3", "--rank-by", "score",
                  "--format", "json"]) == 0
     assert [r["rank"] for r in json.loads(capsys.readouterr().out)] == [1, 2, 3]
+    out = tmp_path / "report.html"
+    assert main(["report", "--atlas", atlas, "--concept", "music", "--top", "5", "--out", str(out)]) == 0
+    assert "the specific ranking" in capsys.readouterr().err and "specific rank" in out.read_text()
+
+
+def test_without_the_reference_contrast_query_falls_back_to_scores_and_says_so(tmp_path, tiny_sources, capsys):
+    from jobs.cli import main
+
+    atlas = _scored_run(tmp_path, tiny_sources["gpt2"], "plain", contrast=False)
+    assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "3"]) == 0
+    assert "ranked by score (raw neat): run plain has no reference contrast" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("local_ray")
-def test_without_the_reference_contrast_query_falls_back_to_scores_and_says_so(tmp_path, tiny_sources, capsys):
-    from jobs.cli import main
+def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_table(tmp_path, tiny_sources):
+    from pathlib import Path
+
+    import yaml
+    from deltalake import DeltaTable
+
+    from attribution.reference import reference_concepts
+    from cluster.config import load_job_config
+    from cluster.driver import run_job
+    from cluster.plan import resolve_job
     from storage.read import run_metadata
 
-    atlas = _run(tmp_path, tiny_sources["gpt2"], "plain", reference_contrast=False)
-    assert run_metadata(atlas, "plain")["reference_contrast"]["enabled"] is False
-    assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "3"]) == 0
-    assert "ranked by score (raw neat): run plain has no reference contrast" in capsys.readouterr().err
+    atlas = tmp_path / "atlas"
+    for run_id, extra in (("on", {}), ("off", {"reference_contrast": False})):
+        data = {"model": tiny_sources["gpt2"].path, "layers": [1], "atlas": str(atlas), "ablation": "zero",
+                "concepts": str(Path(__file__).parent / "data" / "unseen_concepts.yaml"), "run_id": run_id,
+                "cluster": {"actors": 2, "cpus_per_actor": 1}, **extra}
+        path = tmp_path / f"{run_id}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        run_job(resolve_job(load_job_config(path)))
+    assert run_metadata(str(atlas), "on")["reference_contrast"]["concepts"] == [c.name for c in reference_concepts()]
+    assert run_metadata(str(atlas), "off")["reference_contrast"]["enabled"] is False
+    stored = DeltaTable(f"{atlas}/specificity").to_pyarrow_table()
+    assert set(stored["run_id"].to_pylist()) == {"on"} and set(stored["concept"].to_pylist()) == {"music", "weather"}
+
+
+def test_sql_has_a_specificity_view(tmp_path, tiny_sources, capsys):
+    from jobs.cli import main
+    from storage.read import sql_query
+
+    atlas = _scored_run(tmp_path, tiny_sources["gpt2"], "sq")
+    top = sql_query(atlas, "SELECT layer, neuron FROM specificity WHERE concept = 'music' AND specific_rank <= 3 "
+                           "ORDER BY specific_rank").to_pylist()
+    assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "3", "--format", "json"]) == 0
+    assert [(r["layer"], r["neuron"]) for r in json.loads(capsys.readouterr().out)] == \
+        [(r["layer"], r["neuron"]) for r in top]
+    empty = tmp_path / "empty"
+    _scored_run(empty, tiny_sources["gpt2"], "none", contrast=False)
+    assert sql_query(str(empty / "atlas"), "SELECT count(*) AS n FROM specificity").to_pylist() == [{"n": 0}]

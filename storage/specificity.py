@@ -57,6 +57,9 @@ def specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], reference
             part = part.sort_by([("concept", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
             concepts = sorted(set(part.column("concept").to_pylist()))
             n = part.num_rows // len(concepts)
+            if n * len(concepts) != part.num_rows:
+                raise AtlasError(f"run {run_id}: method {method}, ablation {ablation} does not hold the same "
+                                 f"neurons for every concept ({part.num_rows} rows, {len(concepts)} concepts)")
             layer_col = part.column("layer").to_numpy()[:n]
             neuron_col = part.column("neuron").to_numpy()[:n]
             effects = torch.from_numpy(part.column("effect").to_numpy(zero_copy_only=False).astype(np.float32)

@@ -109,7 +109,10 @@ def _scored_run(tmp_path, source, run_id: str, *, contrast: bool = True) -> str:
     names = [c.name for c in reference_concepts()]
     merged = merge_reference_parts(names, [scorer.reference_effects(names[0::2]), scorer.reference_effects(names[1::2])])
     atlas = str(tmp_path / "atlas")
-    commit_run(atlas, rows, run_id=run_id, metadata={"run_id": run_id, "layers": [0, 3]})
+    from cluster.driver import run_metadata
+
+    metadata = run_metadata(plan, [scorer.describe()], [], resumed=0, wall_seconds=0.0)
+    commit_run(atlas, rows, run_id=run_id, metadata=metadata)
     if contrast:
         write_specificity(atlas, specificity_table(rows, merged, run_id=run_id, model=plan.model.name, layers=[0, 3]))
     return atlas
@@ -200,3 +203,28 @@ def test_sql_has_a_specificity_view(tmp_path, tiny_sources, capsys):
     empty = tmp_path / "empty"
     _scored_run(empty, tiny_sources["gpt2"], "none", contrast=False)
     assert sql_query(str(empty / "atlas"), "SELECT count(*) AS n FROM specificity").to_pylist() == [{"n": 0}]
+
+
+def test_validate_ablates_the_specific_ranking_against_the_panel_by_default(tmp_path, tiny_sources, capsys):
+    from attribution.reference import reference_concepts
+    from jobs.cli import main
+    from storage.specificity import specific_neurons
+    from storage.validation import read_validations
+
+    atlas = _scored_run(tmp_path, tiny_sources["gpt2"], "val")
+    assert main(["validate", "--atlas", atlas, "--concept", "music", "--k", "1,3", "--draws", "3", "--device", "cpu",
+                 "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "ranked by specificity" in captured.err and "validate: k=3" in captured.err  # the ranking, progress
+    rows = json.loads(captured.out)
+    assert [r["method"] for r in rows] == ["neat/specific"] * 2
+    panel = {"weather"} | {c.name for c in reference_concepts()}
+    assert set(rows[0]["other_changes"]) == panel and rows[0]["panel"] == len(panel)
+    for row in rows:
+        assert row["specificity"] == pytest.approx(abs(row["top_change"]) /
+                                                   max(abs(v) for v in row["other_changes"].values()))
+    stored = read_validations(atlas, concept="music")
+    assert stored["specificity"].to_pylist() == pytest.approx([r["specificity"] for r in rows])
+    # The ablated top-1 is the specific ranking's first neuron: its change is that neuron's effect.
+    first = specific_neurons(atlas, run_id="val", concept="music", top=1).to_pylist()[0]
+    assert rows[0]["top_change"] == pytest.approx(first["effect"], abs=1e-4)

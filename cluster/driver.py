@@ -285,11 +285,11 @@ def _reference_contrast(plan: JobPlan, actors, progress: Progress) -> tuple[dict
         return None, "reference_contrast: false in the config"
     if not {"neat", "atp"} & set(plan.config.methods) or not {"zero", "mean"} & set(plan.config.ablation):
         return None, "the run has no neat or atp rows with zero or mean ablation"
+    progress.message(f"reference contrast: AtP of every neuron on the reference concepts, on {len(actors)} actors")
     contrast = reference_contrast(actors)
     if contrast is None:
         return None, "AtP does not run on this model's replicas (an encoder, or split replicas)"
-    progress.message(f"reference contrast: AtP of {len(contrast['concepts'])} reference concepts in "
-                     f"{contrast['seconds']:.1f} s")
+    progress.message(f"reference contrast: {len(contrast['concepts'])} concepts in {contrast['seconds']:.1f} s")
     return contrast, ""
 
 

@@ -201,6 +201,7 @@ def test_sql_has_a_specificity_view(tmp_path, tiny_sources, capsys):
     assert [(r["layer"], r["neuron"]) for r in json.loads(capsys.readouterr().out)] == \
         [(r["layer"], r["neuron"]) for r in top]
     empty = tmp_path / "empty"
+    empty.mkdir()
     _scored_run(empty, tiny_sources["gpt2"], "none", contrast=False)
     assert sql_query(str(empty / "atlas"), "SELECT count(*) AS n FROM specificity").to_pylist() == [{"n": 0}]
 

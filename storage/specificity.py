@@ -64,7 +64,7 @@ def specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], reference
             neuron_col = part.column("neuron").to_numpy()[:n]
             effects = torch.from_numpy(part.column("effect").to_numpy(zero_copy_only=False).astype(np.float32)
                                        .reshape(len(concepts), n))  # [concepts, n]
-            ref = torch.from_numpy(np.array(reference[ablation], dtype=np.float32))  # a writable copy  # [r, n_layers, d_mlp]
+            ref = torch.from_numpy(np.array(reference[ablation], dtype=np.float32))  # a writable copy, [r, n_layers, d_mlp]
             ref = ref[:, torch.as_tensor(layer_col, dtype=torch.long), torch.as_tensor(neuron_col, dtype=torch.long)]
             generic = generic_mask(torch.cat([ref, effects])).numpy()  # [n]
             for i, concept in enumerate(concepts):

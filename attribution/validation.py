@@ -274,7 +274,8 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
         prompt_changes = None
         if probe.prompts:
             say(f"k={k} ({step}/{len(ks)}): {len(sets)} sets on {len(probe.prompts)} prompts")
-            prompt_changes = [v - clean_prompts for v in prompt_log_p_sets(model, probe.prompts, sets, ablate_to, ranges)]
+            ablated = prompt_log_p_sets(model, probe.prompts, sets, ablate_to, ranges)
+            prompt_changes = [v - clean_prompts for v in ablated]
         loss = 0.0
         if neutral_texts:
             say(f"k={k} ({step}/{len(ks)}): neutral text")

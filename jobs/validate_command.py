@@ -170,7 +170,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{method} top-k of run {run_id}; log p(T) change of the concept vector in nats when the top-k are "
           f"ablated together (prompt_change: log p(gold) on the concept's prompts); random: {args.draws} draws of "
           f"k neurons from the run's layers; specificity: |top_change| / the largest |change| of the "
-          f"{len(probes) - 1} other concepts of the panel (the run's, the reference set's{', --panel' if args.panel else ''}); "
+          f"{len(probes) - 1} other concepts of the panel (the run's, the reference set's"
+          f"{', --panel' if args.panel else ''}); "
           f"shared_top_k: share also top-k for another concept; stored in {args.atlas}/validations", file=sys.stderr)
     return 0
 

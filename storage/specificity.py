@@ -64,7 +64,7 @@ def specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], reference
             neuron_col = part.column("neuron").to_numpy()[:n]
             effects = torch.from_numpy(part.column("effect").to_numpy(zero_copy_only=False).astype(np.float32)
                                        .reshape(len(concepts), n))  # [concepts, n]
-            ref = torch.from_numpy(np.array(reference[ablation], dtype=np.float32))  # a writable copy, [r, n_layers, d_mlp]
+            ref = torch.from_numpy(np.array(reference[ablation], dtype=np.float32))  # a copy: [r, n_layers, d_mlp]
             ref = ref[:, torch.as_tensor(layer_col, dtype=torch.long), torch.as_tensor(neuron_col, dtype=torch.long)]
             generic = generic_mask(torch.cat([ref, effects])).numpy()  # [n]
             for i, concept in enumerate(concepts):
@@ -148,7 +148,8 @@ def generic_neurons(atlas_uri, *, run_id: str, method: str = "neat", ablation: s
     table = _open(atlas_uri, storage_options)
     if table is None:
         return pa.table({"ablation": [], "layer": [], "neuron": []})
-    where = (pds.field("run_id") == run_id) & (pds.field("method") == method) & (pds.field("generic") == True)  # noqa: E712
+    where = ((pds.field("run_id") == run_id) & (pds.field("method") == method)
+             & (pds.field("generic") == True))  # noqa: E712
     if ablation is not None:
         where = where & (pds.field("ablation") == ablation)
     rows = table.to_pyarrow_dataset().to_table(columns=["ablation", "layer", "neuron", "concept"], filter=where)

@@ -7,11 +7,12 @@ import torch
 from torch import Tensor
 
 from attribution.masking import recording
+from configs import reference_text
 from attribution.models import SiteModel
 from attribution.neat import text_batches
 
 ABLATIONS = ("zero", "mean")
-REFERENCE_TEXT = Path(__file__).resolve().parent.parent / "configs" / "reference" / "neutral.txt"
+REFERENCE_TEXT = reference_text()  # package data: found in a wheel install too
 
 
 def read_reference_texts(path: str | Path = REFERENCE_TEXT) -> list[str]:

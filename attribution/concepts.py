@@ -1,6 +1,6 @@
 """Concept files (YAML) and target words -> target token ids, with errors that name the input.
 
-Format (DESIGN.md section 2b): a top-level `concepts:` list of {name, examples, targets, negatives?,
+Format (docs/design.md, "Concept files"): a top-level `concepts:` list of {name, examples, targets, negatives?,
 description?}. Target token of word w: the first token of encode(" " + w) that is not a bare
 word-boundary piece (SentencePiece may emit a lone "▁" first); deduplicated across words.
 """
@@ -10,11 +10,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from attribution.errors import ConceptError
+from attribution.yaml_files import YamlFileError, load_yaml_file
 
-CONCEPT_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+CONCEPT_SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # matched whole (fullmatch: no trailing newline)
 CONCEPT_KEYS = {"name": str, "description": str, "examples": list, "targets": list, "negatives": list}
 REQUIRED_KEYS = ("name", "examples")  # no targets: derived from the concept vector (auto_targets.py)
 BOUNDARY_PIECES = {"▁", "Ġ", " ", ""}
@@ -50,11 +49,11 @@ def load_concept_file(path: str | Path) -> list[Concept]:
     if not path.is_file():
         raise ConceptError(f"concept file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConceptError(f"concept file {str(path)!r} is not valid YAML: {err}") from None
+        data = load_yaml_file(path)
+    except YamlFileError as err:
+        raise ConceptError(f"concept file {str(path)!r} {err}") from None
     if not isinstance(data, dict) or set(data) != {"concepts"}:
-        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        keys = _shown(sorted(map(str, data))) if isinstance(data, dict) else type(data).__name__
         raise ConceptError(f"concept file {str(path)!r}: expected one top-level key 'concepts', found {keys}")
     entries = data["concepts"]
     if not isinstance(entries, list) or not entries:
@@ -70,27 +69,34 @@ def load_concept_file(path: str | Path) -> list[Concept]:
     return concepts
 
 
+def _shown(value: object, limit: int = 80) -> str:
+    """repr() of a value for an error message, cut to `limit` characters (never a whole huge value)."""
+    text = repr(value if not isinstance(value, (list, dict)) or len(value) <= 20 else
+                (list(value)[:20] if isinstance(value, list) else dict(list(value.items())[:20])))
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def _parse_concept(entry: object, index: int, path: Path) -> Concept:
     where = f"concept file {str(path)!r}, concepts[{index}]"
     if not isinstance(entry, dict):
-        raise ConceptError(f"{where}: expected a mapping with keys name, examples, targets, got {entry!r}")
+        raise ConceptError(f"{where}: expected a mapping with keys name, examples, targets, got {_shown(entry)}")
     if isinstance(entry.get("name"), str):
-        where = f"concept file {str(path)!r}, concept {entry['name']!r}"
+        where = f"concept file {str(path)!r}, concept {_shown(entry['name'], 70)}"
     for key in entry:
         if key not in CONCEPT_KEYS:
-            raise ConceptError(f"{where}: unknown key {key!r} (expected one of {', '.join(CONCEPT_KEYS)})")
+            raise ConceptError(f"{where}: unknown key {_shown(key, 40)} (expected one of {', '.join(CONCEPT_KEYS)})")
     for key in REQUIRED_KEYS:
         if key not in entry:
             raise ConceptError(f"{where}: missing required key {key!r}")
     for key, value in entry.items():
         if not isinstance(value, CONCEPT_KEYS[key]):
             raise ConceptError(
-                f"{where}: key {key!r} must be a {CONCEPT_KEYS[key].__name__}, got {type(value).__name__} {value!r}"
+                f"{where}: key {key!r} must be a {CONCEPT_KEYS[key].__name__}, got {type(value).__name__} {_shown(value)}"
             )
     name = entry["name"]
-    if not CONCEPT_SLUG.match(name):
+    if not CONCEPT_SLUG.fullmatch(name):
         raise ConceptError(
-            f"{where}: name {name!r} is not a slug: expected lower-case letters, digits, '_' or '-' "
+            f"{where}: name {_shown(name, 70)} is not a slug: expected lower-case letters, digits, '_' or '-' "
             f"(pattern {CONCEPT_SLUG.pattern})"
         )
     lists = {}
@@ -98,7 +104,7 @@ def _parse_concept(entry: object, index: int, path: Path) -> Concept:
         values = entry.get(key, [])
         for j, value in enumerate(values):
             if not isinstance(value, str) or not value.strip():
-                raise ConceptError(f"{where}: {key}[{j}] must be a non-empty string, got {value!r}")
+                raise ConceptError(f"{where}: {key}[{j}] must be a non-empty string, got {_shown(value)}")
         lists[key] = tuple(v.strip() for v in values)
     if not lists["examples"]:
         raise ConceptError(f"{where}: 'examples' is empty: a concept needs at least one")
@@ -110,7 +116,7 @@ def _parse_concept(entry: object, index: int, path: Path) -> Concept:
 
 
 def resolve_targets(tokenizer, concept: Concept) -> TargetTokens:
-    """Target words -> first real token of " " + word, deduplicated (DESIGN.md section 4).
+    """Target words -> first real token of " " + word, deduplicated (docs/design.md, "Targets").
 
     A concept without targets resolves to no ids (`pending`): the actors derive them.
     """

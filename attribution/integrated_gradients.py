@@ -1,4 +1,4 @@
-"""Knowledge-neuron integrated gradients (Dai et al. 2022, arXiv 2104.08696), the baseline of DESIGN.md section 4.
+"""Knowledge-neuron integrated gradients (Dai et al. 2022, arXiv 2104.08696), the baseline of docs/design.md, "Methods".
 
 Attr_i = a_i / m * sum_{k=1..m} dp(y|x; layer's last-token activations = (k/m) a) / da_i (their Eq. 3),
 with p the gold probability and a the clean activation vector of neuron i's layer at the last token.

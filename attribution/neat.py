@@ -1,9 +1,9 @@
-"""NEAT (arXiv 2508.15875, DESIGN.md section 4): ablate each neuron, measure the change of log p(targets).
+"""NEAT (arXiv 2508.15875, docs/design.md, "Methods"): ablate each neuron, measure the change of log p(targets).
 
 The concept vector c (mean last-layer hidden state over the concept's examples) is fed as a
 one-position input. effect_i = log p(T | neuron i ablated) - log p(T); score_i = |effect_i|.
 
-`neat_effects` is the fast exact engine (DESIGN.md section 5, tricks 1-3): ablation rows are
+`neat_effects` is the fast exact engine (docs/design.md, "The NEAT engine", tricks 1-3): ablation rows are
 batched, only the blocks after the ablated layer are recomputed, and the ablated layer itself is
 a rank-1 update of its clean output. `neat_effects_bf16` adds trick 4 (bf16 difference propagation).
 `neat_effects_naive` is the one-forward-per-neuron reference.
@@ -155,7 +155,7 @@ def neat_effects(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...]
 @torch.no_grad()
 def neat_effects_bf16(model: SiteModel, clean: CleanPass, target_ids: tuple[int, ...], layer: int,
                       neurons: range | tuple[int, ...], ablate_to: Tensor, *, batch_rows: int = 512) -> Tensor:
-    """Near-exact NEAT effects with bf16 matrix multiplies (DESIGN.md section 5, trick 4): [len(neurons)].
+    """Near-exact NEAT effects with bf16 matrix multiplies (docs/design.md, "The NEAT engine", trick 5): [len(neurons)].
 
     Plain bf16 ruins the ranking (one neuron's effect is tiny next to the residual it rides on), so
     each row carries its *difference* from the float32 clean row: matrix multiplies act on the

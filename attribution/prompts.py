@@ -1,7 +1,7 @@
 """Prompts with gold next tokens for the methods that score p(y|x) at the last token (NeurGrad, NEG, IG).
 
 A prompt is the text before an example's first target word, its gold that word's target token
-(DESIGN.md section 4); p(y|x) = mean over the prompt's gold tokens t of softmax(logits[last])[t].
+(docs/design.md, "Methods"); p(y|x) = mean over the prompt's gold tokens t of softmax(logits[last])[t].
 """
 from __future__ import annotations
 

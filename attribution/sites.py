@@ -1,6 +1,6 @@
 """Neuron sites and the single-position block step, declared once per architecture family.
 
-A neuron is one coordinate of the input of the MLP's output projection (DESIGN.md section 3).
+A neuron is one coordinate of the input of the MLP's output projection (docs/design.md, "What a neuron is").
 `step` runs one transformer block on a batch of single-position residuals: with one position,
 attention is a softmax over one key (= 1), so its output is `o_proj(v)` and Q/K are skipped.
 """

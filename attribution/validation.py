@@ -1,4 +1,4 @@
-"""Is a ranking causal, and specific? (DESIGN.md section 4, "Validation").
+"""Is a ranking causal, and specific? (docs/design.md, "Methods").
 
 Ablate a method's top-k neurons together and measure the change of the concept's log p(T); compare
 with k random neurons over many draws (mean, spread, z-score, empirical p-value), with the same

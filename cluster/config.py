@@ -9,9 +9,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
+from cluster.schedule_config import ScheduleConfig, parse_schedule
+
+RUN_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")  # matched whole (fullmatch: no trailing newline)
 # neat: exact ablation; atp: first-order attribution patching; neurgrad / neg: neuron empirical
 # gradients (estimate / swept slope); neuronlens: activation ranges; selectivity: probing with
 # positives and negatives; ig: integrated gradients (knowledge neurons). README "Methods".
@@ -75,6 +76,8 @@ class JobConfig:
     # AtP of every neuron on the reference concepts (configs/concepts/reference.yaml), for the specific
     # ranking (README "Concept-specific rankings"); false: the run stores no specificity table.
     reference_contrast: bool = True
+    # When and on what to re-run this job (cluster/schedule_config.py); None: run on demand only.
+    schedule: ScheduleConfig | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """The config as plain data, for the run's metadata; credentials in storage_options redacted."""
@@ -88,6 +91,10 @@ class JobConfig:
             data["storage_options"] = redact_options(self.storage_options)
         if self.reference_contrast:
             del data["reference_contrast"]  # the default: configs without the key keep their run ids
+        if self.schedule is None:
+            del data["schedule"]  # configs without one keep their default run ids
+        else:
+            data["schedule"] = self.schedule.as_data()
         return data
 
 
@@ -95,8 +102,16 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """repr() of a value for an error message, cut to `limit` characters (never a whole huge value)."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > 20:
+        value = type(value)(list(value)[:20]) if not isinstance(value, dict) else dict(list(value.items())[:20])
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def _fail(source: str, key: str, value: object, expected: str) -> ConfigError:
-    return ConfigError(f"config {source}: key {key!r} has value {value!r}: expected {expected}")
+    return ConfigError(f"config {source}: key {key!r} has value {shown(value)}: expected {expected}")
 
 
 def _one_or_list(source: str, key: str, value: object, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -191,6 +206,13 @@ def _resolve_path(base: Path, value: str) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
+def _concepts_path(base: Path, value: str) -> str:
+    """`builtin` names the shipped concept file (package data); anything else is a path."""
+    from configs import BUILTIN, builtin_concepts
+
+    return str(builtin_concepts()) if value.strip() == BUILTIN else _resolve_path(base, value)
+
+
 def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
     """Validate a config mapping; relative paths are relative to `base_dir` (the config's folder)."""
     if not isinstance(data, dict):
@@ -198,7 +220,7 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
     known = set(JobConfig.__dataclass_fields__) - {"source"}
     for key in data:
         if key not in known:
-            raise ConfigError(f"config {source}: unknown key {key!r} (expected one of {', '.join(sorted(known))})")
+            raise ConfigError(f"config {source}: unknown key {shown(key)} (expected one of {', '.join(sorted(known))})")
     for key in ("model", "concepts", "atlas"):
         if key not in data:
             raise ConfigError(f"config {source}: missing required key {key!r}")
@@ -206,7 +228,7 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
             raise _fail(source, key, data[key], "a non-empty string")
     out: dict[str, Any] = {
         "model": data["model"].strip(),
-        "concepts": _resolve_path(base_dir, data["concepts"]),
+        "concepts": _concepts_path(base_dir, data["concepts"]),
         "atlas": _resolve_path(base_dir, data["atlas"]),
         "layers": parse_layers(source, data.get("layers", "all")),
         "source": source,
@@ -242,6 +264,8 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
         out["reference_contrast"] = data["reference_contrast"]
     if data.get("storage_options") is not None:
         out["storage_options"] = _parse_storage_options(source, data["storage_options"])
+    if data.get("schedule") is not None:
+        out["schedule"] = parse_schedule(source, data["schedule"], base_dir)
     return JobConfig(**out)
 
 
@@ -253,7 +277,7 @@ def _parse_storage_options(source: str, value: object) -> dict[str, str]:
     out = {}
     for key, item in value.items():
         if not isinstance(key, str) or not key:
-            raise ConfigError(f"config {source}: key 'storage_options' has an option name {key!r}: expected a string")
+            raise ConfigError(f"config {source}: key 'storage_options' has an option name {shown(key)}: expected a string")
         if isinstance(item, bool):
             item = "true" if item else "false"
         elif _is_int(item) or isinstance(item, float):
@@ -266,19 +290,21 @@ def _parse_storage_options(source: str, value: object) -> dict[str, str]:
 
 
 def check_run_id(source: str, value: object) -> str:
-    if not isinstance(value, str) or not RUN_ID.match(value):
+    if not isinstance(value, str) or not RUN_ID.fullmatch(value):
         raise _fail(source, "run_id", value, f"a slug matching {RUN_ID.pattern}")
     return value
 
 
 def load_job_config(path: str | Path) -> JobConfig:
+    from attribution.yaml_files import YamlFileError, load_yaml_file
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config {path}: not valid YAML: {err}") from None
+        data = load_yaml_file(path)
+    except YamlFileError as err:
+        raise ConfigError(f"config {path}: {err}") from None
     return config_from_dict(data, source=str(path), base_dir=path.resolve().parent)
 
 
@@ -289,7 +315,7 @@ def apply_overrides(config: JobConfig, **flags: Any) -> JobConfig:
     if flags.get("model"):
         changes["model"] = flags["model"]
     if flags.get("concepts"):
-        changes["concepts"] = str(Path(flags["concepts"]).expanduser().resolve())
+        changes["concepts"] = _concepts_path(Path.cwd(), flags["concepts"])
     if flags.get("atlas"):
         atlas = flags["atlas"]
         changes["atlas"] = atlas if "://" in atlas else str(Path(atlas).expanduser().resolve())

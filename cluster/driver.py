@@ -1,6 +1,6 @@
 """The Ray driver: start the actor pool, score the shards that are not staged yet, commit the run.
 
-Protocol (DESIGN.md section 7): actors stage one Parquet file per shard at a deterministic name;
+Protocol (docs/design.md, "The atlas protocol"): actors stage one Parquet file per shard at a deterministic name;
 when every planned shard is staged and whole, the driver commits all rows as one atlas version.
 An interrupted run leaves only staged files: re-running the same run id recomputes the rest.
 """
@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
 from cluster.checks import neg_agreement
+from cluster.fingerprint import run_lineage
 from cluster.plan import JobPlan, Shard
 from cluster.replicas import ReplicaPlan, SuffixScorer, describe_replicas, plan_replicas
 from cluster.screen import screen_report, screen_shards
 from cluster.progress import Progress, format_seconds
 from cluster.scorer import ScorerSpec, ShardResult, ShardScorer
 from cluster.contrast_step import contrast_metadata, reference_contrast, specificity_table
-from storage.commit import commit_run, run_committed
+from storage.commit import commit_staged_run, run_committed, run_recorded
 from storage.specificity import write_specificity
 from storage.staging import claim_staging, delete_staging, read_staged, staged_shards
 
 IN_FLIGHT_PER_ACTOR = 2  # one computing, one queued: no idle gap between shards
-# At-least-once (DESIGN.md section 6). An actor whose process dies (node lost, OOM kill, crash) is
+# At-least-once (docs/design.md, "The atlas protocol"). An actor whose process dies (node lost, OOM kill, crash) is
 # restarted up to ACTOR_RESTARTS times and Ray re-runs its unfinished shards on it (max_task_retries);
 # a shard whose code raises is resubmitted by the driver to the next free actor. Either way a shard
 # runs at most SHARD_TRIES times before the run fails, naming it; retried shards rewrite the same file.
@@ -215,7 +217,9 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
 
     cfg = plan.config
     if run_committed(cfg.atlas, plan.run_id, storage_options=cfg.storage_options):
-        raise RunError(f"run {plan.run_id!r} is already committed in atlas {cfg.atlas}: choose another --run-id")
+        if run_recorded(cfg.atlas, plan.run_id, storage_options=cfg.storage_options):
+            raise RunError(f"run {plan.run_id!r} is already committed in atlas {cfg.atlas}: choose another --run-id")
+        return _repair_runs_row(plan, progress_stream)
     replicas = plan_replicas(plan)  # raises ConfigError before anything starts when a replica cannot fit
     started = time.perf_counter()
     claim_staging(cfg.atlas, run_id=plan.run_id, fingerprint=plan.fingerprint, storage_options=cfg.storage_options)
@@ -249,23 +253,26 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
             results += more
             resumed += more_resumed
         contrast, contrast_note = _reference_contrast(plan, actors[:actor_count], progress)
-        rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
-                           storage_options=cfg.storage_options)
-        if rows.num_rows != plan.total_rows:
-            raise RunError(f"run {plan.run_id}: staged {rows.num_rows} rows, planned {plan.total_rows}")
         wall = time.perf_counter() - started
         metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall, slots=slots)
-        metadata["checks"] = method_checks(plan, rows)
+        metadata["checks"] = method_checks(plan, _check_rows(plan))
         if suffix_count:
             metadata["replicas"] = {"suffix_actors": suffix_count, "suffix_from_layer": replicas.suffix_from_layer}
         metadata["reference_contrast"] = contrast_metadata(contrast, contrast_note)
-        version = commit_run(cfg.atlas, rows, run_id=plan.run_id, metadata=metadata,
-                             storage_options=cfg.storage_options)
+        effects = _effect_rows(plan) if contrast is not None else None  # read before the commit deletes staging
+        # The streaming reduce: the driver holds one record batch and one ranked group at a time.
+        version = commit_staged_run(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
+                                    metadata=metadata, expected_rows=plan.total_rows,
+                                    storage_options=cfg.storage_options)
         if contrast is not None:  # its own commit, after the run's: a run never waits on it to be readable
-            write_specificity(cfg.atlas, specificity_table(rows, contrast, run_id=plan.run_id, model=plan.model.name,
-                                                           layers=list(plan.layers)),
+            write_specificity(cfg.atlas, specificity_table(effects, contrast, run_id=plan.run_id,
+                                                           model=plan.model.name, layers=list(plan.layers)),
                               storage_options=cfg.storage_options)
         delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
+        if cfg.schedule is not None:  # a scheduled run: compare with the family's previous run (storage/drift.py)
+            from cluster.schedule import record_run_drift
+
+            record_run_drift(cfg, plan.run_id, stream=progress_stream)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -291,6 +298,42 @@ def _reference_contrast(plan: JobPlan, actors, progress: Progress) -> tuple[dict
         return None, "AtP does not run on this model's replicas (an encoder, or split replicas)"
     progress.message(f"reference contrast: {len(contrast['concepts'])} concepts in {contrast['seconds']:.1f} s")
     return contrast, ""
+
+
+def _effect_rows(plan: JobPlan):
+    """The staged neat and atp rows (concept, method, ablation, layer, neuron, effect) the specificity
+    table is computed from."""
+    ids = [s.shard_id for s in plan.shards if s.method in ("neat", "atp")]
+    rows = read_staged(plan.config.atlas, run_id=plan.run_id, shard_ids=ids, storage_options=plan.config.storage_options)
+    return rows.select(["concept", "method", "ablation", "layer", "neuron", "effect"])
+
+
+def _repair_runs_row(plan: JobPlan, progress_stream=None) -> RunSummary:
+    """A rerun of a run whose `neurons` commit landed but whose driver died before the runs row."""
+    cfg = plan.config
+    started = time.perf_counter()
+    # The staged record holds the first attempt's metadata; this rerun's is only a fallback.
+    version = commit_staged_run(cfg.atlas, run_id=plan.run_id, shard_ids=[], metadata={"repaired": True},
+                                storage_options=cfg.storage_options)
+    delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
+    print(f"run {plan.run_id}: committed before without its runs row; added the row (atlas version {version})",
+          file=progress_stream or sys.stderr, flush=True)
+    return RunSummary(run_id=plan.run_id, atlas=cfg.atlas, version=version, rows=plan.total_rows,
+                      neurons=sum(len(s.neurons) for s in plan.shards), shards=len(plan.shards),
+                      shards_resumed=len(plan.shards), seconds=round(time.perf_counter() - started, 2),
+                      neuron_scores_per_second=0.0)
+
+
+def _check_rows(plan: JobPlan):
+    """The staged rows the metadata's method checks read (only the methods they compare), else none."""
+    methods = set()
+    if plan.config.method_options.screen_top:
+        methods |= {"atp", "neat"}
+    if {"neurgrad", "neg"} <= set(plan.config.methods):
+        methods |= {"neurgrad", "neg"}
+    ids = [s.shard_id for s in plan.shards if s.method in methods]
+    return read_staged(plan.config.atlas, run_id=plan.run_id, shard_ids=ids,
+                       storage_options=plan.config.storage_options)
 
 
 def _screen_pass(plan: JobPlan, actors, progress_stream, groups: list[str] | None = None,
@@ -377,6 +420,7 @@ def run_metadata(plan: JobPlan, infos, results: list[ShardResult], *, resumed: i
                     "compute_seconds": round(sum(r.seconds for r in results), 2),
                     "actors": per_actor, "methods": by_method, "scheduling": scheduling},
         "warnings": list(plan.warnings),
+        **run_lineage(plan),  # fingerprint (and schedule): why this run happened (cluster/fingerprint.py)
     }
 
 

@@ -19,6 +19,7 @@ from attribution.concepts import Concept, TargetTokens, load_concept_file, resol
 from attribution.errors import AttributionError
 from attribution.models import ModelSource, load_tokenizer, read_model_config, resolve_model_source
 from attribution.sites import architecture_for, head_macs
+from attribution.weight_files import check_weight_files
 from cluster.config import ConfigError, JobConfig
 
 
@@ -184,6 +185,7 @@ def resolve_job(config: JobConfig) -> JobPlan:
         model_config = read_model_config(source)
         arch = architecture_for(model_config.model_type, model_name=source.name)
         tokenizer = load_tokenizer(source)
+        check_weight_files(source.path)  # headers only: a corrupt or truncated file fails here, not in an actor
     n_layers = getattr(model_config, "num_hidden_layers", None) or model_config.n_layer
     layers = config.layers if config.layers is not None else tuple(range(n_layers))
     for layer in layers:
@@ -206,6 +208,12 @@ def resolve_job(config: JobConfig) -> JobPlan:
             targets = TargetTokens((), (), ()) if arch.encoder else resolve_targets(tokenizer, concept)
             warnings.extend(targets.warnings)
             concepts.append(ResolvedConcept(concept, targets))
+    if "selectivity" in config.methods:  # a probe needs texts without the concept
+        lacking = [rc.concept.name for rc in concepts if not rc.concept.negatives]
+        if lacking:
+            raise ConfigError(f"config {config.source}: key 'concepts' has value {config.concepts!r}: method "
+                              f"selectivity needs 'negatives' (texts without the concept) for every concept; "
+                              f"missing for {', '.join(lacking[:10])}")
     macs = arch.block_macs(model_config)
     costs = layer_costs(n_layers, head_macs(model_config) / macs)
     d_mlp = getattr(model_config, "intermediate_size", None) or model_config.n_inner or 4 * model_config.n_embd

@@ -6,23 +6,30 @@ Data goes to stdout (tables, JSON, CSV); progress and messages go to stderr. Exi
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import io
 import json
 import os
+import re
 import sys
 import time
-from pathlib import Path
+
+from configs import builtin_concepts
 
 # Quiet, offline library defaults for a command-line tool: no hub calls, no progress bars.
 for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                      ("RAY_DEDUP_LOGS", "0")):
+                      ("RAY_DEDUP_LOGS", "0"),
+                      # delta-rs logs multi-line WARN records (IMDS probes) to stderr: errors only.
+                      ("RUST_LOG", "error")):
     os.environ.setdefault(_name, _value)
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-BUILTIN_CONCEPTS = REPO_CONFIGS / "concepts" / "builtin.yaml"
+BUILTIN_CONCEPTS = builtin_concepts()  # package data: found in a wheel install too
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_RETRY = 75  # EX_TEMPFAIL: the commit lost its races against concurrent writers; run it again
+EXIT_TIMEOUT = 124  # as timeout(1): `sql` stopped at its --timeout
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+SQL_TIMEOUT_S, SQL_MEMORY_LIMIT, SQL_TABLE_ROWS = 60.0, "2GB", 1000  # `sql` defaults (see storage.read)
 
 
 class UsageError(Exception):
@@ -36,6 +43,36 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from storage.errors import AtlasError
 
     return (AttributionError, ConfigError, AtlasError, SubmitError, UsageError)
+
+
+def _retry_errors() -> tuple[type[BaseException], ...]:
+    from storage.errors import CommitRaceError
+
+    return (CommitRaceError,)
+
+
+# Commands that only read an atlas: a path with no atlas there is an error, not an empty atlas.
+READ_COMMANDS = {"sql", "runs", "query", "neuron", "diff", "validate", "report", ("atlas", "history")}
+
+
+def check_atlas_argument(args: argparse.Namespace) -> None:
+    """`--atlas` names an atlas a command can use: never a file; for read commands, one that exists."""
+    from storage.location import allow_plain_http
+    from storage.redaction import redact
+
+    endpoint = allow_plain_http()
+    if endpoint:
+        print(f"note: S3 endpoint {redact(endpoint)} is plain HTTP (no TLS): allowed for this command "
+              "(AWS_ALLOW_HTTP=true); set AWS_ALLOW_HTTP yourself to silence this note", file=sys.stderr)
+    atlas = getattr(args, "atlas", None)
+    if not atlas:
+        return
+    from storage.preflight import check_atlas_exists, check_not_a_file
+
+    check_not_a_file(atlas)
+    key = (args.command, getattr(args, "atlas_command", None)) if args.command == "atlas" else args.command
+    if key in READ_COMMANDS:
+        check_atlas_exists(atlas)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--layers", help="comma-separated layers, e.g. 0,5,29, or 'all'")
     run.add_argument("--actors", type=int, help="number of actors (model replicas)")
     run.add_argument("--atlas", help="atlas directory or fsspec URL")
-    run.add_argument("--run-id", help="run id (slug); re-using an unfinished run's id resumes it")
+    run.add_argument("--run-id", "--run", dest="run_id",
+                     help="run id (slug); re-using an unfinished run's id resumes it (default: time + config hash)")
     run.add_argument("--method", dest="methods", action="append",
                      help="scoring method (repeatable): neat | atp | neurgrad | neg | neuronlens | selectivity | ig")
     run.add_argument("--ablation", action="append", help="zero | mean | range (repeatable; for neat and atp)")
@@ -64,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit the run to a Ray cluster (Ray Jobs API); prints the submission id")
     submit.add_argument("config", help="job config YAML; its concept file travels with the job")
     submit.add_argument("--address", help="Ray Jobs API, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
-    submit.add_argument("--run-id", help="run id = submission id (slug); a run id already submitted is refused")
+    submit.add_argument("--run-id", "--run", dest="run_id", help="run id = submission id (slug); a run id already submitted is refused")
     submit.add_argument("--wait", action="store_true", help="follow the job's logs; exit 1 if it does not succeed")
     submit.add_argument("--resume", action="store_true",
                         help="the run's job FAILED or was STOPPED: submit it again (as ID-resume-N) to compute "
@@ -89,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--model")
     query.add_argument("--method", default="neat")
     query.add_argument("--ablation", help="zero | mean | range | none (default: all in the run)")
-    query.add_argument("--run", dest="run_id", help="a specific run id instead of the latest")
+    query.add_argument("--run", "--run-id", dest="run_id", help="a specific run id instead of the latest")
     query.add_argument("--top", type=int, default=20)
     query.add_argument("--rank-by", choices=("specific", "score", "contrastive"), default="specific",
                        help="specific (default when the run holds the reference contrast): neurons that move the "
@@ -98,9 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     sql = sub.add_parser("sql", help="read-only SQL over the views neurons, latest, runs (DuckDB)")
-    sql.add_argument("--atlas", required=True)
-    sql.add_argument("query")
-    sql.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    sql.add_argument("--atlas", required=True, help="atlas directory or fsspec URL")
+    sql.add_argument("query", nargs="?", help="one SELECT (or WITH ... SELECT, PIVOT); '-' reads it from stdin")
+    sql.add_argument("-f", "--file", help="read the query from this file ('-': stdin)")
+    sql.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                     help="csv and json stream the whole result in constant memory")
+    sql.add_argument("--timeout", type=float, default=SQL_TIMEOUT_S,
+                     help=f"seconds the query may run, streaming included; exit {EXIT_TIMEOUT} when it is stopped "
+                          "(0: no limit)")
+    sql.add_argument("--memory-limit", default=SQL_MEMORY_LIMIT, help="DuckDB's memory limit, e.g. 500MB, 4GB")
+    sql.add_argument("--limit", type=int,
+                     help=f"at most this many rows (default: {SQL_TABLE_ROWS} for --format table, all for csv/json)")
+    sql.add_argument("--no-limit", action="store_true", help="print every row also in the table format")
 
     runs = sub.add_parser("runs", help="committed runs of an atlas, newest first")
     runs.add_argument("--atlas", required=True)
@@ -117,20 +164,117 @@ def build_parser() -> argparse.ArgumentParser:
     register_validate(sub)
     from jobs.report_command import register as register_report  # report
     register_report(sub)
+    from jobs.schedule_command import register as register_schedule  # schedule, drift
+
+    register_schedule(sub)
+    parser.add_argument("--version", action="version", version=f"neuron-atlas {package_version()}")
+    _complete_help(parser)
     return parser
+
+
+# Help for flags registered without any, by destination; every flag's help then shows its default.
+_DEFAULT_HELP = {
+    "atlas": "atlas directory or fsspec URL (s3://bucket/prefix)",
+    "concept": "concept name (a slug, as in the concept file)",
+    "model": "model name in the atlas (needed only when several models hold the concept)",
+    "method": "scoring method whose rows to read: neat | atp | neurgrad | neg | neuronlens | selectivity | ig",
+    "format": "output format: table for people; json or csv for programs",
+    "layer": "layer number (0-based)",
+    "neuron": "neuron number within the layer (0-based)",
+    "run_a": "the earlier run id",
+    "run_b": "the later run id",
+    "limit": "at most this many rows",
+    "seed": "random seed of the draws",
+    "device": "auto | cpu | cuda",
+    "top": "number of neurons",
+}
+
+
+def _complete_help(parser: argparse.ArgumentParser) -> None:
+    """Every flag of every subcommand gets a help text, and the help shows its default when it has one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _complete_help(child)
+            continue
+        if action.help == argparse.SUPPRESS or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        if not action.help:
+            action.help = _DEFAULT_HELP.get(action.dest, action.dest.replace("_", " "))
+        default = action.default
+        if default not in (None, False, argparse.SUPPRESS) and "default" not in action.help:
+            action.help += " (default: %(default)s)"
+
+
+def package_version() -> str:
+    """The installed package's version, or pyproject.toml's for a source checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("neuron-atlas")
+    except PackageNotFoundError:
+
+        text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+        found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', text)
+        return found.group(1) if found else "unknown"
+
+
+ERROR_CHARS = 2000  # an error message is one line of at most this many characters
+
+
+def say_error(command: str, err: object, what: str = "error") -> None:
+    """One line on stderr: the message flattened, bounded and with credentials redacted."""
+    from storage.read import excerpt
+    from storage.redaction import redact
+
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(err))  # delta-rs colours some messages
+    print(f"neuron-atlas {command}: {what}: {excerpt(redact(text), ERROR_CHARS)}", file=sys.stderr, flush=True)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (our handler, installed before Ray's and again after ray.init)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"run": cmd_run, "query": cmd_query, "sql": cmd_sql, "runs": cmd_runs, "list": cmd_list,
                 "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs}
+    import signal
+    import threading
+
+    from storage.read import SqlTimeout
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        check_atlas_argument(args)
         return (getattr(args, "handler", None) or handlers[args.command])(args)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was committed", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print("\nterminated (SIGTERM): nothing was committed", file=sys.stderr)
+        return EXIT_TERMINATED
+    except SystemExit as e:  # Ray's own SIGTERM handler (installed by ray.init) exits with the signal number
+        if e.code == signal.SIGTERM:
+            print("\nterminated (SIGTERM): nothing was committed", file=sys.stderr)
+            return EXIT_TERMINATED
+        raise
+    except SqlTimeout as err:
+        say_error(args.command, err)
+        return EXIT_TIMEOUT
+    except _retry_errors() as err:
+        say_error(args.command, err, "retry")
+        return EXIT_RETRY
     except _user_errors() as err:
-        print(f"neuron-atlas {args.command}: error: {err}", file=sys.stderr)
+        say_error(args.command, err)
+        return EXIT_USAGE
+    except UnicodeDecodeError as err:  # a binary file where text was expected, from any reader
+        say_error(args.command, f"a file is not UTF-8 text ({err.reason} at byte {err.start})")
         return EXIT_USAGE
 
 
@@ -144,26 +288,64 @@ def cmd_run(args: argparse.Namespace) -> int:
         actors=args.actors, atlas=args.atlas, run_id=args.run_id, methods=args.methods,
         ablation=args.ablation, device=args.device, dtype=args.dtype,
     )
+    from storage.preflight import check_atlas_writable
+
+    check_atlas_writable(config.atlas, config.storage_options)  # before any model is read or Ray started
     plan = resolve_job(config)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(describe_plan(plan))
         return 0
+    import ray.exceptions
+
     try:
-        summary = run_job(plan)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: run {plan.run_id} was not committed; staged shards are kept, "
+        with _stdout_to_stderr():  # Ray's "(raylet) ..." lines and actor tracebacks are not data
+            summary = run_job(plan)
+    except (KeyboardInterrupt, Terminated) as stop:
+        what = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated (SIGTERM)"
+        print(f"\n{what}: run {plan.run_id} was not committed; staged shards are kept, "
               f"re-run with --run-id {plan.run_id} to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else EXIT_TERMINATED
     except RunError as err:
-        print(f"neuron-atlas run: failed: {err}; the atlas is unchanged", file=sys.stderr)
+        say_error("run", f"{err}; the atlas is unchanged", "failed")
+        return EXIT_FAILED
+    except ray.exceptions.RayError as err:  # an actor died (a model that fails to load, out of memory)
+        say_error("run", f"{type(err).__name__}: {_last_line(err)}; the atlas is unchanged", "failed")
+        return EXIT_FAILED
+    except OSError as err:  # the atlas's storage went away during the run (delta-rs, s3fs)
+        say_error("run", f"{type(err).__name__}: {err}; staged shards are kept, re-run with --run-id "
+                         f"{plan.run_id} to resume", "failed")
         return EXIT_FAILED
     print(f"committed run {summary.run_id} as atlas version {summary.version}: {summary.rows:,} rows, "
           f"{summary.seconds:.1f} s, {summary.neuron_scores_per_second:,.0f} neuron scores/s, "
           f"atlas {summary.atlas}", file=sys.stderr)
     print(json.dumps(summary.as_dict()))
     return 0
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """File descriptor 1 points at stderr inside the block (for this process and the Ray processes it
+    starts, which inherit it); sys.stdout and fd 1 are restored afterwards for the data."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1 (a closed stdout): nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _jobs_address(args: argparse.Namespace) -> str:
@@ -251,10 +433,15 @@ def cmd_query(args: argparse.Namespace) -> int:
                         ablation=args.ablation, run_id=args.run_id, top=args.top, as_of=args.as_of)
     if args.format == "table" and table.num_rows:
         # A person reads the ranking; what is the same on every row goes into one line on stderr.
+        from storage.read import describe_sources
+
         first = table.slice(0, 1).to_pylist()[0]
-        print(f"{first['model']} ({first['model_revision']}), run {first['run_id']}, concept {first['concept']}, "
+        print(f"{first['model']} ({first['model_revision']}), {describe_sources(table)}, concept {first['concept']}, "
               f"method {first['method']}", file=sys.stderr)
-        table = table.select(["rank", "layer", "neuron", "score", "effect", "activation", "ablation"])
+        columns = ["rank", "layer", "neuron", "score", "effect", "activation", "ablation"]
+        if len(set(table.column("run_id").to_pylist())) > 1:  # rows of several runs: say which row is whose
+            columns.append("run_id")
+        table = table.select(columns)
     write_table(table, args.format)
     return 0
 
@@ -272,19 +459,96 @@ def _query_contrastive(args: argparse.Namespace) -> int:
               f"ranked by score minus the best other concept's score", file=sys.stderr)
         if generic.num_rows:
             shown = ", ".join(f"L{r['layer']}#{r['neuron']}" for r in generic.slice(0, 10).to_pylist())
-            print(f"{generic.num_rows} neurons are in the top-100 of every concept of this run (generic, "
-                  f"demoted): {shown}", file=sys.stderr)
+            more = f" (first 10 of {generic.num_rows}; --format json lists the ranking whole)" \
+                if generic.num_rows > 10 else ""
+            print(f"{generic.num_rows} neurons are in the top-100 of every concept of this run (generic: their "
+                  f"contrastive score is lower than their score): {shown}{more}", file=sys.stderr)
         table = table.select(["contrastive_rank", "layer", "neuron", "contrastive_score", "score", "rank",
                               "closest_concept", "closest_score", "ablation"])
     write_table(table, args.format)
     return 0
 
 
-def cmd_sql(args: argparse.Namespace) -> int:
-    from storage.read import sql_query
+MAX_QUERY_BYTES = 1 << 20  # a query file larger than this is refused
 
-    write_table(sql_query(args.atlas, args.query, run_id=args.run_id, as_of=args.as_of), args.format)
+
+def _read_query(args: argparse.Namespace) -> str:
+    """The query from the argument, -f FILE, or stdin ('-'); one of them, at most MAX_QUERY_BYTES."""
+    if args.file is not None and args.query is not None:
+        raise UsageError("give the query as an argument or with -f FILE, not both")
+    source = args.file if args.file is not None else args.query
+    if source is None:
+        raise UsageError("no query: give one SELECT as an argument, with -f FILE, or '-' to read stdin")
+    if args.file is None and source != "-":
+        return source
+    name = "stdin" if source == "-" else repr(source)
+    try:
+        if source == "-":
+            data = sys.stdin.buffer.read(MAX_QUERY_BYTES + 1)
+        else:
+            with open(source, "rb") as f:
+                data = f.read(MAX_QUERY_BYTES + 1)
+    except OSError as e:
+        raise UsageError(f"query file {name}: cannot read it: {e.strerror or e}") from None
+    if len(data) > MAX_QUERY_BYTES:
+        raise UsageError(f"query file {name} is larger than {MAX_QUERY_BYTES:,} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"query file {name} is not UTF-8 text") from None
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from jobs.output import write_csv_batches, write_json_batches
+    from storage.read import bounded, open_sql
+
+    query = _read_query(args)
+    if args.limit is not None and args.limit < 0:
+        raise UsageError(f"--limit {args.limit}: expected a number of rows >= 0")
+    if args.timeout < 0:
+        raise UsageError(f"--timeout {args.timeout:g}: expected seconds >= 0 (0: no limit)")
+    limit = None if args.no_limit else args.limit
+    if limit is None and args.format == "table" and not args.no_limit:
+        limit = SQL_TABLE_ROWS
+    with open_sql(args.atlas, query, run_id=args.run_id, as_of=args.as_of, memory_limit=args.memory_limit) as stream:
+        def work():
+            schema, batches = stream.result()
+            kept = _first_rows(batches, limit)
+            if args.format == "csv":
+                write_csv_batches(schema, kept, sys.stdout)
+            elif args.format == "json":
+                write_json_batches(schema, kept, sys.stdout)
+            else:
+                write_table(pa.Table.from_batches(list(kept), schema=schema), "table")
+            return kept.cut
+
+        cut = bounded(work, stream, args.timeout or None)
+    if cut:
+        hint = "--limit N or --no-limit" if args.limit is None else "a larger --limit or --no-limit"
+        print(f"note: showing the first {limit:,} rows; the query has more ({hint}; --format csv streams "
+              f"them all)", file=sys.stderr)
     return 0
+
+
+class _first_rows:
+    """The batches cut to `limit` rows in all (None: no cut); `cut` tells whether rows were left out."""
+
+    def __init__(self, batches, limit: int | None):
+        self.batches, self.limit, self.cut = batches, limit, False
+
+    def __iter__(self):
+        left = self.limit
+        for batch in self.batches:
+            if left is not None and batch.num_rows > left:
+                self.cut = True
+                if left:
+                    yield batch.slice(0, left)
+                return
+            if left is not None:
+                left -= batch.num_rows
+            yield batch
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -327,10 +591,10 @@ def write_table(table, fmt: str, stream=None) -> None:
         json.dump([{k: _jsonable(v) for k, v in row.items()} for row in rows], stream)
         stream.write("\n")
         return
-    if fmt == "csv":
-        writer = csv.DictWriter(stream, fieldnames=table.column_names, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: _jsonable(v) for k, v in row.items()} for row in rows)
+    if fmt == "csv":  # list columns as JSON, times as ISO 8601 (jobs/output.py)
+        from jobs.output import write_csv_batches
+
+        write_csv_batches(table.schema, table.to_batches(), stream)
         return
     cells = [[_format_cell(row[name]) for name in table.column_names] for row in rows]
     widths = [max([len(name)] + [len(r[i]) for r in cells]) for i, name in enumerate(table.column_names)]
@@ -369,6 +633,9 @@ def entry() -> None:
         sys.stdout.flush()
     except BrokenPipeError:  # the reader (head, less) stopped early: not an error of ours
         code = 0
+    except KeyboardInterrupt:  # Ctrl-C before main's own handler was in place (while importing)
+        print("\ninterrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     sys.stderr.flush()
     os._exit(code)
 

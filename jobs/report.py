@@ -31,8 +31,10 @@ table{border-collapse:collapse;font-variant-numeric:tabular-nums}
 th,td{padding:.15em .6em;border-bottom:1px solid #eee;text-align:right}th{background:#f6f6f6}
 td.t,th.t{text-align:left}
 .note,.skip{color:#666;font-size:.9em;margin:.2em 0 .5em}.skip{font-style:italic}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:.8em}
-.card{border:1px solid #ddd;border-radius:6px;padding:.6em .8em;font-size:.9em}.card table{width:100%}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,440px),1fr));gap:.8em}
+.card{border:1px solid #ddd;border-radius:6px;padding:.6em .8em;font-size:.9em;min-width:0;overflow-x:auto}
+.card table{width:100%}.card th,.card td{padding:.1em .35em}.card p{overflow-wrap:anywhere}
+.wide{overflow-x:auto;max-width:100%}
 .badge{background:#e15759;color:#fff;border-radius:3px;padding:0 .4em;font-size:.8em;font-weight:normal}
 svg{display:block;margin:.4em 0;max-width:100%;height:auto}svg text{font-size:10px;fill:#444}
 .dots{stroke:#8a8a8a;stroke-opacity:.45;stroke-width:3;stroke-linecap:round;fill:none}
@@ -92,7 +94,8 @@ def _table(headers: list[str], rows: list[list[str]], text_columns: set[int] = f
     cls = lambda i: ' class="t"' if i in text_columns else ""  # noqa: E731
     head = "".join(f"<th{cls(i)}>{esc(h)}</th>" for i, h in enumerate(headers))
     body = "".join("<tr>" + "".join(f"<td{cls(i)}>{c}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # Wrapped: a table wider than a narrow window scrolls inside its box instead of widening the page.
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _svg(width: float, height: float, body: str, label: str) -> str:
@@ -502,20 +505,24 @@ def _validation_section(data: ReportData) -> str:
         return _skip(title, f"no validation of {data.concept} in run {data.run_id} yet "
                             f"(neuron-atlas validate --concept {data.concept} --run {data.run_id})")
     seen, shown = set(), []
-    for r in rows.to_pylist():  # newest first: keep the newest per (method, ablation, k)
-        key = (r["method"], r["ablation"], r["k"])
+    for r in rows.to_pylist():  # newest first: keep the newest per (method, ablation, intervention, k)
+        key = (r["method"], r["ablation"], r.get("intervention"), r["k"])
         if key in seen:
             continue
         seen.add(key)
-        shown.append([esc(r["method"]), esc(r["ablation"]), num(r["k"]), num(r["top_change"], 4),
+        shown.append([esc(r["method"]), esc(r["ablation"]), esc(r.get("intervention") or ""), num(r["k"]),
+                      num(r["top_change"], 4),
                       f"{num(r['random_mean'], 3)} ± {num(r['random_std'], 3)}", num(r["z_score"], 3),
-                      num(r["p_value"], 3), num(r["draws"]), esc(_most_moved(r.get("other_changes_json"))),
+                      num(r["p_value"], 3), num(r["draws"]), num(r.get("prompt_change"), 4),
+                      num(r.get("shared_top_k"), 2), esc(_most_moved(r.get("other_changes_json"))),
                       num(r["neutral_loss_change"], 3),
                       esc(r["created_at"].strftime("%Y-%m-%d %H:%M") if r.get("created_at") else "")])
-    headers = ["method", "ablation", "k", "top-k change", "random", "z", "p", "draws", "most-moved other",
-               "neutral loss change", "when (UTC)"]
-    note = "log p(T) change in nats when the top-k are ablated together, against random k-neuron sets"
-    return _section(title, _table(headers, shown, {0, 1, 8}), note)
+    headers = ["method", "ablation", "set to", "k", "top-k change", "random", "z", "p", "draws", "prompt change",
+               "shared top-k", "most-moved other", "neutral loss change", "when (UTC)"]
+    note = ("log p(T) change in nats when the top-k are ablated together (set to: the intervention), against "
+            "random k-neuron sets; prompt change: log p(gold) on the concept's prompts; shared top-k: share of "
+            "the top-k also top-k for another concept")
+    return _section(title, _table(headers, shown, {0, 1, 2, 11}), note)
 
 
 def _most_moved(other_json: str | None) -> str:

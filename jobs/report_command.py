@@ -20,7 +20,7 @@ def register(sub) -> None:
     parser.add_argument("--model")
     parser.add_argument("--method", default="neat")
     parser.add_argument("--ablation", help="default: the run's first for the method")
-    parser.add_argument("--run", dest="run_id", help="a specific run id instead of the latest")
+    parser.add_argument("--run", "--run-id", dest="run_id", help="a specific run id instead of the latest")
     parser.add_argument("--top", type=int, default=20, help="neurons in the table and passport cards (default 20)")
     parser.add_argument("--out", help="output file (default: report-CONCEPT-RUN.html)")
     parser.add_argument("--rank-by", choices=("specific", "score"), default="specific",

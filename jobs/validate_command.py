@@ -24,7 +24,7 @@ def register(sub) -> None:
                         help="what the ablated neurons are set to (default: the rows' ablation, zero for "
                              "methods without one); range: the neutral mean, only inside the concept's "
                              "NeuronLens activation range")
-    parser.add_argument("--run", dest="run_id", help="a specific run id instead of the latest")
+    parser.add_argument("--run", "--run-id", dest="run_id", help="a specific run id instead of the latest")
     parser.add_argument("--rank-by", choices=("specific", "score", "contrastive"), default="specific",
                         help="which top-k to ablate: the specific ranking (default, when the run holds the "
                              "reference contrast; else score), raw score, or the contrastive score (see query)")
@@ -64,7 +64,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from storage.read import run_metadata, top_neurons
     from storage.validation import VALIDATION_SCHEMA, append_validations
 
+    from storage.preflight import check_atlas_writable
+
     ks = _parse_ks(args.k)
+    check_atlas_writable(args.atlas)  # validate stores its rows: fail before minutes of compute, not after
     if args.draws < 2:
         raise UsageError(f"--draws {args.draws}: expected at least 2 random draws")
     head = top_neurons(args.atlas, concept=args.concept, model=args.model, method=args.method,
@@ -150,7 +153,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
          "specificity": specificity(r), "panel": len(r.other_changes)}
         for r in results
     ], schema=VALIDATION_SCHEMA)
-    append_validations(args.atlas, rows)
+    try:
+        append_validations(args.atlas, rows)
+        unsaved = None
+    except Exception as err:  # noqa: BLE001  the results are still shown; the failure is reported after them
+        unsaved = err
+    code = _show(args, rows, results, shared, stored=unsaved is None)
+    if unsaved is not None:
+        from jobs.cli import EXIT_FAILED, say_error
+
+        say_error("validate", f"the results above were not stored in {args.atlas}/validations: "
+                              f"{type(unsaved).__name__}: {unsaved}", "failed")
+        return EXIT_FAILED
+    return code
+
+
+def _show(args: argparse.Namespace, rows: pa.Table, results: list, shared: dict[int, float], *,
+          stored: bool) -> int:
+    from jobs.cli import write_table
+
     if args.format == "json":
         out = rows.drop_columns(["other_changes_json"]).to_pylist()
         for row, r in zip(out, results):
@@ -167,12 +188,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
                       "prompt_change": r.prompt_change, "prompt_random": r.prompt_random_mean,
                       "shared_top_k": shared[r.k], "neutral_loss_change": r.neutral_loss_change})
     write_table(pa.Table.from_pylist(shown), "table")
+    method, run_id = rows.column("method")[0].as_py(), rows.column("run_id")[0].as_py()
+    panel = len(results[0].other_changes) if results else 0
     print(f"{method} top-k of run {run_id}; log p(T) change of the concept vector in nats when the top-k are "
           f"ablated together (prompt_change: log p(gold) on the concept's prompts); random: {args.draws} draws of "
           f"k neurons from the run's layers; specificity: |top_change| / the largest |change| of the "
-          f"{len(probes) - 1} other concepts of the panel (the run's, the reference set's"
-          f"{', --panel' if args.panel else ''}); "
-          f"shared_top_k: share also top-k for another concept; stored in {args.atlas}/validations", file=sys.stderr)
+          f"{panel} other concepts of the panel (the run's, the reference set's"
+          f"{', --panel' if args.panel else ''}); shared_top_k: share also top-k for another concept"
+          f"{f'; stored in {args.atlas}/validations' if stored else ''}", file=sys.stderr)
     return 0
 
 

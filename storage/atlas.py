@@ -16,7 +16,8 @@ import pyarrow.dataset as pds
 from storage.errors import AmbiguousModelError, AtlasError, UnknownConceptError
 from storage.history import atlas_history
 from storage.location import normalize_uri
-from storage.read import AsOf, connect_views, list_runs, open_neurons, top_neurons
+from storage.read import (AsOf, connect_views, latest_coverage, latest_top, list_runs, open_neurons,
+                          run_coverage, top_neurons)
 from storage.schema import validate_name
 
 PASSPORT_COLUMNS = ["concept", "method", "ablation", "rank", "score", "effect", "activation", "run_id",
@@ -50,6 +51,9 @@ class RunDiff:
     kept: int  # neurons in both top-k lists
     entered: pa.Table = field(repr=False)  # in run_b's top-k, not in run_a's (DIFF_COLUMNS, by rank_b)
     left: pa.Table = field(repr=False)  # in run_a's top-k, not in run_b's (by rank_a)
+    # Neurons in either top-k and ranked in both runs, largest |rank_a - rank_b| first (DIFF_COLUMNS +
+    # rank_change = rank_a - rank_b: > 0 rose); used for drift (storage/drift.py).
+    movers: pa.Table | None = field(default=None, repr=False)
 
     def summary(self) -> str:
         return (f"concept {self.concept}, method {self.method}, ablation {self.ablation}: run {self.run_a} -> "
@@ -137,8 +141,9 @@ class Atlas:
 
     def passport(self, layer: int, neuron: int, *, model: str | None = None, k: int = 100,
                  run: str | None = None, as_of: AsOf = None) -> pa.Table:
-        """Every (concept, method, ablation) for which the neuron ranks in the top k, in the latest run
-        of each (or in `run`), with its rank, score, effect and activation; best rank first."""
+        """Every (concept, method, ablation) for which the neuron ranks in the top k of the `latest` view
+        (per layer the newest run holding it, ranks across the layers shown) or of `run`, with its rank,
+        score, effect, activation and the run each row comes from; best rank first."""
         for name, value in (("layer", layer), ("neuron", neuron)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise AtlasError(f"{name} {value!r} must be an integer >= 0")
@@ -150,23 +155,18 @@ class Atlas:
         if dt is None:
             raise AtlasError(f"no atlas at {self.uri}")
         model = self._model(dt, model)
-        # Files are sorted by rank, so `rank <= k` reads only the first row group of each block: one
-        # small scan gives both the neuron's rows and the rank-1 rows that tell each block's latest run.
-        where = (pds.field("model") == model) & (pds.field("rank") <= k)
         if run is not None:
-            where &= pds.field("run_id") == run
-        top = dt.to_pyarrow_dataset().to_table(filter=where)
+            # Files are sorted by rank, so `rank <= k` reads only the first row group of each block.
+            data = dt.to_pyarrow_dataset(file_pruning_predicate=[("model", "=", model), ("run_id", "=", run)])
+            where = (pds.field("model") == model) & (pds.field("rank") <= k) & (pds.field("run_id") == run)
+            top = data.to_table(filter=where)
+        else:
+            # The latest view: per (concept, method, ablation, layer) the newest run in the runs table,
+            # ranks recomputed across the layers shown; only the chosen runs' first row groups are read.
+            coverage = run_coverage(list_runs(self.uri, self._storage_options, as_of=as_of), dt)
+            coverage = coverage.filter(pc.equal(coverage.column("model"), model))
+            top = latest_top(dt, latest_coverage(coverage), k)
         rows = top.filter(pc.and_(pc.equal(top.column("layer"), layer), pc.equal(top.column("neuron"), neuron)))
-        if run is None and rows.num_rows:
-            heads = top.filter(pc.equal(top.column("rank"), 1)).select(
-                ["concept", "method", "ablation", "run_id", "created_at"])
-            heads = heads.sort_by([("created_at", "descending"), ("run_id", "descending")])
-            latest: dict[tuple, str] = {}
-            for h in heads.to_pylist():
-                latest.setdefault((h["concept"], h["method"], h["ablation"]), h["run_id"])
-            keep = [latest.get((r["concept"], r["method"], r["ablation"])) == r["run_id"] for r in
-                    rows.select(["concept", "method", "ablation", "run_id"]).to_pylist()]
-            rows = rows.filter(pa.array(keep, pa.bool_()))
         rows = rows.sort_by([("rank", "ascending"), ("concept", "ascending"), ("method", "ascending"),
                              ("ablation", "ascending")])
         return rows.select(PASSPORT_COLUMNS)
@@ -217,5 +217,10 @@ class Atlas:
         entered = both.filter(pc.and_(top_b, pc.invert(top_a))).sort_by("rank_b").select(DIFF_COLUMNS)
         left = both.filter(pc.and_(top_a, pc.invert(top_b))).sort_by("rank_a").select(DIFF_COLUMNS)
         kept = pc.sum(pc.and_(top_a, top_b).cast(pa.int64())).as_py() or 0
+        moved = both.filter(pc.and_(in_both, pc.or_(top_a, top_b))).select(DIFF_COLUMNS)
+        change = pc.subtract(moved.column("rank_a"), moved.column("rank_b"))
+        moved = moved.append_column("rank_change", change).append_column("size", pc.abs(change))
+        movers = moved.sort_by([("size", "descending"), ("rank_b", "ascending")]).drop_columns(["size"])
         return RunDiff(concept=concept, method=method, ablation=ablation, run_a=run_a, run_b=run_b, k=k,
-                       neurons=shared.num_rows, spearman=rho, kept=kept, entered=entered, left=left)
+                       neurons=shared.num_rows, spearman=rho, kept=kept, entered=entered, left=left,
+                       movers=movers)

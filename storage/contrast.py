@@ -1,5 +1,5 @@
 """Concept-specific rankings from a committed run: a neuron that ranks high for every concept is not
-a concept neuron (DESIGN.md section 4). Pure Arrow/NumPy over the run's rows; no model needed.
+a concept neuron (docs/design.md, "Methods"). Pure Arrow/NumPy over the run's rows; no model needed.
 
 contrastive_score(neuron, c) = score(neuron, c) - max over the run's other concepts c' of score(neuron, c')
 """

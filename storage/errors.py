@@ -22,3 +22,8 @@ class AmbiguousModelError(AtlasError):
     def __init__(self, message: str, *, models: Iterable[str]):
         super().__init__(message)
         self.models: list[str] = sorted(models)
+
+
+class CommitRaceError(AtlasError):
+    """A commit lost every attempt to concurrent writers: nothing is wrong with the input; run it again
+    (exit status 75, EX_TEMPFAIL)."""

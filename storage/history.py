@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 from deltalake.exceptions import DeltaError
 
-from storage.commit import RUN_KEY_META, run_committed
+from storage.commit import RUN_KEY_META, run_committed, run_recorded
 from storage.errors import AtlasError
 from storage.location import NEURONS, RUNS, STAGING, atlas_filesystem, normalize_uri
 from storage.read import _open, list_runs, open_neurons
@@ -116,7 +116,9 @@ def _stale_staging(uri: str, storage_options: dict | None, cutoff: float) -> tup
         times = [t for t in (_modified(info) for info in files.values()) if t is not None]
         own = _modified(entry)
         newest = max(times + ([own] if own is not None else []), default=None)
-        if run_committed(uri, run_id, storage_options) or (newest is not None and newest < cutoff):
+        # A run committed to `neurons` without its runs row keeps its staged record for the repair.
+        done = run_committed(uri, run_id, storage_options) and run_recorded(uri, run_id, storage_options)
+        if done or (newest is not None and newest < cutoff):
             stale.append(run_id)
     return stale, fs, base
 
@@ -159,3 +161,46 @@ def vacuum_atlas(
                 pass  # its driver removed it first
     return VacuumReport(atlas=uri, dry_run=dry_run, retention_hours=retention_hours,
                         neurons_files=removed[NEURONS], runs_files=removed[RUNS], staging_runs=tuple(sorted(stale)))
+
+
+@dataclass(frozen=True)
+class OptimizeReport:
+    """What `optimize_atlas` did to each table: files compacted into fewer, and the checkpoint version."""
+
+    atlas: str
+    neurons: dict
+    runs: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def optimize_atlas(atlas_uri: str | os.PathLike, *, storage_options: dict | None = None) -> OptimizeReport:
+    """Compact each table's small files (one per run and concept) into larger ones and write a checkpoint.
+
+    Rows do not change (a compaction commit adds no data), so every reader sees the same rows before
+    and after, and older versions stay readable by time travel until `vacuum` removes their files.
+    Rank order inside files is kept (compaction preserves the order of rows within each partition)
+    and the files keep rank-sorted 16,384-row groups, so `rank <= k` reads stay cheap. The Delta
+    protocol stays at reader 1 / writer 2: no deletion vectors, no column mapping.
+    """
+    from storage.commit import TABLE_CONFIG, WRITER
+
+    uri = normalize_uri(atlas_uri)
+    done: dict[str, dict] = {}
+    for name in (NEURONS, RUNS):
+        dt = _open(uri, name, storage_options)
+        if dt is None:
+            done[name] = {"files_removed": 0, "files_added": 0, "checkpoint_version": None}
+            continue
+        try:
+            if dt.metadata().configuration.get("delta.checkpointInterval") is None:  # an atlas from before
+                dt.alter.set_table_properties(TABLE_CONFIG)
+            metrics = dt.optimize.compact(writer_properties=WRITER)
+            dt = _open(uri, name, storage_options)
+            dt.create_checkpoint()
+        except (DeltaError, OSError) as e:
+            raise AtlasError(f"cannot optimize the atlas table {uri}/{name}: {e}") from e
+        done[name] = {"files_removed": metrics.get("numFilesRemoved", 0), "files_added": metrics.get("numFilesAdded", 0),
+                      "checkpoint_version": dt.version()}
+    return OptimizeReport(atlas=uri, neurons=done[NEURONS], runs=done[RUNS])

@@ -58,11 +58,42 @@ def table_uri(uri: str | os.PathLike, name: str) -> str:
     return f"{normalize_uri(uri)}/{name}"
 
 
+_ENDPOINT_KEYS = ("aws_endpoint_url", "aws_endpoint", "endpoint_url", "endpoint")
+_ALLOW_HTTP_KEYS = ("aws_allow_http", "allow_http")
+
+
+def plain_http_endpoint(storage_options: dict | None) -> str | None:
+    """The S3 endpoint (from the options, else AWS_ENDPOINT_URL) when it is http:// and HTTP is not
+    already allowed; delta-rs refuses such an endpoint ("URL scheme is not allowed") unless told."""
+    options = {str(k).lower(): str(v) for k, v in (storage_options or {}).items()}
+    endpoint = next((options[k] for k in _ENDPOINT_KEYS if k in options), None)
+    from_env = endpoint is None
+    if from_env:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT")
+    allowed = any(k in options for k in _ALLOW_HTTP_KEYS) or (from_env and "AWS_ALLOW_HTTP" in os.environ)
+    if endpoint and endpoint.lower().startswith("http://") and not allowed:
+        return endpoint
+    return None
+
+
 def delta_options(storage_options: dict | None) -> dict[str, str] | None:
-    """`storage_options` as delta-rs wants them: string values, None when empty."""
+    """`storage_options` as delta-rs wants them: string values, None when empty; an http:// endpoint
+    in them gets AWS_ALLOW_HTTP=true (an http:// AWS_ENDPOINT_URL: see `allow_plain_http`)."""
     if not storage_options:
         return None
-    return {str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in storage_options.items()}
+    options = {str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in storage_options.items()}
+    if plain_http_endpoint(options) and any(str(k).lower() in _ENDPOINT_KEYS for k in options):
+        options["AWS_ALLOW_HTTP"] = "true"
+    return options
+
+
+def allow_plain_http() -> str | None:
+    """An http:// AWS_ENDPOINT_URL (a local MinIO, SeaweedFS) is allowed for delta-rs by setting
+    AWS_ALLOW_HTTP=true in this process; returns the endpoint when it did so (for a note), else None."""
+    endpoint = plain_http_endpoint(None)
+    if endpoint:
+        os.environ["AWS_ALLOW_HTTP"] = "true"
+    return endpoint
 
 
 def redact_options(storage_options: dict | None) -> dict[str, str] | None:

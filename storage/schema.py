@@ -54,6 +54,11 @@ RUNS_SCHEMA = pa.schema(
         ("neurons_version", pa.int64()),
         ("created_at", pa.timestamp("us", tz="UTC")),
         ("metadata_json", pa.string()),
+        # What the run holds, so readers pick runs from this table alone: its layers, and each ranked
+        # (concept, method, ablation) block with its row count. Null in runs committed before they existed.
+        ("layers", pa.list_(pa.int32())),
+        ("blocks", pa.list_(pa.struct([("concept", pa.string()), ("method", pa.string()),
+                                       ("ablation", pa.string()), ("rows", pa.int64())]))),
     ]
 )
 
@@ -102,6 +107,14 @@ def conform_to_atlas(table: pa.Table) -> pa.Table:
         if name not in table.column_names:
             table = table.append_column(ATLAS_SCHEMA.field(name), pa.nulls(table.num_rows, pa.float32()))
     return table.select(ATLAS_SCHEMA.names).cast(ATLAS_SCHEMA)
+
+
+def conform_runs(table: pa.Table) -> pa.Table:
+    """`table` with RUNS_SCHEMA's columns in order: columns an older runs table lacks become nulls."""
+    for f in RUNS_SCHEMA:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table.select(RUNS_SCHEMA.names).cast(RUNS_SCHEMA)
 
 
 def check_schema(table: pa.Table, expected: pa.Schema, *, what: str) -> None:

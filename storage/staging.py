@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -112,6 +113,31 @@ def read_staged(
     if not tables:
         return SHARD_SCHEMA.empty_table()
     return pa.concat_tables(tables).combine_chunks()
+
+
+def iter_staged(
+    atlas_uri: str | os.PathLike,
+    *,
+    run_id: str,
+    shard_ids: list[str],
+    storage_options: dict | None = None,
+    batch_rows: int = 65_536,
+) -> Iterator[pa.RecordBatch]:
+    """The rows of the given staged shards as record batches, one file open at a time (bounded memory)."""
+    validate_name("run", run_id)
+    fs, root = atlas_filesystem(atlas_uri, storage_options)
+    directory = staging_dir(root, run_id)
+    for shard_id in shard_ids:
+        path = _shard_path(directory, validate_name("shard", shard_id))
+        try:
+            with fs.open(path, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                check_schema(parquet.schema_arrow.empty_table(), SHARD_SCHEMA, what=f"staged shard {path}")
+                yield from parquet.iter_batches(batch_size=batch_rows)
+        except FileNotFoundError:
+            raise AtlasError(f"shard {shard_id!r} of run {run_id!r} is not staged: no file {path}") from None
+        except (OSError, pa.ArrowException) as e:
+            raise AtlasError(f"shard {shard_id!r} of run {run_id!r} is unreadable ({path}): {e}") from e
 
 
 def delete_staging(atlas_uri: str | os.PathLike, *, run_id: str, storage_options: dict | None = None) -> None:

@@ -1,4 +1,4 @@
-"""An independent, deliberately plain NEAT (DESIGN.md section 4) written only with torch and transformers.
+"""An independent, deliberately plain NEAT (docs/design.md, "Methods") written only with torch and transformers.
 
 It shares no code with attribution/: one full forward per neuron, a hook that zeroes the neuron at
 the input of the MLP output projection, float32 log-softmax. Used to check the atlas's scores.

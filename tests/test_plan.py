@@ -40,7 +40,7 @@ def test_plan_does_not_depend_on_the_number_of_actors():
 def test_smollm2_costs_match_the_measured_head_weight():
     plan = resolve_job(apply_overrides(load_job_config(REPO / "configs" / "demo.yaml"), run_id="r"))
     head_blocks = plan.layer_cost[-1]
-    assert 8.5 < head_blocks < 10  # DESIGN.md section 5: the LM head costs about 9 blocks
+    assert 8.5 < head_blocks < 10  # docs/design.md, "The NEAT engine": the LM head costs about 9 blocks
     assert abs(plan.layer_cost[0] - (29 + head_blocks)) < 1e-9
 
 

@@ -185,8 +185,10 @@ def test_report_of_a_run_with_selectivity_and_validation(atlas, tmp_path, capsys
     assert {(r[0], r[1], r[3]) for r in first_card[1:]} >= {(c, "neat", "1") for c in CONCEPTS}
 
     validation = page.by_title["Validation"]["tables"][0]
-    assert [r[2] for r in validation[1:]] == ["1", "5"]
-    assert validation[1][3] == "4.5" and validation[1][8] == "music -1.250"
+    assert validation[0][:5] == ["method", "ablation", "set to", "k", "top-k change"]
+    assert "prompt change" in validation[0] and "shared top-k" in validation[0]
+    assert [r[3] for r in validation[1:]] == ["1", "5"]
+    assert validation[1][4] == "4.5" and validation[1][11] == "music -1.250"
 
 
 def test_latest_run_and_default_file_name_skip_what_the_run_lacks(atlas, tmp_path, capsys, monkeypatch):

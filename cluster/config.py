@@ -88,6 +88,9 @@ class JobConfig:
     # A directory with the model's config.json (geometry only): --dry-run plans from it where the model
     # itself is not on this machine (configs/cluster/architectures/). Never used to score.
     architecture: str | None = None
+    # AtP of every neuron on the reference concepts (configs/concepts/reference.yaml), for the specific
+    # ranking (README "Concept-specific rankings"); false: the run stores no specificity table.
+    reference_contrast: bool = True
     # When and on what to re-run this job (cluster/schedule_config.py); None: run on demand only.
     schedule: ScheduleConfig | None = None
 
@@ -103,6 +106,8 @@ class JobConfig:
             data["storage_options"] = redact_options(self.storage_options)
         if self.architecture is None:
             del data["architecture"]  # configs without it keep their default run ids
+        if self.reference_contrast:
+            del data["reference_contrast"]  # the default: configs without the key keep their run ids
         if self.schedule is None:
             del data["schedule"]  # configs without one keep their default run ids
         else:
@@ -291,6 +296,10 @@ def config_from_dict(data: object, *, source: str, base_dir: Path) -> JobConfig:
         if not isinstance(value, str) or not value.strip():
             raise _fail(source, "architecture", value, "a directory holding the model's config.json")
         out["architecture"] = _resolve_path(base_dir, value.strip())
+    if "reference_contrast" in data:
+        if not isinstance(data["reference_contrast"], bool):
+            raise _fail(source, "reference_contrast", data["reference_contrast"], "true or false")
+        out["reference_contrast"] = data["reference_contrast"]
     if data.get("storage_options") is not None:
         out["storage_options"] = _parse_storage_options(source, data["storage_options"])
     if data.get("schedule") is not None:

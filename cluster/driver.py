@@ -26,7 +26,9 @@ from cluster.replicas import ReplicaPlan, SuffixScorer, describe_replicas, plan_
 from cluster.screen import screen_report, screen_shards
 from cluster.progress import Progress, format_seconds
 from cluster.scorer import ScorerSpec, ShardResult, ShardScorer
+from cluster.contrast_step import contrast_metadata, reference_contrast, specificity_table
 from storage.commit import commit_staged_run, run_committed, run_recorded
+from storage.specificity import write_specificity
 from storage.staging import claim_staging, delete_staging, read_staged, staged_shards
 
 # At-least-once (docs/design.md, "The atlas protocol"): scheduling, retries on another actor and dead
@@ -338,6 +340,7 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
             plan, more, more_resumed = _screen_pass(plan, pool, progress_stream, route)
             results += more
             resumed += more_resumed
+        contrast, contrast_note = _reference_contrast(plan, actors[:actor_count], progress)
         wall = time.perf_counter() - started
         metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall, slots=slots)
         metadata["checks"] = method_checks(plan, _check_rows(plan))
@@ -346,10 +349,16 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
             metadata["checks"]["bf16"] = _bf16_check(plan, checker)
         if suffix_count:
             metadata["replicas"] = {"suffix_actors": suffix_count, "suffix_from_layer": replicas.suffix_from_layer}
+        metadata["reference_contrast"] = contrast_metadata(contrast, contrast_note)
+        effects = _effect_rows(plan) if contrast is not None else None  # read before the commit deletes staging
         # The streaming reduce: the driver holds one record batch and one ranked group at a time.
         version = commit_staged_run(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
                                     metadata=metadata, expected_rows=plan.total_rows,
                                     storage_options=cfg.storage_options)
+        if contrast is not None:  # its own commit, after the run's: a run never waits on it to be readable
+            write_specificity(cfg.atlas, specificity_table(effects, contrast, run_id=plan.run_id,
+                                                           model=plan.model.name, layers=list(plan.layers)),
+                              storage_options=cfg.storage_options)
         delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
         if cfg.schedule is not None:  # a scheduled run: compare with the family's previous run (storage/drift.py)
             from cluster.schedule import record_run_drift
@@ -365,6 +374,28 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
                       neurons=sum(len(s.neurons) for s in plan.shards), shards=len(plan.shards),
                       shards_resumed=resumed, seconds=round(seconds, 2),
                       neuron_scores_per_second=round(computed / seconds, 1) if seconds else 0.0)
+
+
+def _reference_contrast(plan: JobPlan, actors, progress: Progress) -> tuple[dict | None, str]:
+    """The reference set's AtP effects for the specific ranking (cluster/contrast_step.py), or why not."""
+    if not plan.config.reference_contrast:
+        return None, "reference_contrast: false in the config"
+    if not {"neat", "atp"} & set(plan.config.methods) or not {"zero", "mean"} & set(plan.config.ablation):
+        return None, "the run has no neat or atp rows with zero or mean ablation"
+    progress.message(f"reference contrast: AtP of every neuron on the reference concepts, on {len(actors)} actors")
+    contrast = reference_contrast(actors)
+    if contrast is None:
+        return None, "AtP does not run on this model's replicas (an encoder, or split replicas)"
+    progress.message(f"reference contrast: {len(contrast['concepts'])} concepts in {contrast['seconds']:.1f} s")
+    return contrast, ""
+
+
+def _effect_rows(plan: JobPlan):
+    """The staged neat and atp rows (concept, method, ablation, layer, neuron, effect) the specificity
+    table is computed from."""
+    ids = [s.shard_id for s in plan.shards if s.method in ("neat", "atp")]
+    rows = read_staged(plan.config.atlas, run_id=plan.run_id, shard_ids=ids, storage_options=plan.config.storage_options)
+    return rows.select(["concept", "method", "ablation", "layer", "neuron", "effect"])
 
 
 def _repair_runs_row(plan: JobPlan, progress_stream=None) -> RunSummary:

@@ -254,6 +254,18 @@ class ShardScorer:
             out[rc.concept.name] = torch.cat(effects).tolist()
         return out
 
+    def reference_effects(self, names: list[str]):
+        """AtP effects of every neuron on the named reference concepts (attribution/reference.py) for the
+        run's zero and mean ablations: (names, target ids, {mode: [concepts, n_layers, d_mlp] float32
+        numpy}), or None where AtP does not run (an encoder, a split or suffix replica)."""
+        from attribution.reference import reference_concepts, reference_effects
+
+        if self.model.arch.encoder or self.spec.placement is not None:
+            return None
+        modes = {mode: values for mode, values in self.ablate_to.items() if mode in ("zero", "mean")}
+        result = reference_effects(self.model, [c for c in reference_concepts() if c.name in names], modes)
+        return result.concepts, result.target_ids, {mode: t.numpy() for mode, t in result.effects.items()}
+
     def score(self, shard: Shard) -> ShardResult:
         started = time.perf_counter()
         table = self.score_table(shard)

@@ -135,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--ablation", help="zero | mean | range | none (default: all in the run)")
     query.add_argument("--run", "--run-id", dest="run_id", help="a specific run id instead of the latest")
     query.add_argument("--top", type=int, default=20)
-    query.add_argument("--rank-by", choices=("score", "contrastive"), default="score",
-                       help="contrastive: score minus the neuron's best score for another concept of the run")
+    query.add_argument("--rank-by", choices=("specific", "score", "contrastive"), default="specific",
+                       help="specific (default when the run holds the reference contrast): neurons that move the "
+                            "concept far more than other concepts; score: raw; contrastive: score minus the "
+                            "neuron's best score for another concept of the run")
     query.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     sql = sub.add_parser("sql", help="read-only SQL over the views neurons, latest, runs (DuckDB)")
@@ -443,6 +445,10 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise UsageError(f"--top {args.top}: expected a positive number of neurons")
     if args.rank_by == "contrastive":
         return _query_contrastive(args)
+    if args.rank_by == "specific" and args.as_of is None:  # an old version of the atlas: raw scores
+        from jobs.specific_query import query_specific
+
+        return query_specific(args)
     table = top_neurons(args.atlas, concept=args.concept, model=args.model, method=args.method,
                         ablation=args.ablation, run_id=args.run_id, top=args.top, as_of=args.as_of)
     if args.format == "table" and table.num_rows:

@@ -60,6 +60,10 @@ class ReportData:
     validations: pa.Table | None = None  # VALIDATION_SCHEMA rows of this run and concept, newest first
     metadata: dict = field(default_factory=dict)  # the run's metadata (targets, device, warnings)
     top: int = 20
+    # The specific ranking (storage/specificity.py rows of the concept, method and ablation: layer, neuron,
+    # specific_rank, specificity, off_target_concept, generic) when the run holds the reference contrast
+    # and the report shows it (the default); None: the report ranks by score.
+    specific: pa.Table | None = None
 
 
 def esc(value) -> str:
@@ -366,6 +370,13 @@ def _top_table(data: ReportData, top: list[dict]) -> str:
         row.extend(esc(stats[n]) if n == "range" and stats[n] else num(stats[n], 4) for n in names)
     headers = ["rank", "layer", "neuron", "score", "effect", "activation"] + names
     note = f"the {len(top)} highest-ranked neurons by {data.method} ({data.ablation})"
+    if data.specific is not None:  # the specific ranking: its rank first, the raw rank stays as "rank"
+        for row, r in zip(rows, top):
+            row[:0] = [num(r["specific_rank"])]
+            row.extend([num(r["specificity"], 4), esc(r["off_target_concept"])])
+        headers = ["specific rank"] + headers + ["specificity", "most moved other concept"]
+        note = (f"the {len(top)} neurons of the specific ranking ({data.method}, {data.ablation}): a set that moves "
+                f"{data.concept} much more than any reference or other run concept; rank: the raw {data.method} rank")
     if names:
         note += "; statistics from methods selectivity and neuronlens when the run holds them"
     return _section(f"Top {len(top)} neurons", _table(headers, rows), note)
@@ -442,10 +453,14 @@ def _method_rows(data: ReportData) -> pa.Table:
 def _generic_keys(data: ReportData) -> set[tuple[int, int]]:
     """Neurons in the top-k of every concept of the run (method and ablation of the report)."""
     rows = _method_rows(data)
-    if len(set(rows.column("concept").to_pylist())) < 2:
+    if len(set(rows.column("concept").to_pylist())) < 2 and data.specific is None:
         return set()
-    generic = generic_neurons(rows, k=TOP_K)
-    return {(r["layer"], r["neuron"]) for r in generic.to_pylist()}
+    generic = generic_neurons(rows, k=TOP_K) if len(set(rows.column("concept").to_pylist())) > 1 else rows.slice(0, 0)
+    keys = {(r["layer"], r["neuron"]) for r in generic.to_pylist()}
+    if data.specific is not None:  # generic against the reference set too (storage/specificity.py)
+        flagged = data.specific.filter(data.specific.column("generic"))
+        keys |= set(zip(flagged.column("layer").to_pylist(), flagged.column("neuron").to_pylist()))
+    return keys
 
 
 def _passport_section(data: ReportData, top: list[dict]) -> str:
@@ -522,8 +537,14 @@ def _most_moved(other_json: str | None) -> str:
 
 
 def top_neuron_rows(data: ReportData) -> list[dict]:
-    """The report's top-N neurons (by rank) as dicts."""
+    """The report's top-N neurons (by specific rank when the report shows that ranking, else by rank) as dicts."""
     block = data.block
+    if data.specific is not None:
+        order = data.specific.filter(pc.less_equal(data.specific.column("specific_rank"), data.top))
+        by_key = {(r["layer"], r["neuron"]): r for r in block.to_pylist()}
+        return [{**by_key[(r["layer"], r["neuron"])], "specific_rank": r["specific_rank"],
+                 "specificity": r["specificity"], "off_target_concept": r["off_target_concept"]}
+                for r in order.sort_by("specific_rank").to_pylist() if (r["layer"], r["neuron"]) in by_key]
     head = block.filter(pc.less_equal(block.column("rank"), data.top)).sort_by("rank")
     return head.to_pylist()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,6 +23,9 @@ def register(sub) -> None:
     parser.add_argument("--run", "--run-id", dest="run_id", help="a specific run id instead of the latest")
     parser.add_argument("--top", type=int, default=20, help="neurons in the table and passport cards (default 20)")
     parser.add_argument("--out", help="output file (default: report-CONCEPT-RUN.html)")
+    parser.add_argument("--rank-by", choices=("specific", "score"), default="specific",
+                        help="the top table's ranking: specific (default, when the run holds the reference "
+                             "contrast; else score) or raw score")
     parser.set_defaults(handler=cmd_report)
 
 
@@ -42,7 +46,7 @@ def _first_ablation(rows: pa.Table) -> pa.Table | None:
 
 
 def load_report(atlas_uri: str, *, concept: str, model: str | None = None, method: str = "neat",
-                ablation: str | None = None, run_id: str | None = None, top: int = 20):
+                ablation: str | None = None, run_id: str | None = None, top: int = 20, rank_by: str = "specific"):
     """Everything the report shows, as a jobs.report.ReportData; AtlasError for an unknown
     concept, model, method, ablation or run."""
     from jobs.report import TOP_K, ReportData
@@ -65,7 +69,18 @@ def load_report(atlas_uri: str, *, concept: str, model: str | None = None, metho
         metadata = run_metadata(atlas_uri, run_id)
     except AtlasError:
         metadata = {}
+    specific = None
+    if rank_by == "specific":
+        from storage.specificity import has_specificity, specific_neurons
+
+        if has_specificity(atlas_uri, run_id=run_id, method=method):
+            try:
+                specific = specific_neurons(atlas_uri, run_id=run_id, concept=concept, method=method,
+                                            ablation=ablation, top=top)
+            except AtlasError:  # this ablation has no reference contrast (range): the report ranks by score
+                specific = None
     return ReportData(
+        specific=specific,
         model=model, revision=head["model_revision"], run_id=run_id, concept=concept, method=method,
         ablation=ablation, created_at=head["created_at"], block=block,
         top_rows=read_block(dataset, run & (pds.field("rank") <= TOP_K)),
@@ -97,7 +112,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise UsageError(f"--out {args.out}: expected a file path in an existing directory")
     data = load_report(args.atlas, concept=args.concept, model=args.model, method=args.method,
-                       ablation=args.ablation, run_id=args.run_id, top=args.top)
+                       ablation=args.ablation, run_id=args.run_id, top=args.top, rank_by=args.rank_by)
+    print(f"top table: {'the specific ranking' if data.specific is not None else 'ranked by score'}", file=sys.stderr)
     path = out or Path(f"report-{data.concept}-{data.run_id}.html")
     write_atomic(path, render_report(data))
     print(path)

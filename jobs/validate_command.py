@@ -25,8 +25,11 @@ def register(sub) -> None:
                              "methods without one); range: the neutral mean, only inside the concept's "
                              "NeuronLens activation range")
     parser.add_argument("--run", "--run-id", dest="run_id", help="a specific run id instead of the latest")
-    parser.add_argument("--rank-by", choices=("score", "contrastive"), default="score",
-                        help="which top-k to ablate: by score, or by the contrastive score (see query)")
+    parser.add_argument("--rank-by", choices=("specific", "score", "contrastive"), default="specific",
+                        help="which top-k to ablate: the specific ranking (default, when the run holds the "
+                             "reference contrast; else score), raw score, or the contrastive score (see query)")
+    parser.add_argument("--panel", help="a concept file whose concepts join the panel the specificity is measured "
+                                        "against (always: the run's other concepts and the reference set)")
     parser.add_argument("--k", default="1,5,10,50", help="comma-separated sizes of the ablated top set")
     parser.add_argument("--draws", type=int, default=20, help="random k-neuron sets per k")
     parser.add_argument("--seed", type=int, default=0)
@@ -72,16 +75,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     run_id, model_name = head.column("run_id")[0].as_py(), head.column("model")[0].as_py()
     ablation = args.ablation or head.column("ablation")[0].as_py()
     meta = run_metadata(args.atlas, run_id)
-    if args.rank_by == "contrastive":
+    rank_by = args.rank_by
+    if rank_by == "contrastive":
         from storage.contrast import contrastive_neurons
 
         top, _, _ = contrastive_neurons(args.atlas, concept=args.concept, model=model_name, method=args.method,
                                         ablation=ablation, run_id=run_id, top=max(ks))
+    elif rank_by == "specific":
+        from jobs.specific_query import specific_or_score
+
+        ranked = specific_or_score(args.atlas, concept=args.concept, model=model_name, method=args.method,
+                                   ablation=ablation, run_id=run_id, top=max(ks))
+        top, rank_by = ranked.table, ranked.ranking
+        print(ranked.note, file=sys.stderr)
     else:
         top = top_neurons(args.atlas, concept=args.concept, model=model_name, method=args.method,
                           ablation=ablation, run_id=run_id, top=max(ks))
     neurons = [(row["layer"], row["neuron"]) for row in top.select(["layer", "neuron"]).to_pylist()]
-    method = args.method if args.rank_by == "score" else f"{args.method}/contrastive"
+    method = args.method if rank_by == "score" else f"{args.method}/{rank_by}"
 
     intervention = args.intervention or (ablation if ablation in ("zero", "mean", "range") else "zero")
     print(f"validating {args.concept} ({method}, {ablation}; set to {intervention}) of run {run_id}: "
@@ -104,6 +115,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         prompts = tuple(concept_prompts(model.tokenizer, replace(concept, targets=words), targets))
         probes[concept.name] = ConceptProbe(concept.name, clean_pass(model, concept_vector(model, concept.examples),
                                                                      targets), targets, prompts)
+    run_concepts = set(probes)
+    say = lambda message: print(f"validate: {message}", file=sys.stderr, flush=True)  # noqa: E731
+    say(f"panel: {len(probes) - 1} other concepts of the run, the reference set"
+        f"{' and ' + args.panel if args.panel else ''}")
+    for concept, targets in panel_concepts(model, args.panel, exclude=set(probes)):
+        probes[concept.name] = ConceptProbe(concept.name, clean_pass(model, concept_vector(model, concept.examples,
+                                                                                           concept=concept.name),
+                                                                     targets), targets)
     texts = read_reference_texts()
     reference = reference_means(model, texts) if intervention in ("mean", "range") else None
     ablate_to = ablation_values(model, "mean" if intervention == "range" else intervention, reference)
@@ -118,9 +137,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     results = validate_ranking(
         model, probes[args.concept], neurons, ks, others=[p for n, p in probes.items() if n != args.concept],
         ablate_to=ablate_to, ranges=ranges, layers=list(meta["layers"]), draws=args.draws,
-        seed=args.seed, neutral_texts=texts,
+        seed=args.seed, neutral_texts=texts, progress=say,
     )
-    shared = _shared_top_k(args.atlas, neurons, ks, concept=args.concept, others=[n for n in probes if n != args.concept],
+    shared = _shared_top_k(args.atlas, neurons, ks, concept=args.concept,
+                           others=[n for n in run_concepts if n != args.concept],
                            model=model_name, method=args.method, ablation=ablation, run_id=run_id)
     now = datetime.now(timezone.utc)
     rows = pa.Table.from_pylist([
@@ -129,7 +149,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
          "z_score": r.z_score, "p_value": r.p_value, "draws": r.draws,
          "other_changes_json": json.dumps(r.other_changes, sort_keys=True),
          "neutral_loss_change": r.neutral_loss_change, "created_at": now, "intervention": intervention,
-         "prompt_change": r.prompt_change, "prompt_random_mean": r.prompt_random_mean, "shared_top_k": shared[r.k]}
+         "prompt_change": r.prompt_change, "prompt_random_mean": r.prompt_random_mean, "shared_top_k": shared[r.k],
+         "specificity": specificity(r), "panel": len(r.other_changes)}
         for r in results
     ], schema=VALIDATION_SCHEMA)
     try:
@@ -162,13 +183,18 @@ def _show(args: argparse.Namespace, rows: pa.Table, results: list, shared: dict[
     for r in results:
         worst = max(r.other_changes.items(), key=lambda item: abs(item[1]), default=("-", 0.0))
         shown.append({"k": r.k, "top_change": r.top_change, "random": f"{r.random_mean:+.4f} ± {r.random_std:.4f}",
-                      "z": r.z_score, "p": r.p_value, "most_moved_other": f"{worst[0]} {worst[1]:+.3f}",
+                      "z": r.z_score, "p": r.p_value, "specificity": specificity(r),
+                      "most_moved_other": f"{worst[0]} {worst[1]:+.3f}",
                       "prompt_change": r.prompt_change, "prompt_random": r.prompt_random_mean,
                       "shared_top_k": shared[r.k], "neutral_loss_change": r.neutral_loss_change})
     write_table(pa.Table.from_pylist(shown), "table")
-    print(f"log p(T) change of the concept vector in nats when the top-k are ablated together (prompt_change: "
-          f"log p(gold) on the concept's prompts); random: {args.draws} draws of k neurons from the run's layers; "
-          f"shared_top_k: share also top-k for another concept"
+    method, run_id = rows.column("method")[0].as_py(), rows.column("run_id")[0].as_py()
+    panel = len(results[0].other_changes) if results else 0
+    print(f"{method} top-k of run {run_id}; log p(T) change of the concept vector in nats when the top-k are "
+          f"ablated together (prompt_change: log p(gold) on the concept's prompts); random: {args.draws} draws of "
+          f"k neurons from the run's layers; specificity: |top_change| / the largest |change| of the "
+          f"{panel} other concepts of the panel (the run's, the reference set's"
+          f"{', --panel' if args.panel else ''}); shared_top_k: share also top-k for another concept"
           f"{f'; stored in {args.atlas}/validations' if stored else ''}", file=sys.stderr)
     return 0
 
@@ -191,3 +217,32 @@ def _shared_top_k(atlas: str, neurons: list[tuple[int, int]], ks: list[int], *, 
         mine = neurons[:k]
         out[len(mine)] = sum(n in theirs for n in mine) / len(mine) if mine else float("nan")
     return out
+
+
+def specificity(result) -> float | None:
+    """|own change| / the largest |change| of another panel concept (None without a panel)."""
+    if not result.other_changes:
+        return None
+    worst = max(abs(v) for v in result.other_changes.values())
+    return abs(result.top_change) / worst if worst > 0 else None
+
+
+def panel_concepts(model, panel_file: str | None, *, exclude: set[str]):
+    """(concept, target ids) of the reference set and of `panel_file`, minus names in `exclude`."""
+    from attribution.concepts import load_concept_file, resolve_targets
+    from attribution.errors import ConceptError
+    from attribution.reference import reference_concepts
+
+    concepts = reference_concepts() + (load_concept_file(panel_file) if panel_file else [])
+    seen = set(exclude)
+    for concept in concepts:
+        if concept.name in seen or not concept.targets:
+            continue
+        seen.add(concept.name)
+        try:
+            targets = resolve_targets(model.tokenizer, concept).ids
+        except ConceptError:
+            if concept in concepts[:len(reference_concepts())]:
+                continue  # a reference target this tokenizer cannot encode: the panel goes without it
+            raise
+        yield concept, targets

@@ -470,6 +470,9 @@ def connect_views(
         con.register("atlas_drift", drift_table(uri, storage_options))
         con.execute("CREATE VIEW drift AS SELECT * FROM atlas_drift")
         con.execute(_latest_view())
+        from storage.specificity import register_view  # the specific ranking's table, when runs wrote one
+
+        register_view(con, uri, storage_options, run_id=run_id, as_of=as_of)
     except BaseException:
         con.close()
         raise

@@ -30,8 +30,10 @@ VALIDATION_SCHEMA = pa.schema([
     ("prompt_change", pa.float64()),  # mean log p(gold | prompt) over the concept's prompts, ablated - clean
     ("prompt_random_mean", pa.float64()),  # the same for the random draws
     ("shared_top_k", pa.float64()),  # share of the top-k that are also top-k for another concept of the run
+    ("specificity", pa.float64()),  # |top_change| / the largest |change| of another panel concept
+    ("panel", pa.int32()),  # how many other concepts the panel held (the run's, the reference set, --panel)
 ])
-_LATER = ("intervention", "prompt_change", "prompt_random_mean", "shared_top_k")
+_LATER = ("intervention", "prompt_change", "prompt_random_mean", "shared_top_k", "specificity", "panel")
 
 
 def append_validations(atlas_uri: str | os.PathLike, rows: pa.Table, *, storage_options: dict | None = None) -> int:

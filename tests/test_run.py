@@ -209,7 +209,13 @@ def test_validate_command_stores_and_shows_a_validation(tmp_path, tiny_sources, 
     assert main(["validate", "--atlas", str(atlas), "--concept", "music", "--k", "1,3", "--draws", "4",
                  "--device", "cpu", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["k"] for r in rows] == [1, 3] and set(rows[0]["other_changes"]) == {"weather"}
+    # The panel: the run's other concept and the reference set.
+    from attribution.reference import reference_concepts
+
+    assert [r["k"] for r in rows] == [1, 3]
+    assert set(rows[0]["other_changes"]) == {"weather"} | {c.name for c in reference_concepts()}
+    assert rows[0]["specificity"] == pytest.approx(abs(rows[0]["top_change"]) /
+                                                   max(abs(v) for v in rows[0]["other_changes"].values()))
     stored = read_validations(str(atlas), concept="music")
     assert stored.num_rows == 2 and set(stored["run_id"].to_pylist()) == {"v1"}
     assert set(stored["intervention"].to_pylist()) == {"zero"}

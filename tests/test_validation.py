@@ -86,3 +86,48 @@ def test_prompt_change_is_the_change_of_mean_log_p_gold_on_the_prompts(tiny_mode
     zeros = torch.zeros(model.n_layers, model.d_mlp)
     result, = validate_ranking(model, probe, neurons, [2], others=[], ablate_to=zeros, layers=[1], draws=2)
     assert result.prompt_change == pytest.approx(plain(neurons) - plain([]), abs=1e-5)
+
+
+@pytest.mark.parametrize("family,intervention", [("llama", "zero"), ("gpt2", "range")])
+def test_batched_validate_ranking_equals_the_naive_loop(tiny_models, family, intervention):
+    """Every set of one k as a row of one forward gives the naive loop's draws and numbers."""
+    from attribution.prompts import Prompt, concept_prompts
+    from attribution.concepts import Concept
+    from attribution.validation import validate_ranking_naive
+
+    model = tiny_models[family]
+    gen = torch.Generator().manual_seed(11)
+    concept = Concept("royalty", examples=("The king wore a crown at court.", "The queen sat on the throne.",
+                                           "A prince rode to the castle.", "The old king slept."),
+                      targets=("king", "queen", "prince", "throne"))
+    targets = tuple(model.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in concept.targets)
+    prompts = tuple(concept_prompts(model.tokenizer, concept, targets, min_prompts=2))
+    assert len(prompts) >= 2 and all(isinstance(p, Prompt) for p in prompts)
+    probe = ConceptProbe("royalty", clean_pass(model, concept_vector(model, concept.examples), targets), targets, prompts)
+    others = [_probe(model, "weather", ["Heavy rain fell all night.", "Snow covered the hills."], ("rain", "snow")),
+              _probe(model, "food", ["She baked fresh bread.", "The soup was hot."], ("bread", "soup"))]
+    ablate_to = (torch.zeros(model.n_layers, model.d_mlp) if intervention == "zero"  # range: set to a "mean"
+                 else torch.randn(model.n_layers, model.d_mlp, generator=gen) * 0.1)
+    ranges = None
+    if intervention == "range":  # a window around zero: some positions inside, some outside
+        ranges = (torch.full((model.n_layers, model.d_mlp), -0.1), torch.full((model.n_layers, model.d_mlp), 1.0))
+    layers = list(range(model.n_layers))
+    top = [(int(layer), int(neuron)) for layer, neuron in zip(torch.randint(0, model.n_layers, (12,), generator=gen),
+                                                               torch.randperm(model.d_mlp, generator=gen)[:12])]
+    kwargs = dict(others=others, ablate_to=ablate_to, ranges=ranges, layers=layers, draws=4, seed=4,
+                  neutral_texts=["The train left the station at noon today."])
+    naive = validate_ranking_naive(model, probe, top, [1, 12], **kwargs)
+    messages = []
+    batched = validate_ranking(model, probe, top, [1, 12], progress=messages.append, **kwargs)
+    assert messages  # progress is reported
+    assert len(batched) == len(naive) == 2
+    for fast, slow in zip(batched, naive):
+        assert (fast.concept, fast.k, fast.draws, fast.p_value) == (slow.concept, slow.k, slow.draws, slow.p_value)
+        for name in ("top_change", "random_mean", "random_std", "neutral_loss_change", "prompt_change",
+                     "prompt_random_mean"):
+            assert getattr(fast, name) == pytest.approx(getattr(slow, name), abs=2e-5), name
+        assert fast.z_score == pytest.approx(slow.z_score, rel=1e-3, abs=1e-3)
+        assert fast.other_changes.keys() == slow.other_changes.keys()
+        for name, change in slow.other_changes.items():
+            assert fast.other_changes[name] == pytest.approx(change, abs=2e-5)
+    assert any(abs(r.top_change) > 1e-3 for r in naive) and any(abs(r.prompt_change) > 1e-3 for r in naive)

@@ -1,0 +1,64 @@
+"""Concept-specific rankings (pure math on effect arrays; no model, no I/O).
+
+A neuron carries a concept when ablating it moves the concept's log p(T) and little else. The
+off-target effect of a neuron is its largest |effect| on any contrast concept (the reference set's
+AtP estimates, configs/concepts/reference.yaml, and the run's other concepts). Ablating a set moves a
+concept by about the sum of its neurons' signed effects (first order), so a set is chosen to make
+the own sum large against the largest off-target sum: see `specific_order`.
+
+Shapes: effect [n] (the concept's exact NEAT effect of each neuron), off [r, n] (signed effects of
+the n neurons on r contrast concepts).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+GENERIC_SHARE = 0.5  # a neuron is generic when it is in the top 1% by |effect| of at least this share of concepts
+
+
+def off_target(off: Tensor) -> tuple[Tensor, Tensor]:
+    """[r, n] -> (largest |effect| over the r concepts [n], which concept [n] int64)."""
+    values, which = off.abs().max(dim=0)
+    return values, which
+
+
+def specificity_ratio(effect: Tensor, off: Tensor, *, floor: float) -> Tensor:
+    """|effect| / max(largest off-target |effect|, floor): [n]. The floor keeps neurons with a tiny
+    effect on everything from ranking high by dividing by almost nothing."""
+    worst, _ = off_target(off)
+    return effect.abs() / worst.clamp(min=floor)
+
+
+def specific_order(effect: Tensor, off: Tensor, *, k: int, penalty: float = 5.0, candidates: int = 1000) -> Tensor:
+    """Greedy set selection: the first k neurons (indices into n) of a concept-specific ranking.
+
+    Step j adds the candidate that maximises |sum of own effects| - penalty * max over contrast concepts
+    |sum of their effects| of the set chosen so far plus it (first-order joint effects, signed, so
+    neurons whose effects cancel on the own concept are not picked together). Candidates: the top
+    `candidates` neurons by |effect|. Returns [k] int64 (fewer when there are fewer neurons).
+    """
+    effect, off = effect.double(), off.double()
+    pool = effect.abs().topk(min(candidates, effect.numel())).indices  # [m]
+    own_pool, off_pool = effect[pool], off[:, pool]  # [m], [r, m]
+    own, others = torch.zeros((), dtype=torch.float64), torch.zeros(off.shape[0], dtype=torch.float64)
+    taken = torch.zeros(len(pool), dtype=torch.bool)
+    chosen = []
+    for _ in range(min(k, len(pool))):
+        gain = (own + own_pool).abs() - penalty * (others[:, None] + off_pool).abs().amax(dim=0)  # [m]
+        gain[taken] = -float("inf")
+        best = int(gain.argmax())
+        taken[best] = True
+        chosen.append(int(pool[best]))
+        own, others = own + own_pool[best], others + off_pool[:, best]
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def generic_mask(effects: Tensor, *, top_share: float = 0.01, concept_share: float = GENERIC_SHARE) -> Tensor:
+    """[c, n] effects of c concepts -> [n] bool: neurons in the top `top_share` by |effect| of at least
+    `concept_share` of the concepts (they move most concepts: not evidence for any one of them)."""
+    n = effects.shape[1]
+    k = max(1, int(round(top_share * n)))
+    top = torch.zeros_like(effects, dtype=torch.bool)
+    top.scatter_(1, effects.abs().topk(k, dim=1).indices, True)
+    return top.float().mean(dim=0) >= concept_share

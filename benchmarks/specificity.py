@@ -1,0 +1,175 @@
+"""Benchmark: how concept-specific is each ranking's top-10? Raw NEAT, the run-contrastive ranking and
+the specific ranking side by side, on the 6 built-in concepts and on held-out concepts.
+
+For each evaluated concept: exact NEAT effects (float32 engine; on AtP's top `--screen` neurons, AtP
+elsewhere, which held every one of NEAT's top-100 in bench_atp), AtP effects of every neuron on the
+35 reference concepts, and the rankings:
+  neat         raw NEAT, by |effect|
+  contrastive  NEAT score minus the best score for another concept of the run (storage/contrast.py)
+  specific     the default (attribution/specificity.py): greedy set selection against the reference
+               set's AtP effects and the run's other concepts
+  specific-alone the same for a run that holds only this concept (reference set only)
+A "run" is the 6 built-ins (the demo) or the 10 held-out concepts (benchmarks/data/heldout_concepts.yaml,
+never used for tuning or tests). Each ranking's top-10 is ablated together (zero) on the concept
+vector of the concept and of every concept of the panel (all other built-in, reference and held-out
+concepts, 50): specificity = |own change| / max |other change|. Also: the own change against raw
+NEAT's, and the change of next-token loss on configs/reference/neutral.txt.
+
+Usage: python benchmarks/specificity.py [--threads 2] [--k 10] [--screen 2000] [--cache DIR] [--no-neutral] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from attribution.ablation import read_reference_texts  # noqa: E402
+from attribution.atp import atp_effects, log_p_gradients  # noqa: E402
+from attribution.concepts import load_concept_file, resolve_targets  # noqa: E402
+from attribution.masking import layer_masks  # noqa: E402
+from attribution.models import load_model, resolve_model_source  # noqa: E402
+from attribution.neat import clean_pass, concept_vector, neat_effects  # noqa: E402
+from attribution.specificity import specific_order  # noqa: E402
+from attribution.validation import ConceptProbe, neutral_loss, vector_changes  # noqa: E402
+
+BUILTIN = ROOT / "configs" / "concepts" / "builtin.yaml"
+REFERENCE = ROOT / "configs" / "concepts" / "reference.yaml"
+HELDOUT = ROOT / "benchmarks" / "data" / "heldout_concepts.yaml"
+
+
+def concept_data(model, concepts, cache: Path | None, group: str, *, screen: int | None):
+    """name -> {probe, atp [n], neat [n] (screened exact, when `screen`)}; cached per concept."""
+    out = {}
+    zeros = torch.zeros(model.d_mlp)
+    for concept in concepts:
+        path = cache / f"{group}-{screen}-{concept.name}.pt" if cache else None
+        if path is not None and path.exists():
+            entry = torch.load(path)
+        else:
+            started = time.perf_counter()
+            targets = resolve_targets(model.tokenizer, concept).ids
+            clean = clean_pass(model, concept_vector(model, concept.examples, concept=concept.name), targets)
+            grads = log_p_gradients(model, clean, targets)
+            atp = torch.cat([atp_effects(grads, clean, layer, range(model.d_mlp), zeros)
+                             for layer in range(model.n_layers)])  # [n_layers * d_mlp]
+            entry = {"vector": clean.vector, "targets": targets, "atp": atp}
+            if screen:
+                exact = atp.clone()
+                picks = atp.abs().topk(screen).indices
+                for layer in range(model.n_layers):
+                    mine = sorted(int(i) % model.d_mlp for i in picks if int(i) // model.d_mlp == layer)
+                    if mine:
+                        values = neat_effects(model, clean, targets, layer, tuple(mine), zeros)
+                        exact[[layer * model.d_mlp + i for i in mine]] = values
+                entry["neat"] = exact
+            print(f"{group}: {concept.name} in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(entry, path)
+        clean = clean_pass(model, entry["vector"], entry["targets"])
+        out[concept.name] = {**entry, "probe": ConceptProbe(concept.name, clean, entry["targets"])}
+    return out
+
+
+def contrastive_order(neat: dict[str, torch.Tensor], concept: str) -> torch.Tensor:
+    """storage/contrast.py's ranking on tensors: score minus the best score of another run concept."""
+    others = torch.stack([v.abs() for n, v in neat.items() if n != concept])
+    return (neat[concept].abs() - others.max(dim=0).values).argsort(descending=True, stable=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--screen", type=int, default=2000)
+    parser.add_argument("--penalty", type=float, default=None, help="override the specific ranking's penalty")
+    parser.add_argument("--penalties", default="", help="also rank with these penalties (comma-separated), "
+                                                        "as rankings specific-pP")
+    parser.add_argument("--cache", type=Path)
+    parser.add_argument("--no-neutral", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model = load_model(resolve_model_source("smollm2-135m"), device="cpu")
+    reference = concept_data(model, load_concept_file(REFERENCE), args.cache, "reference", screen=None)
+    runs = {"builtin": concept_data(model, load_concept_file(BUILTIN), args.cache, "builtin", screen=args.screen),
+            "heldout": concept_data(model, load_concept_file(HELDOUT), args.cache, "heldout", screen=args.screen)}
+    everyone = {**reference, **runs["builtin"], **runs["heldout"]}
+    reference_atp = torch.stack([d["atp"] for d in reference.values()])  # [35, n]
+    zeros = torch.zeros(model.n_layers, model.d_mlp)
+    texts = read_reference_texts()
+    clean_loss = None if args.no_neutral else neutral_loss(model, texts)
+    penalty = {} if args.penalty is None else {"penalty": args.penalty}
+    rows = []
+    for group, run in runs.items():
+        neat = {name: d["neat"] for name, d in run.items()}
+        for name, data in run.items():
+            effect = data["neat"]
+            run_others = torch.stack([v for n, v in neat.items() if n != name])
+            orders = {
+                "neat": effect.abs().argsort(descending=True, stable=True),
+                "contrastive": contrastive_order(neat, name),
+                "specific": specific_order(effect, torch.cat([reference_atp, run_others]), k=args.k, **penalty),
+                "specific-alone": specific_order(effect, reference_atp, k=args.k, **penalty),
+            }
+            for p in [float(x) for x in args.penalties.split(",") if x.strip()]:
+                orders[f"specific-p{p:g}"] = specific_order(effect, torch.cat([reference_atp, run_others]),
+                                                            k=args.k, penalty=p)
+            panel = [d["probe"] for n, d in everyone.items() if n != name]
+            tops = {ranking: [(int(i) // model.d_mlp, int(i) % model.d_mlp) for i in order[:args.k]]
+                    for ranking, order in orders.items()}
+            # One batched pass: every ranking's top-k on the concept and on every panel concept.
+            changes = vector_changes(model, [(p, top) for top in tops.values() for p in [data["probe"], *panel]],
+                                     zeros)
+            for j, (ranking, top) in enumerate(tops.items()):
+                mine = changes[j * (len(panel) + 1):(j + 1) * (len(panel) + 1)]
+                own, others = mine[0], mine[1:]
+                worst = max(range(len(panel)), key=lambda i: abs(others[i]))
+                loss = None if clean_loss is None else neutral_loss(model, texts, layer_masks(top, zeros)) - clean_loss
+                rows.append({"group": group, "concept": name, "ranking": ranking, "own_change": own,
+                             "worst_other": panel[worst].name, "worst_other_change": others[worst],
+                             "specificity": abs(own) / max(abs(others[worst]), 1e-9),
+                             "layers": sorted({layer for layer, _ in top}), "neutral_loss_change": loss})
+            print(f"{group}/{name}: " + "  ".join(f"{r['ranking']} {r['specificity']:.2f} ({r['own_change']:+.2f})"
+                                                   for r in rows[-len(orders):]), file=sys.stderr)
+    table = []
+    for group in runs:
+        for ranking in dict.fromkeys(r["ranking"] for r in rows):
+            mine = [r for r in rows if r["group"] == group and r["ranking"] == ranking]
+            raw = {r["concept"]: abs(r["own_change"]) for r in rows if r["group"] == group and r["ranking"] == "neat"}
+            losses = [r["neutral_loss_change"] for r in mine if r["neutral_loss_change"] is not None]
+            table.append({
+                "group": group, "ranking": ranking,
+                "median_specificity": statistics.median(r["specificity"] for r in mine),
+                "min_specificity": min(r["specificity"] for r in mine),
+                "median_own_change": statistics.median(abs(r["own_change"]) for r in mine),
+                "median_own_vs_neat": statistics.median(abs(r["own_change"]) / raw[r["concept"]] for r in mine),
+                "min_own_vs_neat": min(abs(r["own_change"]) / raw[r["concept"]] for r in mine),
+                "median_neutral_loss_change": statistics.median(losses) if losses else None,
+            })
+    print("| concepts | ranking | median specificity | min | median own |change| | own vs raw NEAT: median | min | "
+          "neutral loss change (median) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for t in table:
+        loss = "" if t["median_neutral_loss_change"] is None else f"{t['median_neutral_loss_change']:+.3f}"
+        print(f"| {t['group']} | {t['ranking']} | {t['median_specificity']:.2f} | {t['min_specificity']:.2f} | "
+              f"{t['median_own_change']:.2f} | {t['median_own_vs_neat']:.2f} | {t['min_own_vs_neat']:.2f} | {loss} |")
+    print(f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps({"summary": table, "concepts": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The specific ranking for `query`, `validate`, `report` and the demo: read from the run's specificity
+table (storage/specificity.py) when the run holds the reference contrast, else raw scores, saying which."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+SPECIFIC_COLUMNS = ["specific_rank", "layer", "neuron", "effect", "specificity", "off_target", "off_target_concept",
+                    "rank", "generic", "ablation"]
+
+
+@dataclass(frozen=True)
+class Ranked:
+    table: pa.Table  # the top rows, in ranking order
+    ranking: str  # "specific" or "score" (the fallback)
+    run_id: str
+    model: str
+    note: str  # one line for a person: which ranking this is
+
+
+def specific_or_score(atlas, *, concept: str, model: str | None, method: str, ablation: str | None,
+                      run_id: str | None, top: int, storage_options: dict | None = None) -> Ranked:
+    """The concept's specific ranking when its run holds the reference contrast, else its raw ranking."""
+    from storage.read import open_neurons, top_neurons
+    from storage.specificity import has_specificity, specific_neurons
+
+    raw = top_neurons(atlas, concept=concept, model=model, method=method, ablation=ablation, run_id=run_id,
+                      top=top, storage_options=storage_options)
+    run_id, model = raw.column("run_id")[0].as_py(), raw.column("model")[0].as_py()
+    if not has_specificity(atlas, run_id=run_id, method=method, storage_options=storage_options):
+        return Ranked(raw, "score", run_id, model,
+                      f"ranked by score (raw {method}): run {run_id} has no reference contrast "
+                      f"(reference_contrast: false, or a run older than the specific ranking)")
+    rows = specific_neurons(atlas, run_id=run_id, concept=concept, method=method, ablation=ablation, top=top,
+                            storage_options=storage_options)
+    import pyarrow.dataset as pds
+
+    ranks = open_neurons(atlas, storage_options).to_pyarrow_dataset().to_table(
+        columns=["ablation", "layer", "neuron", "rank"],
+        filter=(pds.field("run_id") == run_id) & (pds.field("concept") == concept) & (pds.field("method") == method)
+        & pc.is_in(pds.field("layer"), pa.array(sorted(set(rows["layer"].to_pylist())), pa.int32())))
+    rows = rows.join(ranks, keys=["ablation", "layer", "neuron"], join_type="left outer")
+    rows = rows.sort_by([("ablation", "ascending"), ("specific_rank", "ascending")])
+    return Ranked(rows, "specific", run_id, model,
+                  f"ranked by specificity (a set of neurons that moves {concept} much more than any of the "
+                  f"reference concepts and the run's other concepts; raw {method}: --rank-by score)")
+
+
+def generic_note(atlas, *, run_id: str, method: str, ablation: str | None, storage_options: dict | None = None) -> str:
+    """One line naming the run's generic neurons, or ''."""
+    from storage.specificity import generic_neurons
+
+    generic = generic_neurons(atlas, run_id=run_id, method=method, ablation=ablation, storage_options=storage_options)
+    if not generic.num_rows:
+        return ""
+    shown = ", ".join(f"L{r['layer']}#{r['neuron']}" for r in generic.slice(0, 12).to_pylist())
+    more = f" and {generic.num_rows - 12} more" if generic.num_rows > 12 else ""
+    return (f"{generic.num_rows} generic neurons (top 1% by |effect| for at least half of the reference and run "
+            f"concepts; evidence for none of them): {shown}{more}")
+
+
+def query_specific(args) -> int:
+    """`neuron-atlas query` with --rank-by specific (the default)."""
+    from jobs.cli import write_table
+
+    ranked = specific_or_score(args.atlas, concept=args.concept, model=args.model, method=args.method,
+                               ablation=args.ablation, run_id=args.run_id, top=args.top)
+    table = ranked.table
+    if args.format == "table":
+        print(f"{ranked.model}, run {ranked.run_id}, concept {args.concept}, method {args.method}, {ranked.note}",
+              file=sys.stderr)
+        if ranked.ranking == "specific":
+            note = generic_note(args.atlas, run_id=ranked.run_id, method=args.method, ablation=args.ablation)
+            if note:
+                print(note, file=sys.stderr)
+            table = table.select(SPECIFIC_COLUMNS)
+        else:
+            table = table.select(["rank", "layer", "neuron", "score", "effect", "activation", "ablation"])
+    write_table(table, args.format)
+    return 0

@@ -1,0 +1,180 @@
+"""The atlas's `specificity` table: per run, concept, method and ablation, every neuron's exact effect
+against its largest effect on a contrast concept (the reference set's AtP estimates and the run's
+other concepts), its specificity ratio, its rank in the specific ranking (the greedy set selection of
+attribution/specificity.py, the first `SPECIFIC_TOP` neurons) and whether it is generic.
+
+Written once per run, after the run's neurons commit (its own Delta commit); DuckDB users read it
+with `delta_scan('ATLAS/specificity')` or the `specificity` view of `neuron-atlas sql`.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+from attribution.specificity import generic_mask, off_target, specific_order, specificity_ratio
+from storage.errors import AtlasError
+from storage.location import delta_options, table_uri
+from storage.schema import check_schema, validate_name
+
+SPECIFICITY = "specificity"
+SPECIFIC_TOP = 100  # neurons ranked by the greedy selection per concept; the rest have a null rank
+RATIO_FLOOR = 0.05  # the ratio's denominator is at least this share of the concept's largest |effect|
+SPECIFIC_METHODS = ("neat", "atp")  # the methods whose effects are changes of log p(T), like AtP's
+SPECIFICITY_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("model", pa.string()), ("concept", pa.string()), ("method", pa.string()),
+    ("ablation", pa.string()), ("layer", pa.int32()), ("neuron", pa.int32()),
+    ("effect", pa.float32()),  # the concept's effect (the run's rows of the method)
+    ("off_target", pa.float32()),  # largest |effect| on a contrast concept (reference AtP, run's others)
+    ("off_target_concept", pa.string()),  # which one
+    ("specificity", pa.float32()),  # |effect| / max(off_target, RATIO_FLOOR * the concept's max |effect|)
+    ("specific_rank", pa.int32()),  # 1.. in the specific ranking; null beyond SPECIFIC_TOP
+    ("generic", pa.bool_()),  # in the top 1% by |effect| of at least half the concepts (reference + run)
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+def specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], reference_names: list[str], *,
+                     run_id: str, model: str, layers: list[int], top: int = SPECIFIC_TOP) -> pa.Table:
+    """The specificity table of one run.
+
+    rows: the run's rows (concept, method, ablation, layer, neuron, effect) of SPECIFIC_METHODS.
+    reference: ablation -> [reference concepts, n_layers, d_mlp] AtP effects; layers: the run's layers
+    (the neurons are those layers' neurons, in order). Methods and ablations without a reference
+    (range) are skipped.
+    """
+    now = datetime.now(timezone.utc)
+    out = []
+    for method in sorted(set(rows.column("method").to_pylist()) & set(SPECIFIC_METHODS)):
+        for ablation in sorted(set(rows.column("ablation").to_pylist()) & set(reference)):
+            part = rows.filter(pc.and_(pc.equal(rows["method"], method), pc.equal(rows["ablation"], ablation)))
+            part = part.sort_by([("concept", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
+            concepts = sorted(set(part.column("concept").to_pylist()))
+            n = part.num_rows // len(concepts)
+            if n * len(concepts) != part.num_rows:
+                raise AtlasError(f"run {run_id}: method {method}, ablation {ablation} does not hold the same "
+                                 f"neurons for every concept ({part.num_rows} rows, {len(concepts)} concepts)")
+            layer_col = part.column("layer").to_numpy()[:n]
+            neuron_col = part.column("neuron").to_numpy()[:n]
+            effects = torch.from_numpy(part.column("effect").to_numpy(zero_copy_only=False).astype(np.float32)
+                                       .reshape(len(concepts), n))  # [concepts, n]
+            ref = torch.from_numpy(np.array(reference[ablation], dtype=np.float32))  # a copy: [r, n_layers, d_mlp]
+            ref = ref[:, torch.as_tensor(layer_col, dtype=torch.long), torch.as_tensor(neuron_col, dtype=torch.long)]
+            generic = generic_mask(torch.cat([ref, effects])).numpy()  # [n]
+            for i, concept in enumerate(concepts):
+                others = torch.cat([ref, torch.cat([effects[:i], effects[i + 1:]])])  # [r + run others, n]
+                names = np.array(list(reference_names) + [c for c in concepts if c != concept])
+                worst, which = off_target(others)
+                floor = RATIO_FLOOR * float(effects[i].abs().max())
+                ratio = specificity_ratio(effects[i], others, floor=max(floor, 1e-12))
+                order = specific_order(effects[i], others, k=top)
+                ranks = np.full(n, -1, dtype=np.int32)
+                ranks[order.numpy()] = np.arange(1, len(order) + 1, dtype=np.int32)
+                out.append(pa.table({
+                    "run_id": pa.array([run_id] * n), "model": pa.array([model] * n),
+                    "concept": pa.array([concept] * n), "method": pa.array([method] * n),
+                    "ablation": pa.array([ablation] * n),
+                    "layer": pa.array(layer_col.astype(np.int32)), "neuron": pa.array(neuron_col.astype(np.int32)),
+                    "effect": pa.array(effects[i].numpy()), "off_target": pa.array(worst.numpy()),
+                    "off_target_concept": pa.array(names[which.numpy()]),
+                    "specificity": pa.array(ratio.numpy().astype(np.float32)),
+                    "specific_rank": pa.array(ranks, mask=ranks < 0),
+                    "generic": pa.array(generic),
+                    "created_at": pa.array([now] * n, type=pa.timestamp("us", tz="UTC")),
+                }, schema=SPECIFICITY_SCHEMA))
+    return pa.concat_tables(out) if out else SPECIFICITY_SCHEMA.empty_table()
+
+
+def write_specificity(atlas_uri: str | os.PathLike, table: pa.Table, *, storage_options: dict | None = None) -> int:
+    """Append one run's specificity rows as one commit; returns the table version."""
+    check_schema(table, SPECIFICITY_SCHEMA, what="specificity rows")
+    for name in ("run_id", "model", "concept"):
+        for value in set(table.column(name).to_pylist()):
+            validate_name("run" if name == "run_id" else name, value)
+    uri = table_uri(atlas_uri, SPECIFICITY)
+    write_deltalake(uri, table, mode="append", storage_options=delta_options(storage_options))
+    return DeltaTable(uri, storage_options=delta_options(storage_options)).version()
+
+
+def _open(atlas_uri, storage_options) -> DeltaTable | None:
+    try:
+        return DeltaTable(table_uri(atlas_uri, SPECIFICITY), storage_options=delta_options(storage_options))
+    except TableNotFoundError:
+        return None
+
+
+def has_specificity(atlas_uri, *, run_id: str, method: str, storage_options: dict | None = None) -> bool:
+    """Does the run hold the specific ranking for the method (a run with the reference contrast)?"""
+    table = _open(atlas_uri, storage_options)
+    if table is None:
+        return False
+    import pyarrow.dataset as pds
+
+    found = table.to_pyarrow_dataset().head(1, columns=["run_id"], filter=(pds.field("run_id") == run_id)
+                                               & (pds.field("method") == method))
+    return found.num_rows > 0
+
+
+def specific_neurons(atlas_uri, *, run_id: str, concept: str, method: str = "neat", ablation: str | None = None,
+                     top: int = 20, storage_options: dict | None = None) -> pa.Table:
+    """The concept's specific ranking in a run: rows sorted by specific_rank (per ablation), the first `top`."""
+    import pyarrow.dataset as pds
+
+    table = _open(atlas_uri, storage_options)
+    if table is None:
+        raise AtlasError(f"atlas {atlas_uri} has no specificity table: its runs ran without the reference contrast")
+    where = ((pds.field("run_id") == run_id) & (pds.field("concept") == concept) & (pds.field("method") == method)
+             & pds.field("specific_rank").is_valid() & (pds.field("specific_rank") <= top))
+    if ablation is not None:
+        where = where & (pds.field("ablation") == ablation)
+    rows = table.to_pyarrow_dataset().to_table(filter=where)
+    if not rows.num_rows:
+        raise AtlasError(f"run {run_id} has no specific ranking of concept {concept!r} (method {method}"
+                         f"{', ablation ' + ablation if ablation else ''})")
+    return rows.sort_by([("ablation", "ascending"), ("specific_rank", "ascending")])
+
+
+def generic_neurons(atlas_uri, *, run_id: str, method: str = "neat", ablation: str | None = None,
+                    storage_options: dict | None = None) -> pa.Table:
+    """The run's generic neurons (layer, neuron, ablation): large effects on most concepts."""
+    import pyarrow.dataset as pds
+
+    table = _open(atlas_uri, storage_options)
+    if table is None:
+        return pa.table({"ablation": [], "layer": [], "neuron": []})
+    where = ((pds.field("run_id") == run_id) & (pds.field("method") == method)
+             & (pds.field("generic") == True))  # noqa: E712
+    if ablation is not None:
+        where = where & (pds.field("ablation") == ablation)
+    rows = table.to_pyarrow_dataset().to_table(columns=["ablation", "layer", "neuron", "concept"], filter=where)
+    return rows.group_by(["ablation", "layer", "neuron"]).aggregate([]).sort_by(
+        [("ablation", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
+
+
+def register_view(con, atlas_uri, storage_options: dict | None = None, *, run_id: str | None = None,
+                  as_of=None) -> None:
+    """The view `specificity` on a DuckDB connection: the table's rows, or none (SPECIFICITY_SCHEMA)
+    when the atlas has no such table. With `as_of` a time, the table as it was then; a version number
+    counts the neurons table's versions, so with one the view is empty."""
+    from datetime import datetime
+
+    from storage.read import _open as open_table, parse_as_of
+
+    source = SPECIFICITY_SCHEMA.empty_table()
+    moment = parse_as_of(as_of)
+    if moment is None or isinstance(moment, datetime):
+        try:
+            table = open_table(atlas_uri, SPECIFICITY, storage_options, as_of=moment)
+        except AtlasError:  # the table did not exist yet at that time
+            table = None
+        if table is not None:
+            source = table.to_pyarrow_dataset()
+    con.register("atlas_specificity", source)
+    where = f" WHERE run_id = '{run_id}'" if run_id is not None else ""  # a validated slug
+    con.execute(f"CREATE VIEW specificity AS SELECT * FROM atlas_specificity{where}")

@@ -1,0 +1,231 @@
+"""The specific ranking: the greedy set selection's properties on known effects, the reference
+contrast equals AtP, and a run stores a specificity table that query, validate and report use."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attribution.specificity import generic_mask, specific_order, specificity_ratio
+
+
+def test_specific_order_prefers_neurons_that_move_only_the_concept():
+    # Neurons 0-1: large own effects, as large on contrast concept 0 (generic). Neurons 2-4: medium own
+    # effects, little elsewhere (specific). Neuron 5: large and opposite in sign, but it moves concept 1.
+    # Neurons 6-7: specific, opposite in sign to 2-4 (their sum would cancel).
+    effect = torch.tensor([5.0, 4.0, 2.0, 2.0, 1.5, -3.0, -1.0, -0.9])
+    off = torch.tensor([[5.0, 4.5, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0],
+                        [0.0, 0.0, 0.1, 0.0, 0.2, 2.0, 0.0, 0.0]])
+    order = specific_order(effect, off, k=3, penalty=5.0).tolist()
+    assert set(order) == {2, 3, 4}  # the specific ones of one sign, before the generic and the cancelling
+    assert specific_order(effect, off, k=100).numel() == len(effect)
+    # With no penalty the largest own effects come first, as raw NEAT ranks them.
+    assert specific_order(effect, off, k=2, penalty=0.0).tolist() == [0, 1]
+
+
+def test_specificity_ratio_and_generic_mask():
+    effect = torch.tensor([2.0, 2.0, 0.001])
+    off = torch.tensor([[1.0, 0.0, 0.0], [-4.0, 0.0, 0.0]])
+    ratio = specificity_ratio(effect, off, floor=0.1)
+    assert ratio.tolist() == pytest.approx([0.5, 20.0, 0.01])
+    effects = torch.rand(4, 200, generator=torch.Generator().manual_seed(0)) * 0.1
+    effects[:, 7] = 10.0  # top of every concept
+    effects[0, 8] = 10.0  # top of one concept only
+    assert generic_mask(effects).nonzero().flatten().tolist() == [7]
+
+
+def test_reference_effects_equal_atp_of_each_concept(tiny_models):
+    from attribution.atp import atp_effects, log_p_gradients
+    from attribution.concepts import resolve_targets
+    from attribution.neat import clean_pass, concept_vector
+    from attribution.reference import reference_concepts, reference_effects
+
+    model = tiny_models["llama"]
+    concepts = reference_concepts()[:2]
+    mean = torch.randn(model.n_layers, model.d_mlp, generator=torch.Generator().manual_seed(0))
+    result = reference_effects(model, concepts, {"zero": torch.zeros(model.n_layers, model.d_mlp), "mean": mean})
+    assert result.concepts == tuple(c.name for c in concepts)
+    for i, concept in enumerate(concepts):
+        ids = resolve_targets(model.tokenizer, concept).ids
+        clean = clean_pass(model, concept_vector(model, concept.examples), ids)
+        grads = log_p_gradients(model, clean, ids)
+        for mode, values in (("zero", torch.zeros(model.n_layers, model.d_mlp)), ("mean", mean)):
+            for layer in range(model.n_layers):
+                expected = atp_effects(grads, clean, layer, range(model.d_mlp), values[layer])
+                assert torch.allclose(result.effects[mode][i, layer], expected, atol=1e-6)
+
+
+def test_reference_set_is_broad_clean_and_disjoint():
+    """30+ concepts of 10+ examples each, every target one token of SmolLM2's tokenizer, no target token
+    shared between concepts, nothing shared with the built-ins or the benchmark's held-out concepts."""
+    from pathlib import Path
+
+    from attribution.concepts import load_concept_file
+    from attribution.reference import reference_concepts
+    from tiny_models import smollm2_tokenizer
+
+    root = Path(__file__).resolve().parent.parent
+    reference = reference_concepts()
+    others = (load_concept_file(root / "configs" / "concepts" / "builtin.yaml")
+              + load_concept_file(root / "benchmarks" / "data" / "heldout_concepts.yaml"))
+    tokenizer = smollm2_tokenizer()
+    assert len(reference) >= 30 and all(len(c.examples) >= 10 and len(c.targets) >= 5 for c in reference)
+    owner = {}
+    for concept in reference + others:
+        for word in concept.targets:
+            ids = tokenizer.encode(" " + word, add_special_tokens=False)
+            assert len(ids) == 1, (concept.name, word)
+            assert owner.setdefault(ids[0], concept.name) == concept.name, (concept.name, word, owner[ids[0]])
+    assert not {c.name for c in reference} & {c.name for c in others}
+    examples = {e for c in reference for e in c.examples}
+    assert not examples & {e for c in others for e in c.examples}
+
+
+def _scored_run(tmp_path, source, run_id: str, *, contrast: bool = True) -> str:
+    """A run scored and committed without Ray: every shard through ShardScorer, the reference contrast
+    dealt to two scorer calls as the driver deals it to two actors, then the specificity table."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import yaml
+
+    from attribution.reference import reference_concepts
+    from cluster.config import load_job_config
+    from cluster.contrast_step import merge_reference_parts, specificity_table
+    from cluster.plan import resolve_job
+    from cluster.scorer import ScorerSpec, ShardScorer
+    from storage.commit import commit_run
+    from storage.specificity import write_specificity
+
+    data = {"model": source.path, "concepts": str(Path(__file__).parent / "data" / "unseen_concepts.yaml"),
+            "layers": [0, 3], "atlas": str(tmp_path / "atlas"), "ablation": "zero", "shard_neurons": 96,
+            "batch_rows": 64, "run_id": run_id, "methods": ["neat"]}
+    path = tmp_path / f"{run_id}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    plan = resolve_job(load_job_config(path))
+    scorer = ShardScorer(ScorerSpec.from_plan(plan))
+    rows = pa.concat_tables([scorer.score_table(shard) for shard in plan.shards])
+    names = [c.name for c in reference_concepts()]
+    merged = merge_reference_parts(names, [scorer.reference_effects(names[0::2]), scorer.reference_effects(names[1::2])])
+    atlas = str(tmp_path / "atlas")
+    from cluster.driver import run_metadata
+
+    metadata = run_metadata(plan, [scorer.describe()], [], resumed=0, wall_seconds=0.0)
+    commit_run(atlas, rows, run_id=run_id, metadata=metadata)
+    if contrast:
+        write_specificity(atlas, specificity_table(rows, merged, run_id=run_id, model=plan.model.name, layers=[0, 3]))
+    return atlas
+
+
+def test_a_run_stores_the_specific_ranking_that_query_shows_by_default(tmp_path, tiny_sources, tiny_models, capsys):
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    from attribution.reference import reference_concepts, reference_effects
+    from jobs.cli import main
+    from storage.read import open_neurons
+
+    atlas = _scored_run(tmp_path, tiny_sources["llama"], "spec1")
+    table = DeltaTable(f"{atlas}/specificity").to_pyarrow_table()
+    model = tiny_models["llama"]
+    assert table.num_rows == 2 * 2 * model.d_mlp  # concepts x layers x neurons
+    # The stored ranking is the greedy selection recomputed here from the run's effects and an
+    # in-process reference contrast.
+    zeros = torch.zeros(model.n_layers, model.d_mlp)
+    reference = reference_effects(model, reference_concepts(), {"zero": zeros}).effects["zero"][:, [0, 3]]
+    rows = open_neurons(atlas).to_pyarrow_table().sort_by([("layer", "ascending"), ("neuron", "ascending")])
+    effect = {c: torch.tensor(rows.filter(pc.equal(rows["concept"], c))["effect"].to_pylist()) for c in ("music", "weather")}
+    off = torch.cat([reference.reshape(reference.shape[0], -1), effect["weather"][None]])
+    expected = specific_order(effect["music"], off, k=5).tolist()
+    music = table.filter(pc.equal(table["concept"], "music")).sort_by("specific_rank").slice(0, 5)
+    position = {0: 0, 3: 1}  # the run's layers, in order
+    assert [position[r["layer"]] * model.d_mlp + r["neuron"] for r in music.to_pylist()] == expected
+    assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "5"]) == 0
+    assert "ranked by specificity" in capsys.readouterr().err
+    assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "5", "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [r["specific_rank"] for r in shown] == [1, 2, 3, 4, 5]
+    assert [(r["layer"], r["neuron"]) for r in shown] == [(r["layer"], r["neuron"]) for r in music.to_pylist()]
+    assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "3", "--rank-by", "score",
+                 "--format", "json"]) == 0
+    assert [r["rank"] for r in json.loads(capsys.readouterr().out)] == [1, 2, 3]
+    out = tmp_path / "report.html"
+    assert main(["report", "--atlas", atlas, "--concept", "music", "--top", "5", "--out", str(out)]) == 0
+    assert "the specific ranking" in capsys.readouterr().err and "specific rank" in out.read_text()
+
+
+def test_without_the_reference_contrast_query_falls_back_to_scores_and_says_so(tmp_path, tiny_sources, capsys):
+    from jobs.cli import main
+
+    atlas = _scored_run(tmp_path, tiny_sources["gpt2"], "plain", contrast=False)
+    assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "3"]) == 0
+    assert "ranked by score (raw neat): run plain has no reference contrast" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_table(tmp_path, tiny_sources):
+    from pathlib import Path
+
+    import yaml
+    from deltalake import DeltaTable
+
+    from attribution.reference import reference_concepts
+    from cluster.config import load_job_config
+    from cluster.driver import run_job
+    from cluster.plan import resolve_job
+    from storage.read import run_metadata
+
+    atlas = tmp_path / "atlas"
+    for run_id, extra in (("on", {}), ("off", {"reference_contrast": False})):
+        data = {"model": tiny_sources["gpt2"].path, "layers": [1], "atlas": str(atlas), "ablation": "zero",
+                "concepts": str(Path(__file__).parent / "data" / "unseen_concepts.yaml"), "run_id": run_id,
+                "cluster": {"actors": 2, "cpus_per_actor": 1}, **extra}
+        path = tmp_path / f"{run_id}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        run_job(resolve_job(load_job_config(path)))
+    assert run_metadata(str(atlas), "on")["reference_contrast"]["concepts"] == [c.name for c in reference_concepts()]
+    assert run_metadata(str(atlas), "off")["reference_contrast"]["enabled"] is False
+    stored = DeltaTable(f"{atlas}/specificity").to_pyarrow_table()
+    assert set(stored["run_id"].to_pylist()) == {"on"} and set(stored["concept"].to_pylist()) == {"music", "weather"}
+
+
+def test_sql_has_a_specificity_view(tmp_path, tiny_sources, capsys):
+    from jobs.cli import main
+    from storage.read import sql_query
+
+    atlas = _scored_run(tmp_path, tiny_sources["gpt2"], "sq")
+    top = sql_query(atlas, "SELECT layer, neuron FROM specificity WHERE concept = 'music' AND specific_rank <= 3 "
+                           "ORDER BY specific_rank").to_pylist()
+    assert main(["query", "--atlas", atlas, "--concept", "music", "--top", "3", "--format", "json"]) == 0
+    assert [(r["layer"], r["neuron"]) for r in json.loads(capsys.readouterr().out)] == \
+        [(r["layer"], r["neuron"]) for r in top]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _scored_run(empty, tiny_sources["gpt2"], "none", contrast=False)
+    assert sql_query(str(empty / "atlas"), "SELECT count(*) AS n FROM specificity").to_pylist() == [{"n": 0}]
+
+
+def test_validate_ablates_the_specific_ranking_against_the_panel_by_default(tmp_path, tiny_sources, capsys):
+    from attribution.reference import reference_concepts
+    from jobs.cli import main
+    from storage.specificity import specific_neurons
+    from storage.validation import read_validations
+
+    atlas = _scored_run(tmp_path, tiny_sources["gpt2"], "val")
+    assert main(["validate", "--atlas", atlas, "--concept", "music", "--k", "1,3", "--draws", "3", "--device", "cpu",
+                 "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "ranked by specificity" in captured.err and "validate: k=3" in captured.err  # the ranking, progress
+    rows = json.loads(captured.out)
+    assert [r["method"] for r in rows] == ["neat/specific"] * 2
+    panel = {"weather"} | {c.name for c in reference_concepts()}
+    assert set(rows[0]["other_changes"]) == panel and rows[0]["panel"] == len(panel)
+    for row in rows:
+        assert row["specificity"] == pytest.approx(abs(row["top_change"]) /
+                                                   max(abs(v) for v in row["other_changes"].values()))
+    stored = read_validations(atlas, concept="music")
+    assert stored["specificity"].to_pylist() == pytest.approx([r["specificity"] for r in rows])
+    # The ablated top-1 is the specific ranking's first neuron: its change is that neuron's effect.
+    first = specific_neurons(atlas, run_id="val", concept="music", top=1).to_pylist()[0]
+    assert rows[0]["top_change"] == pytest.approx(first["effect"], abs=1e-4)

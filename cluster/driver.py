@@ -141,6 +141,10 @@ class Pool:
     infos: list = field(default_factory=list)  # (ScorerInfo, concept summaries) of each actor that started
     prepared: object = None  # ObjectRef of the full replica's preparation the suffix actors hold
 
+    def live_full_actors(self) -> list:
+        """Full actors that are up now (after the scoring pass: for the driver's follow-up tasks)."""
+        return [actor for actor, slot in zip(self.actors, self.slots) if slot.kind == "full" and slot.state == "ready"]
+
     def close(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
@@ -340,13 +344,12 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
             plan, more, more_resumed = _screen_pass(plan, pool, progress_stream, route)
             results += more
             resumed += more_resumed
-        contrast, contrast_note = _reference_contrast(plan, actors[:actor_count], progress)
+        contrast, contrast_note = _reference_contrast(plan, pool.live_full_actors(), progress)
         wall = time.perf_counter() - started
         metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall, slots=slots)
         metadata["checks"] = method_checks(plan, _check_rows(plan))
         if plan.config.dtype == "bf16" and "neat" in plan.config.methods and not plan.encoder:
-            checker = next(a for a, slot in zip(pool.actors, pool.slots) if slot.kind == "full" and slot.state == "ready")
-            metadata["checks"]["bf16"] = _bf16_check(plan, checker)
+            metadata["checks"]["bf16"] = _bf16_check(plan, pool.live_full_actors()[0])
         if suffix_count:
             metadata["replicas"] = {"suffix_actors": suffix_count, "suffix_from_layer": replicas.suffix_from_layer}
         metadata["reference_contrast"] = contrast_metadata(contrast, contrast_note)

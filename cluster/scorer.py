@@ -262,7 +262,8 @@ class ShardScorer:
 
         if self.model.arch.encoder or self.spec.placement is not None:
             return None
-        modes = {mode: values for mode, values in self.ablate_to.items() if mode in ("zero", "mean")}
+        # Zero and mean ablation values are the same for every concept of the preparation: [n_layers, d_mlp].
+        modes = {mode: values for (_, mode), values in self._prepared.ablate_to.items() if mode in ("zero", "mean")}
         result = reference_effects(self.model, [c for c in reference_concepts() if c.name in names], modes)
         return result.concepts, result.target_ids, {mode: t.numpy() for mode, t in result.effects.items()}
 

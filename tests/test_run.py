@@ -172,7 +172,9 @@ def test_run_metadata_records_targets_base_log_p_versions_and_timings(tmp_path, 
 def test_query_and_sql_commands_on_a_committed_run(tmp_path, tiny_sources, capsys):
     atlas = tmp_path / "atlas"
     run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="q1", ablation="zero")))
-    assert main(["query", "--atlas", str(atlas), "--concept", "weather", "--top", "5", "--format", "json"]) == 0
+    # Raw scores (the default ranking is the concept-specific one when the run holds the reference contrast).
+    assert main(["query", "--atlas", str(atlas), "--concept", "weather", "--top", "5", "--format", "json",
+                 "--rank-by", "score"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
     assert {"model", "model_revision", "concept", "method", "run_id", "layer", "neuron", "score", "ablation",

@@ -103,10 +103,10 @@ def test_a_bf16_run_keeps_the_float32_ranking_and_records_its_dtype(tmp_path, ti
         mine = [r["concept"] == concept for r in runs["bf16"].to_pylist()]
         fast_c, exact_c = fast[torch.tensor(mine)], exact[torch.tensor(mine)]
         assert entry["neurons"] == len(fast_c) == 2 * 96 and entry["top_k"] == 19
-        assert entry["spearman"] == pytest.approx(spearman(exact_c, fast_c), abs=1e-4)
+        # The check's float32 engine reads the actor's bf16-held weights (upcast), so it measures the engine's
+        # propagation error only, not the rounding of the weights: it agrees at least as well as this run pair.
+        assert entry["spearman"] > 0.999 and entry["spearman"] >= spearman(exact_c, fast_c) - 1e-3
         assert entry["top_k_agreement"] > 0.9
-        # The check's float32 engine reads the actor's bf16-held weights (upcast), so its difference measures the
-        # engine's propagation error only, not the rounding of the weights: smaller than this run-vs-run one.
         assert 0 < entry["max_abs_diff"] <= float((exact_c - fast_c).abs().max()) + 0.002 * float(exact_c.abs().max())
     assert meta["precision"]["float32_matmul_precision"] in ("highest", "high", "medium")
     assert meta["precision"]["pinned"] is False  # CPU: nothing to pin

@@ -35,7 +35,8 @@ def test_smollm2_run_query_and_exactness_through_the_cli(tmp_path):
     assert summary["rows"] == 2 * 2 * 1536 and summary["version"] == 1
     assert "shards]" in proc.stderr and "committed run e2e" in proc.stderr
 
-    proc = cli("query", "--atlas", str(atlas), "--concept", "weather", "--top", "3000", "--format", "json")
+    proc = cli("query", "--atlas", str(atlas), "--concept", "weather", "--top", "3000", "--format", "json",
+               "--rank-by", "score")  # raw NEAT scores (the default is the concept-specific ranking)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert [r["rank"] for r in rows] == list(range(1, 3001)) and {r["layer"] for r in rows} == {0, 29}

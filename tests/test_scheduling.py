@@ -107,8 +107,8 @@ def faulty_scorer(fault: str, directory: Path, shard_id: str | None = None):
     claim = str(directory / "claimed")
 
     class FaultyScorer(ShardScorer):
-        def __init__(self, spec):
-            super().__init__(spec)
+        def __init__(self, spec, prepared=None):
+            super().__init__(spec, prepared)
             try:
                 os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
                 self.faulty = True

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,13 @@ def _ensure_alias_cached(alias: str, spec: GgufAlias) -> Path:
         raise ModelError(f"model alias {alias!r}: {spec.gguf_file} not found in {package_dir}")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    # One line in our words instead of transformers' 272-step progress bar; it happens once per machine.
+    print(f"neuron-atlas: preparing model {alias!r} once: dequantizing its packaged GGUF into {target} "
+          "(about 20 s)", file=sys.stderr, flush=True)
+    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
     try:
@@ -173,6 +180,8 @@ def _ensure_alias_cached(alias: str, spec: GgufAlias) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if bar_was_enabled:
+            transformers_logging.enable_progress_bar()
     return target
 
 

@@ -19,7 +19,11 @@ _KEY_VALUE = re.compile(
                         |api[_-]?key|private[_-]?key)(?:[_.-][\w.-]*)?)
     (?P<sep>['"]?\s*[:=]\s*)
     (?P<value>'[^']*'?|"[^"]*"?|[^\s,}\]]+)""")
-_MIN_SECRET = 4  # shorter environment values are not searched for (they would match everywhere)
+_MIN_SECRET = 4  # shorter given secrets are not searched for (they would match everywhere)
+# An environment variable's value is searched for only when it could be a credential: at least 8
+# characters, matched as a whole word. A CI runner that sets e.g. GH_TOKEN=token must not turn every
+# "tokenizer" and "unknown token" of an error message into <redacted>.
+_MIN_ENVIRONMENT_SECRET = 8
 
 
 def is_credential_key(key: object) -> bool:
@@ -27,7 +31,7 @@ def is_credential_key(key: object) -> bool:
 
 
 def _environment_secrets() -> list[str]:
-    return sorted({v for k, v in os.environ.items() if is_credential_key(k) and len(v) >= _MIN_SECRET},
+    return sorted({v for k, v in os.environ.items() if is_credential_key(k) and len(v) >= _MIN_ENVIRONMENT_SECRET},
                   key=len, reverse=True)
 
 
@@ -42,7 +46,9 @@ def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
         return f"{m.group('key')}{m.group('sep')}{quote}{REDACTED}{quote}"
 
     text = _KEY_VALUE.sub(keep_key, text)
-    for secret in [*sorted((s for s in secrets if len(s) >= _MIN_SECRET), key=len, reverse=True),
-                   *_environment_secrets()]:
+    for secret in sorted((s for s in secrets if len(s) >= _MIN_SECRET), key=len, reverse=True):
         text = text.replace(secret, REDACTED)
+    for secret in _environment_secrets():
+        # Whole words only: the value must not continue a longer word on either side.
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", REDACTED, text)
     return text

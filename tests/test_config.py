@@ -56,6 +56,14 @@ def test_bad_config_values_name_the_file_key_and_value(tmp_path, overrides, mess
     assert message in str(err.value) and str(path) in str(err.value)
 
 
+@pytest.fixture(scope="module")
+def smollm2_prepared():
+    """The one-time GGUF conversion prints its own note; these tests are about the error line after it."""
+    from attribution.models import resolve_model_source
+    resolve_model_source("smollm2-135m")
+
+
+@pytest.mark.usefixtures("smollm2_prepared")
 @pytest.mark.parametrize("overrides, args, message", [
     ({"layers": [0, 30]}, [], "key 'layers' has value 30: layer not in 0..29 for model smollm2-135m"),
     ({"model": "no-such-model"}, [], "key 'model' has value 'no-such-model': model 'no-such-model' is not a built-in alias"),

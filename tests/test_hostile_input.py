@@ -185,3 +185,14 @@ def test_no_error_contains_a_planted_secret(tmp_path, capsys, monkeypatch):
         assert code != 0, command
         assert SECRET not in text and PASSWORD not in text, (command, text)
         assert "Traceback" not in text and len(captured.err.strip().splitlines()) <= 2, (command, captured.err)
+
+
+def test_a_short_common_word_in_a_credential_variable_does_not_garble_errors(monkeypatch):
+    """CI runners set variables such as GH_TOKEN=token: only credential-like values (8+ characters,
+    whole words) are redacted, so 'tokenizer' and 'unknown token' stay readable."""
+    from storage.redaction import REDACTED, redact
+    monkeypatch.setenv("GH_TOKEN", "token")
+    monkeypatch.setenv("CI_JOB_SECRET", "s3cr3t-Pl4nted")
+    message = "the model's tokenizer: it encodes to an unknown token; key s3cr3t-Pl4nted; s3cr3t-Pl4ntedX"
+    assert redact(message) == (f"the model's tokenizer: it encodes to an unknown token; key {REDACTED}; "
+                               "s3cr3t-Pl4ntedX")

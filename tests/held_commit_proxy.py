@@ -69,7 +69,10 @@ def make_handler(upstream: str, control: str):
             for key, value in response.getheaders():
                 if key.lower() not in HOP_BY_HOP and key.lower() != "content-length":
                     self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
+            # A HEAD response has no body but carries the object's size: pass the server's length on
+            # (s3fs reads a written file's size from it, and the commit records that size).
+            length = response.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length if length is not None else str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)

@@ -4,18 +4,8 @@ without the token. The CLI runs as a subprocess, as a user runs it."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -27,106 +17,15 @@ from cluster.plan import resolve_job
 from cluster.scorer import ScorerSpec, ShardScorer
 from storage.read import open_neurons, run_metadata
 from storage.staging import claim_staging
+from ray_nodes import BIN, RayCluster, two_node_cluster
 
-BIN = Path(sys.executable).parent
 UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class RayCluster:
-    gcs: str  # 127.0.0.1:PORT
-    jobs_api: str  # http://127.0.0.1:PORT
-    env: dict  # what a client needs: RAY_AUTH_MODE=token and the token
-    processes: list
-
-
-def _http_ok(url: str, token: str) -> bool:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _alive_nodes(jobs_api: str, token: str) -> int:
-    request = urllib.request.Request(f"{jobs_api}/api/v0/nodes", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            nodes = json.load(response)["data"]["result"]["result"]
-    except (urllib.error.URLError, OSError, KeyError, ValueError):
-        return 0
-    return sum(1 for n in nodes if n.get("state") == "ALIVE")
-
-
-def _stop(process: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM the `ray start --block` process (it stops the node's processes), then SIGKILL its
-    process group (start_new_session: only what this test started) for anything left behind."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A head (2 CPUs, dashboard and Jobs API on 127.0.0.1) and a worker node (1 CPU) joined to it,
-    with token authentication as Ray 2.60 sets it up: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN on every
-    node and on every client."""
-    token = secrets.token_hex(16)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-               RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
-    temp_dir = tempfile.mkdtemp(prefix="na-ray-", dir="/tmp")  # short: Unix socket paths are limited
-    port, dashboard_port = free_port(), free_port()
-    jobs_api = f"http://127.0.0.1:{dashboard_port}"
-    common = ["--block", "--node-ip-address", "127.0.0.1", "--object-store-memory", str(80 * 1024**2),
-              "--disable-usage-stats"]
-    processes: list[subprocess.Popen] = []
-
-    def start(args: list[str], log: str) -> subprocess.Popen:
-        process = subprocess.Popen([str(BIN / "ray"), "start", *args, *common], env=env, start_new_session=True,
-                                   stdout=open(Path(temp_dir) / log, "w"), stderr=subprocess.STDOUT)
-        processes.append(process)
-        return process
-
-    try:
-        # Free ports for everything that has a fixed default: on a shared machine another Ray cluster
-        # may hold them (a head whose job agent cannot bind its port accepts no jobs).
-        head = start(["--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                      "--dashboard-port", str(dashboard_port), "--dashboard-agent-listen-port", str(free_port()),
-                      "--ray-client-server-port", str(free_port()), "--num-cpus", "2", "--temp-dir", temp_dir],
-                     "head.log")
-        deadline = time.monotonic() + 120
-        while not _http_ok(f"{jobs_api}/api/version", token):
-            assert head.poll() is None and time.monotonic() < deadline, (Path(temp_dir) / "head.log").read_text()[-3000:]
-            time.sleep(0.5)
-        # Its own temp dir: on one machine two nodes sharing one would also share the runtime-env
-        # folders, and one node's set-up of the job's working directory would pull it from under the other.
-        worker_dir = Path(temp_dir) / "w"
-        worker = start(["--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--temp-dir", str(worker_dir),
-                        "--dashboard-agent-listen-port", str(free_port())], "worker.log")
-        while _alive_nodes(jobs_api, token) < 2:
-            assert worker.poll() is None and time.monotonic() < deadline, (Path(temp_dir) / "worker.log").read_text()[-3000:]
-            time.sleep(0.5)
-        yield RayCluster(gcs=f"127.0.0.1:{port}", jobs_api=jobs_api, env=env, processes=processes)
-    finally:
-        for process in reversed(processes):  # the worker first, while the head can still drain it
-            _stop(process, timeout=40)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with two_node_cluster() as cluster:
+        yield cluster
 
 
 def cli(cluster: RayCluster, *args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -17,70 +17,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from storage.read import run_metadata
-from test_cluster_jobs import BIN, UNSEEN, RayCluster, _alive_nodes, _http_ok, _stop, free_port
+from ray_nodes import BIN, two_node_cluster
 
-START_SECONDS = 400  # a head and a worker node on a shared 2-core machine can take minutes to come up
-
-
-def _start_cluster(temp_dir: str, env: dict, token: str, processes: list) -> RayCluster:
-    port, dashboard_port = free_port(), free_port()
-    jobs_api = f"http://127.0.0.1:{dashboard_port}"
-    common = ["--block", "--node-ip-address", "127.0.0.1", "--object-store-memory", str(80 * 1024**2),
-              "--disable-usage-stats"]
-
-    def start(args: list[str], log: str) -> subprocess.Popen:
-        process = subprocess.Popen([str(BIN / "ray"), "start", *args, *common], env=env, start_new_session=True,
-                                   stdout=open(Path(temp_dir) / log, "w"), stderr=subprocess.STDOUT)
-        processes.append(process)
-        return process
-
-    head = start(["--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                  "--dashboard-port", str(dashboard_port), "--dashboard-agent-listen-port", str(free_port()),
-                  "--ray-client-server-port", str(free_port()), "--num-cpus", "2", "--temp-dir", temp_dir],
-                 "head.log")
-    deadline = time.monotonic() + START_SECONDS
-    while not _http_ok(f"{jobs_api}/api/version", token):
-        assert head.poll() is None and time.monotonic() < deadline, (Path(temp_dir) / "head.log").read_text()[-3000:]
-        time.sleep(0.5)
-    worker = start(["--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--temp-dir", str(Path(temp_dir) / "w"),
-                    "--dashboard-agent-listen-port", str(free_port())], "worker.log")
-    while _alive_nodes(jobs_api, token) < 2:
-        assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
-        assert worker.poll() is None and time.monotonic() < deadline, (Path(temp_dir) / "worker.log").read_text()[-3000:]
-        time.sleep(0.5)
-    return RayCluster(gcs=f"127.0.0.1:{port}", jobs_api=jobs_api, env=env, processes=processes)
+UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A head (2 CPUs) and a worker node (1 CPU) on 127.0.0.1 with token authentication, as in
-    tests/test_cluster_jobs.py (free ports; only these processes are stopped, by process group). Ray
-    gives a starting node 30 s to register: on a saturated machine that fails, so it is tried 3 times."""
-    import os
-    import secrets
-    import shutil
-    import tempfile
-
-    token = secrets.token_hex(16)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-               RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
-    for attempt in range(3):
-        temp_dir = tempfile.mkdtemp(prefix="na-sched-", dir="/tmp")
-        processes: list[subprocess.Popen] = []
-        try:
-            try:
-                cluster = _start_cluster(temp_dir, env, token, processes)
-            except AssertionError:
-                if attempt == 2:
-                    raise
-                continue
-            yield cluster
-            return
-        finally:
-            for process in reversed(processes):  # the worker first, while the head can still drain it
-                _stop(process, timeout=40)
-            shutil.rmtree(temp_dir, ignore_errors=True)
+    with two_node_cluster() as cluster:
+        yield cluster
 
 
 def _config(path: Path, *, model: str, atlas: Path, address: str, **schedule) -> Path:
@@ -100,27 +45,29 @@ def _outcomes(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
+_LIST_JOBS = """
+import json, sys
+from ray.job_submission import JobSubmissionClient
+client = JobSubmissionClient(sys.argv[1])
+found = {}
+for job in client.list_jobs():
+    meta = job.metadata or {}
+    if meta.get("neuron_atlas_schedule", "").startswith(sys.argv[2]):
+        found.setdefault(meta["neuron_atlas_scheduled_for"], []).append(job.submission_id)
+        if str(job.status) in ("PENDING", "RUNNING"):
+            client.stop_job(job.submission_id)  # only the submissions are under test: free the cluster
+print(json.dumps(found))
+"""
+
+
 def _jobs(cluster, label_prefix: str) -> dict[str, list[str]]:
-    """scheduled_for -> submission ids of this schedule's jobs on the cluster."""
-    from ray.job_submission import JobSubmissionClient
-
-    import os
-
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.env["RAY_AUTH_TOKEN"])
-    try:
-        client = JobSubmissionClient(cluster.jobs_api)
-        found: dict[str, list[str]] = {}
-        for job in client.list_jobs():
-            meta = job.metadata or {}
-            if meta.get("neuron_atlas_schedule", "").startswith(label_prefix):
-                found.setdefault(meta["neuron_atlas_scheduled_for"], []).append(job.submission_id)
-                if str(job.status) in ("PENDING", "RUNNING"):
-                    client.stop_job(job.submission_id)  # only the submissions are under test: free the cluster
-        return found
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    """scheduled_for -> submission ids of this schedule's jobs on the cluster. Listed by a process of its
+    own: Ray caches the first authentication token a process loads, so a client in the pytest process
+    would keep the token of whichever test cluster came first ("invalid authentication token")."""
+    listed = subprocess.run([str(BIN / "python"), "-c", _LIST_JOBS, cluster.jobs_api, label_prefix], env=cluster.env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    return json.loads(listed.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.xfail(strict=False, reason="failed in the integration run of 2026-12-02 (Ray AuthenticationError: invalid "

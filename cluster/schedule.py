@@ -365,6 +365,12 @@ class TickReport:
         return EXIT_DRIFTED if self.drifted else EXIT_OK
 
 
+def _print_outcomes(outcomes: list, out) -> None:
+    for outcome in outcomes:
+        if out is not None:
+            print(json.dumps(outcome.as_dict()), file=out, flush=True)
+
+
 def tick(paths: list[str], *, now: datetime, force: bool = False, wait: bool = False,
          log: TextIO = sys.stderr, out: TextIO | None = None, alerted: set | None = None,
          wait_timeout: float | None = None) -> TickReport:
@@ -387,10 +393,9 @@ def tick(paths: list[str], *, now: datetime, force: bool = False, wait: bool = F
             continue
         jobs = due_jobs(config, due)
         outcomes = [submit_due(job, force=force, log=log) for job in jobs]
-        for outcome in outcomes:
-            if out is not None:
-                print(json.dumps(outcome.as_dict()), file=out, flush=True)
         report.outcomes += outcomes
+        if not wait:  # with --wait, each outcome is printed once its job has finished (its final status)
+            _print_outcomes(outcomes, out)
         if wait:
             runs = []
             for job, outcome in zip(jobs, outcomes):
@@ -408,6 +413,7 @@ def tick(paths: list[str], *, now: datetime, force: bool = False, wait: bool = F
                     runs.append(job.submission_id)
                 else:
                     outcome.action, outcome.reason = "failed", f"job {job.submission_id} {state.status}: {state.message}"
+            _print_outcomes(outcomes, out)
         else:
             before = previous_fire(parse_cron(config.schedule.cron), due - timedelta(minutes=1), config.schedule.timezone)
             runs = family_runs_since(config, before)

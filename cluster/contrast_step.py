@@ -13,14 +13,36 @@ import pyarrow.compute as pc
 from attribution.reference import reference_concepts
 
 
-def reference_contrast(actors) -> dict | None:
+def reference_contrast(actors, progress=None) -> dict | None:
     """Every reference concept's AtP effects, the concepts dealt round-robin to the actors (Ray handles
-    of ShardScorer); None where the actors cannot run AtP. See `merge_reference_parts`."""
+    of ShardScorer); None where the actors cannot run AtP. See `merge_reference_parts`.
+
+    An actor that dies here (its node lost after the shards were scored) is left out and its concepts
+    are dealt again to the others; only when none is left does the step fail."""
     import ray
+    from ray.exceptions import RayActorError
 
     started = time.perf_counter()
     names = [c.name for c in reference_concepts()]
-    parts = ray.get([actor.reference_effects.remote(names[i::len(actors)]) for i, actor in enumerate(actors)])
+    live = list(actors)
+    todo = [names[i::len(live)] for i in range(len(live))]
+    parts = []
+    while todo:
+        if not live:
+            raise RuntimeError("reference contrast: every actor died before the reference concepts were scored")
+        chunks = [sum(todo[i::len(live)], []) for i in range(min(len(live), len(todo)))]
+        tasks = [(actor, chunk, actor.reference_effects.remote(chunk)) for actor, chunk in zip(live, chunks)]
+        todo = []
+        for actor, chunk, ref in tasks:
+            try:
+                parts.append(ray.get(ref))
+            except RayActorError as err:
+                live.remove(actor)
+                todo.append(chunk)
+                if progress is not None:
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                    progress.message(f"reference contrast: an actor died ({type(err).__name__}: {first[:200]}); "
+                                     f"its concepts go to the {len(live)} other actor(s)")
     return merge_reference_parts(names, parts, seconds=time.perf_counter() - started)
 
 

@@ -386,7 +386,7 @@ def _reference_contrast(plan: JobPlan, actors, progress: Progress) -> tuple[dict
     if not {"neat", "atp"} & set(plan.config.methods) or not {"zero", "mean"} & set(plan.config.ablation):
         return None, "the run has no neat or atp rows with zero or mean ablation"
     progress.message(f"reference contrast: AtP of every neuron on the reference concepts, on {len(actors)} actors")
-    contrast = reference_contrast(actors)
+    contrast = reference_contrast(actors, progress)
     if contrast is None:
         return None, "AtP does not run on this model's replicas (an encoder, or split replicas)"
     progress.message(f"reference contrast: {len(contrast['concepts'])} concepts in {contrast['seconds']:.1f} s")

@@ -38,10 +38,11 @@ def _node_with(jobs_api: str, token: str, resource: str) -> str:
 
 
 def write_config(path: Path, address: str, source, atlas: Path, **cluster) -> Path:
-    """Every layer of the tiny Llama in small shards: long enough to lose a node in the middle."""
+    """Every layer of the tiny Llama in 2-neuron shards (192 of them, a few seconds): long enough to lose
+    a node in the middle (8-neuron shards all finished within a second, before the kill)."""
     path.write_text(yaml.safe_dump({
         "model": source.path, "concepts": str(UNSEEN), "layers": "all", "atlas": str(atlas), "ablation": "zero",
-        "shard_neurons": 8, "batch_rows": 8, "cluster": {"address": address, "cpus_per_actor": 1, **cluster}}))
+        "shard_neurons": 2, "batch_rows": 2, "cluster": {"address": address, "cpus_per_actor": 1, **cluster}}))
     return path
 
 
@@ -49,8 +50,6 @@ def staged(atlas: Path, run_id: str) -> int:
     return len(list((atlas / "_staging" / run_id).glob("*.parquet")))
 
 
-@pytest.mark.xfail(strict=False, reason="2026-12-02 integration run: the lost node's run did not print "
-                   "'its shards go back to the queue'; not yet diagnosed: see the stop's note")
 def test_a_two_node_run_fails_fast_on_missing_cpus_and_outlives_a_lost_node(two_nodes, tiny_sources, tmp_path):
     address, jobs_api, token, env, worker = two_nodes.gcs, two_nodes.jobs_api, two_nodes.token, two_nodes.env, two_nodes.worker
     atlas = tmp_path / "atlas"
@@ -94,6 +93,8 @@ def test_a_two_node_run_fails_fast_on_missing_cpus_and_outlives_a_lost_node(two_
     summary = json.loads(stdout)  # stdout carries only the summary, Ray's messages went to stderr
     assert summary["rows"] == 2 * 4 * 96 and summary["shards"] > 20
     assert "preflight: 2 nodes have the model and can write the staging area; they run the code shipped" in stderr
-    assert "its shards go back to the queue" in stderr
+    # The node is lost while shards are scored (the pool requeues them) or, on a fast run, during the
+    # reference-contrast step that follows (its concepts go to the other actors): the run completes.
+    assert "its shards go back to the queue" in stderr or "its concepts go to the 2 other actor(s)" in stderr, stderr
     assert open_neurons(str(atlas)).to_pyarrow_table().num_rows == summary["rows"]
     assert run_metadata(str(atlas), "lost-node")["shards"]["computed"] == summary["shards"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -300,8 +301,13 @@ def _agent_not_up(err: SubmitError) -> bool:
 
 def _until_agent(send, address: str, progress: TextIO | None, *, wait: float | None = None) -> None:
     """Call send() until the head's job agent takes the request: retried with backoff (0.5 s doubling to
-    8 s) for up to AGENT_WAIT_SECONDS, with a line on `progress` each time."""
-    wait = AGENT_WAIT_SECONDS if wait is None else wait
+    8 s) for up to AGENT_WAIT_SECONDS (or NEURON_ATLAS_AGENT_WAIT seconds: a head on a busy node can
+    take longer), with a line on `progress` each time."""
+    if wait is None:
+        try:
+            wait = float(os.environ.get("NEURON_ATLAS_AGENT_WAIT", AGENT_WAIT_SECONDS))
+        except ValueError:
+            wait = AGENT_WAIT_SECONDS
     started = time.monotonic()
     delay = 0.5
     while True:

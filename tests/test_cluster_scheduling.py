@@ -55,15 +55,17 @@ def test_a_two_node_run_fails_fast_on_missing_cpus_and_outlives_a_lost_node(two_
     atlas = tmp_path / "atlas"
 
     # Submitted right after `ray start`: submit waits for the head's job agent if it is not up yet
-    # (it printed "waiting for the job agent" on a loaded machine). The driver asks for the resource
+    # (it printed "waiting for the job agent" on a loaded machine; with the machine busy the agent took
+    # over 60 s, the default wait, so the test allows 240 s). The driver asks for the resource
     # only the worker node has, so Ray runs it there, off the head, once that node has joined.
     small = tmp_path / "small.yaml"
     small.write_text(yaml.safe_dump({
         "model": tiny_sources["llama"].path, "concepts": str(UNSEEN), "layers": [0], "atlas": str(tmp_path / "small"),
         "shard_neurons": 96, "batch_rows": 32, "cluster": {"actors": 1, "cpus_per_actor": 1}}))
     submitted = subprocess.run([str(BIN / "neuron-atlas"), "submit", str(small), "--address", jobs_api, "--run-id",
-                                "early", "--entrypoint-resource", "driver=1", "--wait"], env=env, capture_output=True,
-                               text=True, timeout=300)
+                                "early", "--entrypoint-resource", "driver=1", "--wait"],
+                               env={**env, "NEURON_ATLAS_AGENT_WAIT": "240"}, capture_output=True,
+                               text=True, timeout=480)
     assert submitted.returncode == 0, submitted.stderr
     assert _job(jobs_api, token, "early")["driver_node_id"] == _node_with(jobs_api, token, "driver")
     assert open_neurons(str(tmp_path / "small")).to_pyarrow_table().num_rows == 2 * 96

@@ -394,9 +394,7 @@ def tick(paths: list[str], *, now: datetime, force: bool = False, wait: bool = F
         jobs = due_jobs(config, due)
         outcomes = [submit_due(job, force=force, log=log) for job in jobs]
         report.outcomes += outcomes
-        if not wait:  # with --wait, each outcome is printed once its job has finished (its final status)
-            _print_outcomes(outcomes, out)
-        if wait:
+        if wait:  # each outcome is printed once its job has finished, with its final status
             runs = []
             for job, outcome in zip(jobs, outcomes):
                 if outcome.action not in ("submitted", "already-submitted"):
@@ -414,7 +412,8 @@ def tick(paths: list[str], *, now: datetime, force: bool = False, wait: bool = F
                 else:
                     outcome.action, outcome.reason = "failed", f"job {job.submission_id} {state.status}: {state.message}"
             _print_outcomes(outcomes, out)
-        else:
+        else:  # a long-running scheduler: each outcome is printed at submission
+            _print_outcomes(outcomes, out)
             before = previous_fire(parse_cron(config.schedule.cron), due - timedelta(minutes=1), config.schedule.timezone)
             runs = family_runs_since(config, before)
         for run_id in runs:

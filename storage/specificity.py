@@ -60,12 +60,13 @@ def specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], reference
             if n * len(concepts) != part.num_rows:
                 raise AtlasError(f"run {run_id}: method {method}, ablation {ablation} does not hold the same "
                                  f"neurons for every concept ({part.num_rows} rows, {len(concepts)} concepts)")
-            layer_col = part.column("layer").to_numpy()[:n]
-            neuron_col = part.column("neuron").to_numpy()[:n]
+            # Arrow's zero-copy arrays are read-only; torch warns on those, so index with int64 copies.
+            layer_col = part.column("layer").to_numpy()[:n].astype(np.int64)
+            neuron_col = part.column("neuron").to_numpy()[:n].astype(np.int64)
             effects = torch.from_numpy(part.column("effect").to_numpy(zero_copy_only=False).astype(np.float32)
                                        .reshape(len(concepts), n))  # [concepts, n]
             ref = torch.from_numpy(np.array(reference[ablation], dtype=np.float32))  # a copy: [r, n_layers, d_mlp]
-            ref = ref[:, torch.as_tensor(layer_col, dtype=torch.long), torch.as_tensor(neuron_col, dtype=torch.long)]
+            ref = ref[:, torch.from_numpy(layer_col), torch.from_numpy(neuron_col)]
             generic = generic_mask(torch.cat([ref, effects])).numpy()  # [n]
             for i, concept in enumerate(concepts):
                 others = torch.cat([ref, torch.cat([effects[:i], effects[i + 1:]])])  # [r + run others, n]

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from attribution.reference import reference_concepts
+from cluster.pool import error_line
 
 
 def reference_contrast(actors, progress=None) -> dict | None:
@@ -40,8 +41,7 @@ def reference_contrast(actors, progress=None) -> dict | None:
                 live.remove(actor)
                 todo.append(chunk)
                 if progress is not None:
-                    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                    progress.message(f"reference contrast: an actor died ({type(err).__name__}: {first[:200]}); "
+                    progress.message(f"reference contrast: an actor died ({error_line(err)}); "
                                      f"its concepts go to the {len(live)} other actor(s)")
     return merge_reference_parts(names, parts, seconds=time.perf_counter() - started)
 

@@ -53,16 +53,18 @@ def client_env(token: str) -> dict:
     return env
 
 
+def _request(url: str, token: str) -> urllib.request.Request:
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+
+
 def http_json(url: str, token: str, timeout: float = 10):
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with urllib.request.urlopen(_request(url, token), timeout=timeout) as response:
         return json.load(response)
 
 
 def http_ok(url: str, token: str) -> bool:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(request, timeout=2) as response:
+        with urllib.request.urlopen(_request(url, token), timeout=2) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False

@@ -44,6 +44,25 @@ class RayCluster:
     env: dict  # what a client needs: RAY_AUTH_MODE=token and the token, the venv's bin on PATH
     head: subprocess.Popen
     worker: subprocess.Popen
+    worker_temp_dir: str  # the worker node's own --temp-dir: every process of that node names it
+
+
+def kill_node(process: subprocess.Popen, temp_dir: str) -> None:
+    """Lose a node for good, at once: SIGKILL its `ray start` process group and every process whose
+    command line names the node's temp dir. Ray's worker processes (the actors) can outlive the group
+    kill for a moment and keep answering the driver over their direct connection, so a fast run could
+    finish on an actor that was meant to be dead."""
+    os.killpg(process.pid, signal.SIGKILL)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if temp_dir in cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 def client_env(token: str) -> dict:
@@ -122,13 +141,15 @@ def _start(temp_dir: str, env: dict, token: str, processes: list, *, worker_reso
     # Its own temp dir: on one machine two nodes sharing one would also share the runtime-env folders,
     # and one node's set-up of the job's working directory would pull it from under the other.
     extra = ["--resources", json.dumps(worker_resources)] if worker_resources else []
-    worker = start(["--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--temp-dir", str(Path(temp_dir) / "w"),
+    worker_temp_dir = str(Path(temp_dir) / "w")
+    worker = start(["--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--temp-dir", worker_temp_dir,
                     "--dashboard-agent-listen-port", str(free_port()), *extra], "worker.log")
     while wait_for_worker and alive_nodes(jobs_api, token) < 2:
         assert head.poll() is None, log("head.log")
         assert worker.poll() is None and time.monotonic() < deadline, log("worker.log")
         time.sleep(0.5)
-    return RayCluster(gcs=f"127.0.0.1:{port}", jobs_api=jobs_api, token=token, env=env, head=head, worker=worker)
+    return RayCluster(gcs=f"127.0.0.1:{port}", jobs_api=jobs_api, token=token, env=env, head=head, worker=worker,
+                      worker_temp_dir=worker_temp_dir)
 
 
 @contextlib.contextmanager

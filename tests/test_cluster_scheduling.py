@@ -5,8 +5,6 @@ more CPUs than the cluster has fails in seconds naming them; a run whose worker 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 import yaml
 
 from storage.read import open_neurons, run_metadata
-from ray_nodes import BIN, http_json, two_node_cluster
+from ray_nodes import BIN, http_json, kill_node, two_node_cluster
 
 UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
 
@@ -86,7 +84,7 @@ def test_a_two_node_run_fails_fast_on_missing_cpus_and_outlives_a_lost_node(two_
         while staged(atlas, "lost-node") < 3:
             assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.poll() is not None else "slow"
             time.sleep(0.1)
-        os.killpg(worker.pid, signal.SIGKILL)  # the worker node and its actor, gone for good
+        kill_node(worker, two_nodes.worker_temp_dir)  # the worker node and its actor, gone for good
         stdout, stderr = run.communicate(timeout=300)
     finally:
         if run.poll() is None:

@@ -61,6 +61,33 @@ def concept_vector(model: SiteModel, examples: tuple[str, ...] | list[str], *, c
     return torch.cat(per_example).mean(dim=0)
 
 
+@torch.no_grad()
+def concept_vectors(model: SiteModel, examples_by_concept: dict[str, tuple[str, ...]], *,
+                    batch_size: int = 32) -> dict[str, Tensor]:
+    """`concept_vector` of many concepts at once: every concept's examples in shared batches, sorted by
+    token length so a batch pads only to its own longest example. name -> [d_model]."""
+    texts = [(name, text) for name, examples in examples_by_concept.items() for text in examples]
+    lengths = [len(ids) for ids in model.tokenizer([t for _, t in texts])["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    per_example: dict[int, Tensor] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        try:
+            batch = next(text_batches(model, [texts[i][1] for i in chunk], batch_size=len(chunk)))
+        except ConceptError:
+            for i in chunk:  # raise again, one text at a time, naming the concept it belongs to
+                next(text_batches(model, [texts[i][1]], concept=texts[i][0]))
+            raise
+        out = model.hf.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  output_hidden_states=True)
+        hidden = out.hidden_states[-1].float().to(batch.keep.device)  # [texts, pos, d_model]
+        keep = batch.keep.unsqueeze(-1)
+        for row, i in enumerate(chunk):
+            per_example[i] = (hidden[row] * keep[row]).sum(dim=0) / keep[row].sum()
+    return {name: torch.stack([per_example[i] for i, (owner, _) in enumerate(texts) if owner == name]).mean(dim=0)
+            for name in examples_by_concept}
+
+
 @dataclass(frozen=True)
 class TextBatch:
     input_ids: Tensor  # [texts, pos], right-padded

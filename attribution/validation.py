@@ -214,28 +214,70 @@ def last_position_logits(model: SiteModel, input_ids: Tensor, attention_mask: Te
     return model.head(resid[torch.arange(resid.shape[0], device=resid.device), last.to(resid.device)])
 
 
+def token_lengths(model: SiteModel, texts: list[str]) -> list[int]:
+    return [len(ids) for ids in model.tokenizer(list(texts))["input_ids"]]
+
+
+def length_sorted_chunks(lengths: list[int], size: int) -> Iterator[list[int]]:
+    """Row indices sorted by token length, in chunks of `size`: a chunk pads only to its own longest row
+    (a concept's cloze prompts average ~3 tokens with a longest of 12: unsorted, most of a batch is padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return _chunks(order, size)
+
+
 @torch.no_grad()
+def prompt_rows_log_p(model: SiteModel, rows: list[tuple[object, list[Neuron]]], ablate_to: Tensor,
+                      ranges: tuple[Tensor, Tensor] | None = None, *, batch_rows: int = 256) -> list[float]:
+    """For each (prompt, neurons): log p(gold | prompt) with the neurons ablated together (every position),
+    prompts.Prompt rows of any prompts and sets batched together, shortest first."""
+    from attribution.prompts import prompt_batch
+
+    out = [0.0] * len(rows)
+    lengths = dict(zip(dict.fromkeys(p for p, _ in rows),
+                       token_lengths(model, [p.text for p in dict.fromkeys(p for p, _ in rows)])))
+    for chunk in length_sorted_chunks([lengths[p] for p, _ in rows], batch_rows):
+        prompts = [rows[i][0] for i in chunk]
+        batch = prompt_batch(model, prompts)
+        with row_masked(model, [rows[i][1] for i in chunk], ablate_to, ranges):
+            logits = last_position_logits(model, batch.input_ids, batch.attention_mask, batch.last)  # [rows, vocab]
+        for row, i in enumerate(chunk):
+            targets = torch.tensor(prompts[row].target_ids, device=logits.device)
+            out[i] = float(log_p_targets(logits[row:row + 1], targets)[0])
+    return out
+
+
 def prompt_log_p_sets(model: SiteModel, prompts, sets: list[list[Neuron]], ablate_to: Tensor,
                       ranges: tuple[Tensor, Tensor] | None = None, *, batch_rows: int = 256) -> list[float]:
     """For each neuron set: mean over prompts of log p(gold | prompt) with the set ablated together
-    (`prompts_log_p`); each forward holds (sets of a chunk) x (prompts) rows."""
-    from attribution.prompts import prompt_batch
-
+    (`prompts_log_p`); rows (set, prompt) share forwards, sorted by prompt length."""
     prompts = list(prompts)
-    batch = prompt_batch(model, prompts)
-    golds = [torch.tensor(p.target_ids) for p in prompts]
-    per_chunk = max(1, batch_rows // len(prompts))
-    out = []
-    for chunk in _chunks(sets, per_chunk):
-        repeats = len(chunk)
-        with row_masked(model, chunk, ablate_to, ranges, repeat=len(prompts)):
-            logits = last_position_logits(model, batch.input_ids.repeat(repeats, 1),
-                                          batch.attention_mask.repeat(repeats, 1), batch.last.repeat(repeats))
-        for s in range(repeats):
-            rows = logits[s * len(prompts):(s + 1) * len(prompts)]  # [prompts, vocab]
-            values = [log_p_targets(rows[i:i + 1], golds[i].to(rows.device))[0] for i in range(len(prompts))]
-            out.append(float(torch.stack(values).mean()))
-    return out
+    values = prompt_rows_log_p(model, [(p, s) for s in sets for p in prompts], ablate_to, ranges,
+                               batch_rows=batch_rows)
+    n = len(prompts)
+    return [float(torch.tensor(values[j * n:(j + 1) * n], dtype=torch.float64).mean()) for j in range(len(sets))]
+
+
+@torch.no_grad()
+def neutral_losses(model: SiteModel, texts: list[str], sets: list[list[Neuron]], ablate_to: Tensor,
+                   ranges: tuple[Tensor, Tensor] | None = None, *, batch_rows: int = 32) -> list[float]:
+    """`neutral_loss` for each neuron set ([] = clean): rows (set, text) share forwards, shortest first,
+    and the head's log-softmax runs on real positions only."""
+    texts = list(texts)
+    lengths = token_lengths(model, texts)
+    rows = [(j, t) for j in range(len(sets)) for t in range(len(texts))]
+    total = torch.zeros(len(sets), dtype=torch.float64)
+    count = torch.zeros(len(sets), dtype=torch.float64)
+    for chunk in length_sorted_chunks([lengths[t] for _, t in rows], batch_rows):
+        batch = next(text_batches(model, [texts[rows[i][1]] for i in chunk], batch_size=len(chunk)))
+        with row_masked(model, [sets[rows[i][0]] for i in chunk], ablate_to, ranges):
+            logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [rows, pos, vocab]
+        keep = batch.keep[:, 1:] > 0  # predicted positions 1.. that are real tokens
+        picked = logits[:, :-1][keep].float()  # [real predictions, vocab]
+        nll = torch.logsumexp(picked, dim=-1) - picked.gather(-1, batch.input_ids[:, 1:][keep][:, None])[:, 0]
+        owner = torch.tensor([rows[i][0] for i in chunk], device=keep.device)[:, None].expand_as(keep)[keep]
+        total.index_add_(0, owner.cpu(), nll.double().cpu())
+        count.index_add_(0, owner.cpu(), torch.ones_like(nll, dtype=torch.float64).cpu())
+    return (total / count).tolist()
 
 
 def random_sets(generator: torch.Generator, layers: list[int], d_mlp: int, k: int, draws: int) -> list[list[Neuron]]:
@@ -261,7 +303,10 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
     say = progress or (lambda message: None)
     generator = torch.Generator().manual_seed(seed)
     draws_by_k = {k: random_sets(generator, layers, model.d_mlp, k, draws) for k in ks}
-    clean_loss = neutral_loss(model, list(neutral_texts)) if neutral_texts else 0.0
+    losses = [0.0] * (len(ks) + 1)
+    if neutral_texts:
+        say(f"neutral text: clean and the top-k of {len(ks)} k")
+        losses = neutral_losses(model, list(neutral_texts), [[]] + [top[:k] for k in ks], ablate_to, ranges)
     clean_prompts = prompts_log_p(model, probe.prompts) if probe.prompts else 0.0
     results = []
     for step, k in enumerate(ks, start=1):
@@ -276,10 +321,6 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
             say(f"k={k} ({step}/{len(ks)}): {len(sets)} sets on {len(probe.prompts)} prompts")
             ablated = prompt_log_p_sets(model, probe.prompts, sets, ablate_to, ranges)
             prompt_changes = [v - clean_prompts for v in ablated]
-        loss = 0.0
-        if neutral_texts:
-            say(f"k={k} ({step}/{len(ks)}): neutral text")
-            loss = neutral_loss(model, list(neutral_texts), layer_masks(chosen, ablate_to, ranges))
         random = torch.tensor(random_changes, dtype=torch.float64)
         mean, std = float(random.mean()), float(random.std()) if draws > 1 else 0.0
         as_far = int((random.abs() >= abs(top_change)).sum())
@@ -287,7 +328,7 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
             concept=probe.name, k=len(chosen), top_change=top_change, random_mean=mean, random_std=std,
             z_score=(top_change - mean) / std if std > 0 else float("inf"),
             p_value=(as_far + 1) / (draws + 1), draws=draws, other_changes=other_changes,
-            neutral_loss_change=loss - clean_loss,
+            neutral_loss_change=losses[step] - losses[0],
             prompt_change=prompt_changes[0] if prompt_changes else None,
             prompt_random_mean=(float(torch.tensor(prompt_changes[1:], dtype=torch.float64).mean())
                                 if prompt_changes else None),

@@ -15,7 +15,17 @@ vector of the concept and of every concept of the panel (all other built-in, ref
 concepts, 50): specificity = |own change| / max |other change|. Also: the own change against raw
 NEAT's, and the change of next-token loss on configs/reference/neutral.txt.
 
-Usage: python benchmarks/specificity.py [--threads 2] [--k 10] [--screen 2000] [--cache DIR] [--no-neutral] [--json FILE]
+With --prompts, the same on real text (attribution/prompt_effects.py): each concept's cloze prompts
+give in-distribution effects (AtP on the prompts for every neuron, exact for AtP's top `--prompt-screen`
+by |estimate|), two more rankings are built from them:
+  prompt-carry     the neurons whose exact ablation lowers the concept's log p(gold) most (signed)
+  prompt-specific  the greedy set selection on those signed effects against the reference concepts'
+                   and the run's other concepts' prompt AtP effects, among neurons that carry the concept
+and every ranking's top-10 is also ablated on the concept's prompts and on `--panel-prompts` prompts of
+each panel concept: prompt specificity = |own change of mean log p(gold)| / max |panel concept's change|.
+
+Usage: python benchmarks/specificity.py [--threads 2] [--k 10] [--screen 2000] [--cache DIR] [--no-neutral]
+       [--prompts [--prompt-screen 100] [--panel-prompts 6]] [--json FILE]
 """
 from __future__ import annotations
 
@@ -40,6 +50,8 @@ from attribution.concepts import load_concept_file, resolve_targets  # noqa: E40
 from attribution.masking import layer_masks  # noqa: E402
 from attribution.models import load_model, resolve_model_source  # noqa: E402
 from attribution.neat import clean_pass, concept_vector, neat_effects  # noqa: E402
+from attribution.prompt_effects import prompt_atp, prompt_set_changes  # noqa: E402
+from attribution.prompts import concept_prompts  # noqa: E402
 from attribution.specificity import specific_order  # noqa: E402
 from attribution.validation import ConceptProbe, neutral_loss, vector_changes  # noqa: E402
 
@@ -82,6 +94,48 @@ def concept_data(model, concepts, cache: Path | None, group: str, *, screen: int
     return out
 
 
+def prompt_data(model, concepts, cache: Path | None, group: str, *, screen: int):
+    """name -> {prompts, atp [n] (prompt AtP, zero ablation), exact [n] (screened exact prompt effects
+    where `screen`, AtP elsewhere)}; cached per concept."""
+    out = {}
+    zeros = torch.zeros(model.n_layers, model.d_mlp)
+    for concept in concepts:
+        path = cache / f"prompts-{group}-{screen}-{concept.name}.pt" if cache else None
+        prompts = concept_prompts(model.tokenizer, concept, resolve_targets(model.tokenizer, concept).ids)
+        if path is not None and path.exists():
+            entry = torch.load(path)
+        else:
+            started = time.perf_counter()
+            atp = prompt_atp(model, prompts, zeros).flatten()  # [n_layers * d_mlp]
+            entry = {"atp": atp}
+            if screen:
+                picks = atp.abs().topk(screen).indices.tolist()
+                neurons = [(i // model.d_mlp, i % model.d_mlp) for i in picks]
+                changes = torch.tensor(prompt_set_changes(model, [(p, [n]) for n in neurons for p in prompts], zeros))
+                exact = atp.clone()
+                exact[picks] = changes.view(len(picks), len(prompts)).mean(dim=1).float()
+                entry["exact"] = exact
+            print(f"prompts {group}: {concept.name} ({len(prompts)} prompts) in {time.perf_counter() - started:.1f} s",
+                  file=sys.stderr, flush=True)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(entry, path)
+        out[concept.name] = {**entry, "prompts": prompts}
+    return out
+
+
+def carry_order(effect: torch.Tensor) -> torch.Tensor:
+    """Neurons whose ablation lowers the concept's targets most first (signed effects [n])."""
+    return effect.argsort(stable=True)
+
+
+def carry_specific_order(effect: torch.Tensor, off: torch.Tensor, *, k: int, penalty: float = 5.0) -> torch.Tensor:
+    """specific_order among the neurons that carry the concept (effect < 0): the others' effects are
+    zeroed so they are never picked for their own sake."""
+    carrying = torch.where(effect < 0, effect, torch.zeros_like(effect))
+    return specific_order(carrying, off, k=k, penalty=penalty)
+
+
 def contrastive_order(neat: dict[str, torch.Tensor], concept: str) -> torch.Tensor:
     """storage/contrast.py's ranking on tensors: score minus the best score of another run concept."""
     others = torch.stack([v.abs() for n, v in neat.items() if n != concept])
@@ -98,6 +152,9 @@ def main() -> None:
                                                         "as rankings specific-pP")
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--no-neutral", action="store_true")
+    parser.add_argument("--prompts", action="store_true", help="also rank and measure on real prompts")
+    parser.add_argument("--prompt-screen", type=int, default=100, help="neurons scored exactly on prompts per concept")
+    parser.add_argument("--panel-prompts", type=int, default=6, help="prompts per panel concept on real text")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -107,6 +164,15 @@ def main() -> None:
     runs = {"builtin": concept_data(model, load_concept_file(BUILTIN), args.cache, "builtin", screen=args.screen),
             "heldout": concept_data(model, load_concept_file(HELDOUT), args.cache, "heldout", screen=args.screen)}
     everyone = {**reference, **runs["builtin"], **runs["heldout"]}
+    prompt_runs, everyone_prompts, reference_prompt_atp = {}, {}, None
+    if args.prompts:
+        reference_p = prompt_data(model, load_concept_file(REFERENCE), args.cache, "reference", screen=0)
+        prompt_runs = {"builtin": prompt_data(model, load_concept_file(BUILTIN), args.cache, "builtin",
+                                              screen=args.prompt_screen),
+                       "heldout": prompt_data(model, load_concept_file(HELDOUT), args.cache, "heldout",
+                                              screen=args.prompt_screen)}
+        everyone_prompts = {**reference_p, **prompt_runs["builtin"], **prompt_runs["heldout"]}
+        reference_prompt_atp = torch.stack([d["atp"] for d in reference_p.values()])  # [35, n]
     reference_atp = torch.stack([d["atp"] for d in reference.values()])  # [35, n]
     zeros = torch.zeros(model.n_layers, model.d_mlp)
     texts = read_reference_texts()
@@ -124,6 +190,12 @@ def main() -> None:
                 "specific": specific_order(effect, torch.cat([reference_atp, run_others]), k=args.k, **penalty),
                 "specific-alone": specific_order(effect, reference_atp, k=args.k, **penalty),
             }
+            if args.prompts:
+                mine_p = prompt_runs[group][name]
+                others_p = torch.stack([d["atp"] for n, d in prompt_runs[group].items() if n != name])
+                orders["prompt-carry"] = carry_order(mine_p["exact"])
+                orders["prompt-specific"] = carry_specific_order(
+                    mine_p["exact"], torch.cat([reference_prompt_atp, others_p]), k=args.k, **penalty)
             for p in [float(x) for x in args.penalties.split(",") if x.strip()]:
                 orders[f"specific-p{p:g}"] = specific_order(effect, torch.cat([reference_atp, run_others]),
                                                             k=args.k, penalty=p)
@@ -133,6 +205,28 @@ def main() -> None:
             # One batched pass: every ranking's top-k on the concept and on every panel concept.
             changes = vector_changes(model, [(p, top) for top in tops.values() for p in [data["probe"], *panel]],
                                      zeros)
+            prompt_side = {}
+            if args.prompts:
+                # Every ranking's top-k on the concept's prompts and on a few prompts of each panel concept.
+                own_prompts = everyone_prompts[name]["prompts"]
+                panel_prompts = {n: d["prompts"][:args.panel_prompts] for n, d in everyone_prompts.items() if n != name}
+                rows_p = [(p, top) for top in tops.values() for p in own_prompts]
+                rows_p += [(p, top) for top in tops.values() for ps in panel_prompts.values() for p in ps]
+                got = prompt_set_changes(model, rows_p, zeros)
+                per_ranking = len(own_prompts)
+                for j, ranking in enumerate(tops):
+                    own_p = statistics.fmean(got[j * per_ranking:(j + 1) * per_ranking])
+                    prompt_side[ranking] = {"own": own_p}
+                at = len(tops) * per_ranking
+                for j, ranking in enumerate(tops):
+                    changes_p = {}
+                    for n, ps in panel_prompts.items():
+                        changes_p[n] = statistics.fmean(got[at:at + len(ps)])
+                        at += len(ps)
+                    worst_p = max(changes_p, key=lambda n: abs(changes_p[n]))
+                    prompt_side[ranking].update(worst=worst_p, worst_change=changes_p[worst_p],
+                                                specificity=abs(prompt_side[ranking]["own"]) / max(abs(changes_p[worst_p]), 1e-9),
+                                                lowers_ratio=-prompt_side[ranking]["own"] / max(max(-v for v in changes_p.values()), 1e-9))
             for j, (ranking, top) in enumerate(tops.items()):
                 mine = changes[j * (len(panel) + 1):(j + 1) * (len(panel) + 1)]
                 own, others = mine[0], mine[1:]
@@ -141,9 +235,16 @@ def main() -> None:
                 rows.append({"group": group, "concept": name, "ranking": ranking, "own_change": own,
                              "worst_other": panel[worst].name, "worst_other_change": others[worst],
                              "specificity": abs(own) / max(abs(others[worst]), 1e-9),
-                             "layers": sorted({layer for layer, _ in top}), "neutral_loss_change": loss})
-            print(f"{group}/{name}: " + "  ".join(f"{r['ranking']} {r['specificity']:.2f} ({r['own_change']:+.2f})"
-                                                   for r in rows[-len(orders):]), file=sys.stderr)
+                             "layers": sorted({layer for layer, _ in top}), "neutral_loss_change": loss,
+                             "prompt_own_change": prompt_side.get(ranking, {}).get("own"),
+                             "prompt_worst_other": prompt_side.get(ranking, {}).get("worst"),
+                             "prompt_worst_other_change": prompt_side.get(ranking, {}).get("worst_change"),
+                             "prompt_specificity": prompt_side.get(ranking, {}).get("specificity"),
+                             "prompt_lowers_ratio": prompt_side.get(ranking, {}).get("lowers_ratio")})
+            print(f"{group}/{name}: " + "  ".join(
+                f"{r['ranking']} {r['specificity']:.2f} ({r['own_change']:+.2f})"
+                + (f" prompts {r['prompt_specificity']:.2f} ({r['prompt_own_change']:+.3f})" if args.prompts else "")
+                for r in rows[-len(orders):]), file=sys.stderr, flush=True)
     table = []
     for group in runs:
         for ranking in dict.fromkeys(r["ranking"] for r in rows):
@@ -159,6 +260,15 @@ def main() -> None:
                 "min_own_vs_neat": min(abs(r["own_change"]) / raw[r["concept"]] for r in mine),
                 "median_neutral_loss_change": statistics.median(losses) if losses else None,
             })
+            if args.prompts:
+                raw_p = {r["concept"]: r["prompt_own_change"] for r in rows
+                         if r["group"] == group and r["ranking"] == "neat"}
+                table[-1].update(
+                    median_prompt_specificity=statistics.median(r["prompt_specificity"] for r in mine),
+                    median_prompt_lowers_ratio=statistics.median(r["prompt_lowers_ratio"] for r in mine),
+                    median_prompt_own_change=statistics.median(r["prompt_own_change"] for r in mine),
+                    share_lowering_at_least_raw=statistics.fmean(
+                        float(r["prompt_own_change"] <= min(raw_p[r["concept"]], 0.0)) for r in mine))
     print("| concepts | ranking | median specificity | min | median own |change| | own vs raw NEAT: median | min | "
           "neutral loss change (median) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -166,6 +276,15 @@ def main() -> None:
         loss = "" if t["median_neutral_loss_change"] is None else f"{t['median_neutral_loss_change']:+.3f}"
         print(f"| {t['group']} | {t['ranking']} | {t['median_specificity']:.2f} | {t['min_specificity']:.2f} | "
               f"{t['median_own_change']:.2f} | {t['median_own_vs_neat']:.2f} | {t['min_own_vs_neat']:.2f} | {loss} |")
+    if args.prompts:
+        print("\nOn real prompts (mean log p(gold) over each concept's cloze prompts, top-10 ablated together):")
+        print("| concepts | ranking | median prompt specificity | median own lowering / largest other lowering | "
+              "median own change (nats) | share of concepts lowered at least as much as raw NEAT's top-10 |")
+        print("|---|---|---:|---:|---:|---:|")
+        for t in table:
+            print(f"| {t['group']} | {t['ranking']} | {t['median_prompt_specificity']:.2f} | "
+                  f"{t['median_prompt_lowers_ratio']:.2f} | {t['median_prompt_own_change']:+.3f} | "
+                  f"{t['share_lowering_at_least_raw']:.2f} |")
     print(f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps({"summary": table, "concepts": rows}, indent=1))

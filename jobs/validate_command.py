@@ -51,16 +51,14 @@ def _parse_ks(text: str) -> list[int]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    import torch
-
     from attribution.ablation import ablation_values, read_reference_texts, reference_means
     from attribution.concepts import load_concept_file, resolve_targets
     from attribution.errors import ConceptError
     from attribution.models import load_model, resolve_model_source
-    from attribution.neat import clean_pass, concept_vector
+    from attribution.neat import clean_pass, concept_vectors
     from attribution.prompts import concept_prompts
     from attribution.validation import ConceptProbe, validate_ranking
-    from jobs.cli import UsageError, write_table
+    from jobs.cli import UsageError
     from storage.read import run_metadata, top_neurons
     from storage.validation import VALIDATION_SCHEMA, append_validations
 
@@ -102,7 +100,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise UsageError(f"model {model_name} of run {run_id} is an encoder (no LM head): validate ablates "
                          f"neurons and measures log p of the concept's targets, which needs a causal LM")
     recorded = {c["name"]: tuple(c["target_ids"]) for c in meta["concepts"]}
-    probes = {}
+    say = lambda message: print(f"validate: {message}", file=sys.stderr, flush=True)  # noqa: E731
+    # (concept, target ids, prompts) of the run's concepts, then of the panel (the reference set, --panel)
+    members = []
     for concept in load_concept_file(meta["config"]["concepts"]):
         if concept.name not in recorded:
             continue
@@ -112,17 +112,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise ConceptError(f"concept {concept.name!r} in {meta['config']['concepts']} no longer has the targets "
                                f"run {run_id} used ({recorded[concept.name]}); validate against the file it ran with")
         words = concept.targets or tuple(next(c for c in meta["concepts"] if c["name"] == concept.name)["target_words"])
-        prompts = tuple(concept_prompts(model.tokenizer, replace(concept, targets=words), targets))
-        probes[concept.name] = ConceptProbe(concept.name, clean_pass(model, concept_vector(model, concept.examples),
-                                                                     targets), targets, prompts)
-    run_concepts = set(probes)
-    say = lambda message: print(f"validate: {message}", file=sys.stderr, flush=True)  # noqa: E731
-    say(f"panel: {len(probes) - 1} other concepts of the run, the reference set"
+        members.append((concept, targets, tuple(concept_prompts(model.tokenizer, replace(concept, targets=words), targets))))
+    run_concepts = {concept.name for concept, _, _ in members}
+    say(f"panel: {len(run_concepts) - 1} other concepts of the run, the reference set"
         f"{' and ' + args.panel if args.panel else ''}")
-    for concept, targets in panel_concepts(model, args.panel, exclude=set(probes)):
-        probes[concept.name] = ConceptProbe(concept.name, clean_pass(model, concept_vector(model, concept.examples,
-                                                                                           concept=concept.name),
-                                                                     targets), targets)
+    members += [(concept, targets, ()) for concept, targets in panel_concepts(model, args.panel, exclude=run_concepts)]
+    # Every concept vector in shared, length-sorted batches (one concept's at a time padded 4x more).
+    vectors = concept_vectors(model, {concept.name: concept.examples for concept, _, _ in members})
+    probes = {concept.name: ConceptProbe(concept.name, clean_pass(model, vectors[concept.name], targets), targets,
+                                         prompts)
+              for concept, targets, prompts in members}
     texts = read_reference_texts()
     reference = reference_means(model, texts) if intervention in ("mean", "range") else None
     ablate_to = ablation_values(model, "mean" if intervention == "range" else intervention, reference)

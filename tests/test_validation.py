@@ -115,7 +115,8 @@ def test_batched_validate_ranking_equals_the_naive_loop(tiny_models, family, int
     top = [(int(layer), int(neuron)) for layer, neuron in zip(torch.randint(0, model.n_layers, (12,), generator=gen),
                                                                torch.randperm(model.d_mlp, generator=gen)[:12])]
     kwargs = dict(others=others, ablate_to=ablate_to, ranges=ranges, layers=layers, draws=4, seed=4,
-                  neutral_texts=["The train left the station at noon today."])
+                  neutral_texts=["The train left the station at noon today.", "Rain fell.",
+                                 "She wrote a long letter to her brother about the farm and the harvest."])
     naive = validate_ranking_naive(model, probe, top, [1, 12], **kwargs)
     messages = []
     batched = validate_ranking(model, probe, top, [1, 12], progress=messages.append, **kwargs)
@@ -131,3 +132,20 @@ def test_batched_validate_ranking_equals_the_naive_loop(tiny_models, family, int
         for name, change in slow.other_changes.items():
             assert fast.other_changes[name] == pytest.approx(change, abs=2e-5)
     assert any(abs(r.top_change) > 1e-3 for r in naive) and any(abs(r.prompt_change) > 1e-3 for r in naive)
+    assert any(abs(r.neutral_loss_change) > 1e-3 for r in naive)  # texts of 3 lengths share length-sorted batches
+
+
+def test_concept_vectors_of_many_concepts_equal_one_at_a_time(tiny_models):
+    """validate's panel: every concept's examples in shared, length-sorted batches give each concept's
+    own vector (batches mix concepts and lengths: 3 concepts, texts of 2 to 13 words, batches of 4)."""
+    from attribution.neat import concept_vectors
+
+    model = tiny_models["llama"]
+    examples = {"royalty": ("The king wore a crown.", "Queens.", "The old queen sat on the throne in the palace hall."),
+                "weather": ("Heavy rain fell all night.", "Snow covered the hills and the roads until late morning."),
+                "food": ("Bread.", "She baked bread.", "The soup was hot.", "They ate rice with beans and fried fish.")}
+    together = concept_vectors(model, examples, batch_size=4)
+    for name, texts in examples.items():
+        alone = concept_vector(model, texts)
+        assert torch.allclose(together[name], alone, atol=1e-5), name
+    assert not torch.allclose(together["royalty"], together["food"], atol=1e-2)

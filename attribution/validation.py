@@ -141,7 +141,9 @@ def set_masks(sets: list[list[Neuron]], d_mlp: int) -> dict[int, Tensor]:
     chosen: dict[int, Tensor] = {}
     for row, neurons in enumerate(sets):
         for layer, neuron in neurons:
-            chosen.setdefault(int(layer), torch.zeros(len(sets), d_mlp, dtype=torch.bool))[row, int(neuron)] = True
+            if int(layer) not in chosen:
+                chosen[int(layer)] = torch.zeros(len(sets), d_mlp, dtype=torch.bool)
+            chosen[int(layer)][row, int(neuron)] = True
     return chosen
 
 
@@ -191,15 +193,21 @@ def vector_changes(model: SiteModel, rows: list[tuple[ConceptProbe, list[Neuron]
         embeds = torch.stack([probe.clean.vector for probe, _ in chunk]).view(len(chunk), 1, -1)  # [rows, 1, d_model]
         with row_masked(model, [neurons for _, neurons in chunk], ablate_to, ranges):
             logits = model.hf(inputs_embeds=embeds.to(model.device, model.dtype)).logits[:, -1]  # [rows, vocab]
-        for row, (probe, _) in enumerate(chunk):
-            targets = torch.tensor(probe.target_ids, device=logits.device)
-            out.append(float(log_p_targets(logits[row:row + 1], targets)[0]) - probe.clean.log_p)
+        values = rows_log_p_targets(logits, [probe.target_ids for probe, _ in chunk])
+        out.extend(value - probe.clean.log_p for value, (probe, _) in zip(values, chunk))
     return out
 
 
 @torch.no_grad()
 def last_position_logits(model: SiteModel, input_ids: Tensor, attention_mask: Tensor, last: Tensor) -> Tensor:
     """Logits at each row's position `last` ([rows]) only: [rows, vocab] (the head skips other positions)."""
+    resid = final_residual(model, input_ids, attention_mask)
+    return model.head(resid[torch.arange(resid.shape[0], device=resid.device), last.to(resid.device)])
+
+
+@torch.no_grad()
+def final_residual(model: SiteModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The last block's output [rows, pos, d_model] (before the final norm): the head runs only where asked."""
     captured = {}
 
     def keep(module, args, output):
@@ -210,19 +218,25 @@ def last_position_logits(model: SiteModel, input_ids: Tensor, attention_mask: Te
         model.hf.base_model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         handle.remove()
-    resid = captured["resid"]
-    return model.head(resid[torch.arange(resid.shape[0], device=resid.device), last.to(resid.device)])
+    return captured["resid"]
 
 
 def token_lengths(model: SiteModel, texts: list[str]) -> list[int]:
     return [len(ids) for ids in model.tokenizer(list(texts))["input_ids"]]
 
 
-def length_sorted_chunks(lengths: list[int], size: int) -> Iterator[list[int]]:
-    """Row indices sorted by token length, in chunks of `size`: a chunk pads only to its own longest row
-    (a concept's cloze prompts average ~3 tokens with a longest of 12: unsorted, most of a batch is padding)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return _chunks(order, size)
+def length_sorted_chunks(lengths: list[int], size: int, max_tokens: int = 2048) -> Iterator[list[int]]:
+    """Row indices sorted by token length, in chunks of at most `size` rows and `max_tokens` padded
+    tokens: a chunk pads only to its own longest row (a concept's cloze prompts average ~3 tokens with a
+    longest of 12: in one batch, most of it was padding)."""
+    chunk: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if chunk and (len(chunk) >= size or (len(chunk) + 1) * lengths[i] > max_tokens):
+            yield chunk
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        yield chunk
 
 
 @torch.no_grad()
@@ -240,10 +254,16 @@ def prompt_rows_log_p(model: SiteModel, rows: list[tuple[object, list[Neuron]]],
         batch = prompt_batch(model, prompts)
         with row_masked(model, [rows[i][1] for i in chunk], ablate_to, ranges):
             logits = last_position_logits(model, batch.input_ids, batch.attention_mask, batch.last)  # [rows, vocab]
-        for row, i in enumerate(chunk):
-            targets = torch.tensor(prompts[row].target_ids, device=logits.device)
-            out[i] = float(log_p_targets(logits[row:row + 1], targets)[0])
+        for i, value in zip(chunk, rows_log_p_targets(logits, [p.target_ids for p in prompts])):
+            out[i] = value
     return out
+
+
+def rows_log_p_targets(logits: Tensor, targets: list[tuple[int, ...]]) -> list[float]:
+    """`log_p_targets` of each row with its own targets: one logsumexp over [rows, vocab]."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(logits, dim=-1)  # [rows]
+    return [float((logits[row, list(ids)] - lse[row]).mean()) for row, ids in enumerate(targets)]
 
 
 def prompt_log_p_sets(model: SiteModel, prompts, sets: list[list[Neuron]], ablate_to: Tensor,
@@ -270,9 +290,9 @@ def neutral_losses(model: SiteModel, texts: list[str], sets: list[list[Neuron]],
     for chunk in length_sorted_chunks([lengths[t] for _, t in rows], batch_rows):
         batch = next(text_batches(model, [texts[rows[i][1]] for i in chunk], batch_size=len(chunk)))
         with row_masked(model, [sets[rows[i][0]] for i in chunk], ablate_to, ranges):
-            logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [rows, pos, vocab]
+            resid = final_residual(model, batch.input_ids, batch.attention_mask)  # [rows, pos, d_model]
         keep = batch.keep[:, 1:] > 0  # predicted positions 1.. that are real tokens
-        picked = logits[:, :-1][keep].float()  # [real predictions, vocab]
+        picked = model.head(resid[:, :-1][keep.to(resid.device)]).to(keep.device)  # [real predictions, vocab]
         nll = torch.logsumexp(picked, dim=-1) - picked.gather(-1, batch.input_ids[:, 1:][keep][:, None])[:, 0]
         owner = torch.tensor([rows[i][0] for i in chunk], device=keep.device)[:, None].expand_as(keep)[keep]
         total.index_add_(0, owner.cpu(), nll.double().cpu())

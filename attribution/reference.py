@@ -14,7 +14,7 @@ from torch import Tensor
 from attribution.atp import log_p_gradients
 from attribution.concepts import Concept, load_concept_file, resolve_targets
 from attribution.models import SiteModel
-from attribution.neat import clean_pass, concept_vector
+from attribution.neat import clean_pass
 
 REFERENCE_CONCEPTS = Path(__file__).resolve().parent.parent / "configs" / "concepts" / "reference.yaml"
 
@@ -37,11 +37,15 @@ def reference_effects(model: SiteModel, concepts: list[Concept], ablate_to: dict
 
     ablate_to: mode -> [n_layers, d_mlp] values the neurons are set to (zero or the neutral means).
     """
+    from attribution.vector_cache import cached_concept_vectors
+
     effects = {mode: [] for mode in ablate_to}
     targets = []
+    # Kept on disk: `validate` needs the same vectors for its panel.
+    vectors = cached_concept_vectors(model, {concept.name: concept.examples for concept in concepts})
     for concept in concepts:
         ids = resolve_targets(model.tokenizer, concept).ids
-        clean = clean_pass(model, concept_vector(model, concept.examples, concept=concept.name), ids)
+        clean = clean_pass(model, vectors[concept.name], ids)
         grads = log_p_gradients(model, clean, ids)  # [n_layers, d_mlp]
         for mode, values in ablate_to.items():
             delta = values.to(clean.acts.device).float() - clean.acts.float()  # [n_layers, d_mlp]

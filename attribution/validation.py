@@ -242,19 +242,28 @@ def length_sorted_chunks(lengths: list[int], size: int, max_tokens: int = 2048) 
 @torch.no_grad()
 def prompt_rows_log_p(model: SiteModel, rows: list[tuple[object, list[Neuron]]], ablate_to: Tensor,
                       ranges: tuple[Tensor, Tensor] | None = None, *, batch_rows: int = 256) -> list[float]:
-    """For each (prompt, neurons): log p(gold | prompt) with the neurons ablated together (every position),
-    prompts.Prompt rows of any prompts and sets batched together, shortest first."""
-    from attribution.prompts import prompt_batch
+    """For each (prompt, neurons): log p(gold | prompt) with the neurons ablated together (every position).
 
+    prompts.Prompt rows of any prompts and sets share forwards, shortest first; rows whose prompts have
+    the same text and the same set share one forward row (royalty's 25 cloze prompts are 12 texts:
+    "The" comes before " king", " queen", " crown", ...), each reading its own gold from the logits.
+    """
+    from attribution.prompts import Prompt, prompt_batch
+
+    forward_rows: dict[tuple, int] = {}  # (text, set) -> its row among the forwards
+    owner = [forward_rows.setdefault((prompt.text, tuple(neurons)), len(forward_rows)) for prompt, neurons in rows]
+    readers: list[list[int]] = [[] for _ in forward_rows]  # forward row -> the rows that read its logits
+    for i, f in enumerate(owner):
+        readers[f].append(i)
+    keys = list(forward_rows)
     out = [0.0] * len(rows)
-    lengths = dict(zip(dict.fromkeys(p for p, _ in rows),
-                       token_lengths(model, [p.text for p in dict.fromkeys(p for p, _ in rows)])))
-    for chunk in length_sorted_chunks([lengths[p] for p, _ in rows], batch_rows):
-        prompts = [rows[i][0] for i in chunk]
-        batch = prompt_batch(model, prompts)
-        with row_masked(model, [rows[i][1] for i in chunk], ablate_to, ranges):
+    for chunk in length_sorted_chunks(token_lengths(model, [text for text, _ in keys]), batch_rows):
+        batch = prompt_batch(model, [Prompt(keys[f][0], rows[readers[f][0]][0].target_ids) for f in chunk])
+        with row_masked(model, [list(keys[f][1]) for f in chunk], ablate_to, ranges):
             logits = last_position_logits(model, batch.input_ids, batch.attention_mask, batch.last)  # [rows, vocab]
-        for i, value in zip(chunk, rows_log_p_targets(logits, [p.target_ids for p in prompts])):
+        reading = [(row, i) for row, f in enumerate(chunk) for i in readers[f]]
+        values = rows_log_p_targets(logits[[row for row, _ in reading]], [rows[i][0].target_ids for _, i in reading])
+        for (_, i), value in zip(reading, values):
             out[i] = value
     return out
 

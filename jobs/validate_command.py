@@ -55,7 +55,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from attribution.concepts import load_concept_file, resolve_targets
     from attribution.errors import ConceptError
     from attribution.models import load_model, resolve_model_source
-    from attribution.neat import clean_pass, concept_vectors
+    from attribution.neat import clean_pass
+    from attribution.vector_cache import cached_concept_vectors
     from attribution.prompts import concept_prompts
     from attribution.validation import ConceptProbe, validate_ranking
     from jobs.cli import UsageError
@@ -117,8 +118,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     say(f"panel: {len(run_concepts) - 1} other concepts of the run, the reference set"
         f"{' and ' + args.panel if args.panel else ''}")
     members += [(concept, targets, ()) for concept, targets in panel_concepts(model, args.panel, exclude=run_concepts)]
-    # Every concept vector in shared, length-sorted batches (one concept's at a time padded 4x more).
-    vectors = concept_vectors(model, {concept.name: concept.examples for concept, _, _ in members})
+    # Every concept vector in shared, length-sorted batches, or from the cache the run's reference
+    # contrast filled (attribution/vector_cache.py).
+    vectors = cached_concept_vectors(model, {concept.name: concept.examples for concept, _, _ in members})
     probes = {concept.name: ConceptProbe(concept.name, clean_pass(model, vectors[concept.name], targets), targets,
                                          prompts)
               for concept, targets, prompts in members}

@@ -11,7 +11,8 @@ from attribution.prompt_effects import prompt_atp, prompt_set_changes
 from attribution.prompts import Prompt
 
 PROMPTS_TEXT = [("The king wore a golden", ("crown",)), ("The queen sat on her", ("throne",)),
-                ("Snow covered the quiet", ("hills", "town")), ("He opened the door and saw the", ("king",))]
+                ("Snow covered the quiet", ("hills", "town")), ("He opened the door and saw the", ("king",)),
+                ("The queen sat on her", ("chair",))]  # a text twice, two golds: one forward row, two readings
 SETS = [[], [(0, 3)], [(1, 7), (1, 40), (3, 2)], [(0, 5), (2, 11), (3, 60), (3, 61)]]
 
 

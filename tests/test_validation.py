@@ -149,3 +149,25 @@ def test_concept_vectors_of_many_concepts_equal_one_at_a_time(tiny_models):
         alone = concept_vector(model, texts)
         assert torch.allclose(together[name], alone, atol=1e-5), name
     assert not torch.allclose(together["royalty"], together["food"], atol=1e-2)
+
+
+def test_cached_concept_vectors_are_the_computed_ones_and_follow_the_examples(tiny_models, tmp_path):
+    """The cache returns exactly what it stored, recomputes when an example changes, and a corrupt file
+    is recomputed rather than trusted."""
+    from attribution.vector_cache import cached_concept_vectors, vector_key
+
+    model = tiny_models["llama"]
+    examples = {"royalty": ("The king wore a crown.", "The queen sat on the throne."),
+                "weather": ("Heavy rain fell all night.", "Snow covered the hills.")}
+    first = cached_concept_vectors(model, examples, directory=tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    again = cached_concept_vectors(model, examples, directory=tmp_path)
+    assert all(torch.equal(first[n], again[n]) for n in examples)
+    assert torch.allclose(first["royalty"], concept_vector(model, examples["royalty"]), atol=1e-5)
+    edited = {"royalty": ("The king wore a crown.", "A prince rode to the castle.")}
+    changed = cached_concept_vectors(model, edited, directory=tmp_path)
+    assert torch.allclose(changed["royalty"], concept_vector(model, edited["royalty"]), atol=1e-5)
+    assert not torch.allclose(changed["royalty"], first["royalty"], atol=1e-3)
+    (tmp_path / f"{vector_key(model, examples['weather'])}.pt").write_bytes(b"not a tensor")
+    repaired = cached_concept_vectors(model, {"weather": examples["weather"]}, directory=tmp_path)
+    assert torch.allclose(repaired["weather"], first["weather"], atol=1e-6)

@@ -11,6 +11,8 @@ the prompt.
   suppresses them.
 - `prompt_set_changes`: the exact change for (prompt, neuron set) rows, many sets per batched
   forward (validation.row_masked), the reference the estimate is checked against.
+- `prompt_neuron_effects`: the exact effect of each neuron alone, mean over the prompts (method
+  `prompt` of a run; its screen is `prompt_atp`, method `prompt-atp`).
 
 Shapes: prompts P, padded positions T, d_mlp neurons per layer, L layers.
 """
@@ -78,3 +80,13 @@ def prompt_set_changes(model: SiteModel, rows: list[tuple[Prompt, list[Neuron]]]
     clean = dict(zip(prompts, prompt_rows_log_p(model, [(p, []) for p in prompts], ablate_to, batch_rows=batch_rows)))
     ablated = prompt_rows_log_p(model, rows, ablate_to, batch_rows=batch_rows)
     return [value - clean[prompt] for (prompt, _), value in zip(rows, ablated)]
+
+
+def prompt_neuron_effects(model: SiteModel, prompts: list[Prompt], layer: int, neurons, ablate_to: Tensor, *,
+                          batch_rows: int = 256) -> Tensor:
+    """Each neuron of `layer` ablated alone at every position: the mean over the prompts of the change of
+    log p(gold): [len(neurons)] float32 (signed, like prompt_atp)."""
+    neurons = list(neurons)
+    rows = [(prompt, [(layer, neuron)]) for neuron in neurons for prompt in prompts]
+    changes = torch.tensor(prompt_set_changes(model, rows, ablate_to, batch_rows=batch_rows), dtype=torch.float64)
+    return changes.view(len(neurons), len(prompts)).mean(dim=1).float()

@@ -1,7 +1,9 @@
 """The reference contrast: AtP estimates of every neuron's effect on each concept of the reference set
 (configs/concepts/reference.yaml), one forward and one backward of each concept vector. A run stores
 them so that a concept's specific ranking contrasts with the same broad panel whatever else the run
-holds (attribution/specificity.py).
+holds (attribution/specificity.py). A run with the prompt method also stores each reference concept's
+prompt AtP (one forward and one backward of its cloze prompts, attribution/prompt_effects.py): the
+contrast of the in-distribution ranking.
 """
 from __future__ import annotations
 
@@ -50,6 +52,24 @@ def reference_effects(model: SiteModel, concepts: list[Concept], ablate_to: dict
         for mode, values in ablate_to.items():
             delta = values.to(clean.acts.device).float() - clean.acts.float()  # [n_layers, d_mlp]
             effects[mode].append((delta * grads.to(delta.device)).cpu())
+        targets.append(ids)
+    return ReferenceEffects(tuple(c.name for c in concepts), tuple(targets),
+                            {mode: torch.stack(rows) for mode, rows in effects.items()})
+
+
+def reference_prompt_effects(model: SiteModel, concepts: list[Concept], ablate_to: dict[str, Tensor]) -> ReferenceEffects:
+    """Prompt AtP of every neuron on each concept's cloze prompts (the change of mean log p(gold) when the
+    neuron is set to the mode's value at every position), per mode: [concepts, n_layers, d_mlp]."""
+    from attribution.prompt_effects import prompt_atp
+    from attribution.prompts import concept_prompts
+
+    effects = {mode: [] for mode in ablate_to}
+    targets = []
+    for concept in concepts:
+        ids = resolve_targets(model.tokenizer, concept).ids
+        prompts = concept_prompts(model.tokenizer, concept, ids)
+        for mode, values in ablate_to.items():
+            effects[mode].append(prompt_atp(model, prompts, values))
         targets.append(ids)
     return ReferenceEffects(tuple(c.name for c in concepts), tuple(targets),
                             {mode: torch.stack(rows) for mode, rows in effects.items()})

@@ -54,6 +54,18 @@ def specific_order(effect: Tensor, off: Tensor, *, k: int, penalty: float = 5.0,
     return torch.tensor(chosen, dtype=torch.long)
 
 
+def carry_specific_order(effect: Tensor, off: Tensor, *, k: int, penalty: float = 5.0,
+                         candidates: int = 1000) -> Tensor:
+    """`specific_order` among the neurons that carry the concept (effect < 0: ablating them lowers its
+    targets): the others' effects are zeroed, so they are never picked for their own sake. The specific
+    ranking of the in-distribution methods (prompt, prompt-atp), where "carries" is what users ask."""
+    carrying = torch.where(effect < 0, effect, torch.zeros_like(effect))
+    count = int((carrying < 0).sum())  # the pool is the top `candidates` by |effect|: carrying neurons only
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return specific_order(carrying, off, k=k, penalty=penalty, candidates=min(candidates, count))
+
+
 def generic_mask(effects: Tensor, *, top_share: float = 0.01, concept_share: float = GENERIC_SHARE) -> Tensor:
     """[c, n] effects of c concepts -> [n] bool: neurons in the top `top_share` by |effect| of at least
     `concept_share` of the concepts (they move most concepts: not evidence for any one of them)."""

@@ -52,7 +52,7 @@ from attribution.models import load_model, resolve_model_source  # noqa: E402
 from attribution.neat import clean_pass, concept_vector, neat_effects  # noqa: E402
 from attribution.prompt_effects import prompt_atp, prompt_set_changes  # noqa: E402
 from attribution.prompts import concept_prompts  # noqa: E402
-from attribution.specificity import specific_order  # noqa: E402
+from attribution.specificity import carry_specific_order, specific_order  # noqa: E402
 from attribution.validation import ConceptProbe, neutral_loss, vector_changes  # noqa: E402
 
 BUILTIN = ROOT / "configs" / "concepts" / "builtin.yaml"
@@ -127,13 +127,6 @@ def prompt_data(model, concepts, cache: Path | None, group: str, *, screen: int)
 def carry_order(effect: torch.Tensor) -> torch.Tensor:
     """Neurons whose ablation lowers the concept's targets most first (signed effects [n])."""
     return effect.argsort(stable=True)
-
-
-def carry_specific_order(effect: torch.Tensor, off: torch.Tensor, *, k: int, penalty: float = 5.0) -> torch.Tensor:
-    """specific_order among the neurons that carry the concept (effect < 0): the others' effects are
-    zeroed so they are never picked for their own sake."""
-    carrying = torch.where(effect < 0, effect, torch.zeros_like(effect))
-    return specific_order(carrying, off, k=k, penalty=penalty)
 
 
 def contrastive_order(neat: dict[str, torch.Tensor], concept: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ RUN_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")  # matched whole (fullmatch: 
 # neat: exact ablation; atp: first-order attribution patching; neurgrad / neg: neuron empirical
 # gradients (estimate / swept slope); neuronlens: activation ranges; selectivity: probing with
 # positives and negatives; ig: integrated gradients (knowledge neurons). README "Methods".
-METHODS = ("neat", "atp", "neurgrad", "neg", "neuronlens", "selectivity", "ig")
+METHODS = ("neat", "atp", "prompt", "prompt-atp", "neurgrad", "neg", "neuronlens", "selectivity", "ig")
 ABLATIONS = ("zero", "mean", "range")  # range: only inside the concept's NeuronLens activation range
 DTYPES = ("float32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -64,6 +64,15 @@ class MethodOptions:
     screen_top: int = 0  # AtP screen: > 0 scores exact NEAT only on AtP's top-K per concept ...
     screen_sample: int = 256  # ... plus this many random neurons (estimates what the screen misses)
     bf16_check_sample: int = 512  # dtype bf16: neurons per concept also scored in float32 (checks.bf16; 0: none)
+    prompt_screen: int = 50  # method prompt: exact ablation on prompt AtP's top-K neurons per concept and ablation
+
+    def recorded(self, methods: tuple[str, ...]) -> dict[str, Any]:
+        """The options as plain data for run ids and fingerprints; a method's option only where the
+        method runs (configs without it keep the run ids and fingerprints they had before it existed)."""
+        data = asdict(self)
+        if "prompt" not in methods:
+            del data["prompt_screen"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,7 @@ class JobConfig:
         from storage.location import redact_options
 
         data = asdict(self)
+        data["method_options"] = self.method_options.recorded(self.methods)
         data["layers"] = "all" if self.layers is None else list(self.layers)
         if self.storage_options is None:
             del data["storage_options"]  # configs without it keep their default run ids

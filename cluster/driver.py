@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+import pyarrow.compute as pc
 
 from attribution.models import PLANNED_ONLY, read_model_config
 from cluster.capacity import ray_memory
@@ -23,7 +24,7 @@ from cluster.pool import (ACTOR_RESTARTS, IN_FLIGHT_PER_ACTOR, SHARD_TRIES, Acto
                           error_line, score_all)
 from cluster.preflight import Demand, check_nodes, check_resources, cluster_nodes
 from cluster.replicas import ReplicaPlan, SuffixScorer, describe_replicas, plan_replicas
-from cluster.screen import screen_report, screen_shards
+from cluster.screen import prompt_screen_report, prompt_screen_shards, screen_report, screen_shards
 from cluster.progress import Progress, format_seconds
 from cluster.scorer import ScorerSpec, ShardResult, ShardScorer
 from cluster.contrast_step import contrast_metadata, reference_contrast, specificity_table
@@ -340,7 +341,7 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
         route = (lambda shard: replicas.group_of(shard)) if suffix_count else (lambda shard: "full")
         results, slots = _score_all(plan, pool, todo, progress, route)
         progress.close()
-        if cfg.method_options.screen_top:  # second pass: exact NEAT on what the AtP pass selected
+        if cfg.method_options.screen_top or "prompt" in cfg.methods:  # exact scores of what AtP selected
             plan, more, more_resumed = _screen_pass(plan, pool, progress_stream, route)
             results += more
             resumed += more_resumed
@@ -381,12 +382,17 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
 
 def _reference_contrast(plan: JobPlan, actors, progress: Progress) -> tuple[dict | None, str]:
     """The reference set's AtP effects for the specific ranking (cluster/contrast_step.py), or why not."""
-    if not plan.config.reference_contrast:
+    cfg = plan.config
+    if not cfg.reference_contrast:
         return None, "reference_contrast: false in the config"
-    if not {"neat", "atp"} & set(plan.config.methods) or not {"zero", "mean"} & set(plan.config.ablation):
-        return None, "the run has no neat or atp rows with zero or mean ablation"
-    progress.message(f"reference contrast: AtP of every neuron on the reference concepts, on {len(actors)} actors")
-    contrast = reference_contrast(actors, progress)
+    vectors = bool({"neat", "atp"} & set(cfg.methods) and {"zero", "mean"} & set(cfg.ablation))
+    prompts = "prompt-atp" in cfg.methods  # its ablations are zero or mean (cluster/plan.py)
+    if not (vectors or prompts):
+        return None, "the run has no neat, atp or prompt rows with zero or mean ablation"
+    where = " and ".join(w for w, on in (("concept vectors", vectors), ("prompts", prompts)) if on)
+    progress.message(f"reference contrast: AtP of every neuron on the reference concepts' {where}, "
+                     f"on {len(actors)} actors")
+    contrast = reference_contrast(actors, progress, vectors=vectors, prompts=prompts)
     if contrast is None:
         return None, "AtP does not run on this model's replicas (an encoder, or split replicas)"
     progress.message(f"reference contrast: {len(contrast['concepts'])} concepts in {contrast['seconds']:.1f} s")
@@ -394,9 +400,9 @@ def _reference_contrast(plan: JobPlan, actors, progress: Progress) -> tuple[dict
 
 
 def _effect_rows(plan: JobPlan):
-    """The staged neat and atp rows (concept, method, ablation, layer, neuron, effect) the specificity
-    table is computed from."""
-    ids = [s.shard_id for s in plan.shards if s.method in ("neat", "atp")]
+    """The staged neat, atp, prompt-atp and prompt rows (concept, method, ablation, layer, neuron, effect)
+    the specificity table is computed from."""
+    ids = [s.shard_id for s in plan.shards if s.method in ("neat", "atp", "prompt-atp", "prompt")]
     rows = read_staged(plan.config.atlas, run_id=plan.run_id, shard_ids=ids, storage_options=plan.config.storage_options)
     return rows.select(["concept", "method", "ablation", "layer", "neuron", "effect"])
 
@@ -422,6 +428,8 @@ def _check_rows(plan: JobPlan):
     methods = set()
     if plan.config.method_options.screen_top:
         methods |= {"atp", "neat"}
+    if "prompt" in plan.config.methods:
+        methods |= {"prompt-atp", "prompt"}
     if {"neurgrad", "neg"} <= set(plan.config.methods):
         methods |= {"neurgrad", "neg"}
     ids = [s.shard_id for s in plan.shards if s.method in methods]
@@ -430,20 +438,28 @@ def _check_rows(plan: JobPlan):
 
 
 def _screen_pass(plan: JobPlan, pool: Pool, progress_stream, route) -> tuple[JobPlan, list[ShardResult], int]:
-    """Plan the NEAT shards of the AtP screen from the staged AtP rows and score those not staged yet."""
+    """The second pass: plan the exact shards of the screens (NEAT after AtP, prompt after prompt-atp)
+    from the staged first-pass rows and score those not staged yet."""
     cfg = plan.config
-    atp_ids = [s.shard_id for s in plan.shards if s.method == "atp"]
-    atp_rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=atp_ids, storage_options=cfg.storage_options)
-    plan = replace(plan, shards=plan.shards + screen_shards(plan, atp_rows))
+    first = {s.shard_id: s.method for s in plan.shards if s.method in ("atp", "prompt-atp")}
+    rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=list(first), storage_options=cfg.storage_options)
+    more: tuple[Shard, ...] = ()
+    parts = []
+    if cfg.method_options.screen_top:
+        more += screen_shards(plan, rows.filter(pc.equal(rows["method"], "atp")))
+        parts.append(f"exact NEAT on {sum(len(s.neurons) for s in more)} neurons")
+    if "prompt" in cfg.methods:
+        prompt = prompt_screen_shards(plan, rows.filter(pc.equal(rows["method"], "prompt-atp")))
+        more += prompt
+        parts.append(f"exact prompt ablation of {sum(len(s.neurons) for s in prompt)} (concept, neuron) pairs")
+    plan = replace(plan, shards=plan.shards + more)
     todo, _ = todo_shards(plan)
     progress = Progress(shards=len(todo), rows=sum(plan.shard_rows(s) for s in todo),
                         cost=sum(plan.shard_cost(s) for s in todo), stream=progress_stream)
-    neurons = sum(len(s.neurons) for s in plan.shards if s.method == "neat")
-    progress.message(f"AtP screen: exact NEAT on {neurons} neurons in {len(todo)} shards")
+    progress.message(f"screen: {'; '.join(parts)} in {len(todo)} shards")
     results, _ = _score_all(plan, pool, todo, progress, route)
     progress.close()
-    screened = sum(1 for s in plan.shards if s.method == "neat")
-    return plan, results, screened - len(todo)
+    return plan, results, len(more) - len(todo)
 
 
 def _bf16_check(plan: JobPlan, actor) -> list[dict]:
@@ -468,6 +484,8 @@ def method_checks(plan: JobPlan, rows) -> dict:
     checks = {}
     if plan.config.method_options.screen_top:
         checks["atp_screen"] = screen_report(plan, rows)
+    if "prompt" in plan.config.methods:
+        checks["prompt_screen"] = prompt_screen_report(rows)
     if {"neurgrad", "neg"} <= set(plan.config.methods):
         checks["neg_vs_neurgrad"] = neg_agreement(rows)
     return checks

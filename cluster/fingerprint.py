@@ -70,12 +70,14 @@ def job_fingerprint(config: JobConfig, *, model: ModelSource, concepts: Iterable
     methods = set(config.methods)
     if config.method_options.screen_top:  # resolve_job adds the screen's AtP pass
         methods.add("atp")
+    if "prompt" in methods:  # and the prompt method's AtP pass
+        methods.add("prompt-atp")
     components = {
         "model": {"name": model.name, "revision": model.revision},
         "concepts": {"sha256": concept_set_hash(concepts), "names": sorted(c.name for c in concepts)},
         "methods": sorted(methods),
         "ablation": sorted(config.ablation),
-        "method_options": dataclasses.asdict(config.method_options),
+        "method_options": config.method_options.recorded(config.methods),
         "layers": "all" if config.layers is None else sorted(config.layers),
         "dtype": config.dtype,
         "version": project_version(),

@@ -6,7 +6,6 @@ the number of actors, so any pool size computes the same shards in the same batc
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -25,14 +24,20 @@ from cluster.config import ConfigError, JobConfig
 
 
 # Methods whose rows come once per ablation mode of the run; the others write ablation "none".
-ABLATION_METHODS = ("neat", "atp")
+ABLATION_METHODS = ("neat", "atp", "prompt-atp", "prompt")
+# In-distribution ablation on the concept's cloze prompts (attribution/prompt_effects.py): every
+# position of a prompt is set to the value, so only the position-free modes apply (not range).
+PROMPT_METHODS = ("prompt-atp", "prompt")
+PROMPT_ABLATIONS = ("zero", "mean")
 # What an encoder (no LM head) supports: the methods that read activations only.
 ENCODER_METHODS = ("neuronlens", "selectivity")
 # Methods that score every neuron of the model in one pass per concept: one shard per layer.
-WHOLE_MODEL_METHODS = ("atp", "neurgrad", "neuronlens", "selectivity", "ig")
+WHOLE_MODEL_METHODS = ("atp", "prompt-atp", "neurgrad", "neuronlens", "selectivity", "ig")
 
 
 def ablations_for(method: str, ablations: tuple[str, ...]) -> tuple[str, ...]:
+    if method in PROMPT_METHODS:
+        return tuple(mode for mode in ablations if mode in PROMPT_ABLATIONS)
     return ablations if method in ABLATION_METHODS else ("none",)
 
 
@@ -46,6 +51,7 @@ class Shard:
     start: int
     stop: int
     picks: tuple[int, ...] = ()  # a sample (NEG) or a screen's selection (NEAT after AtP)
+    concept: str | None = None  # one concept only (a per-concept screen: prompt); None: every concept
 
     @property
     def neurons(self) -> range | tuple[int, ...]:
@@ -55,6 +61,8 @@ class Shard:
     def shard_id(self) -> str:  # stable: a retried shard rewrites the same staged file
         if self.picks:
             digest = hashlib.sha256(",".join(map(str, self.picks)).encode()).hexdigest()[:10]
+            if self.concept is not None:
+                return f"{self.method}-{self.concept}-L{self.layer:03d}-p{len(self.picks):06d}-{digest}"
             return f"{self.method}-L{self.layer:03d}-p{len(self.picks):06d}-{digest}"
         return f"{self.method}-L{self.layer:03d}-n{self.start:06d}-{self.stop:06d}"
 
@@ -89,11 +97,12 @@ class JobPlan:
     warnings: tuple[str, ...] = ()
     encoder: bool = False  # a BERT-family encoder: no LM head, no target tokens
 
-    def rows_per_neuron(self, method: str) -> int:  # one row per concept and ablation
-        return len(self.concepts) * len(ablations_for(method, self.config.ablation))
+    def rows_per_neuron(self, method: str, concept: str | None = None) -> int:  # one per concept and ablation
+        concepts = 1 if concept is not None else len(self.concepts)
+        return concepts * len(ablations_for(method, self.config.ablation))
 
     def shard_rows(self, shard: Shard) -> int:
-        return len(shard.neurons) * self.rows_per_neuron(shard.method)
+        return len(shard.neurons) * self.rows_per_neuron(shard.method, shard.concept)
 
     @property
     def total_rows(self) -> int:
@@ -101,12 +110,17 @@ class JobPlan:
 
     def shard_cost(self, shard: Shard) -> float:
         """Block-equivalents of one-position forwards; whole-model methods are estimated from their passes."""
-        rows = self.rows_per_neuron(shard.method)
+        rows = self.rows_per_neuron(shard.method, shard.concept)
         full = self.n_layers + self.layer_cost[-1]  # one forward of one position
         examples = sum(len(rc.concept.examples) + len(rc.concept.negatives) for rc in self.concepts)
         per_layer = 1.0 / len(self.layers)
         if shard.method == "atp":  # a share of one forward + backward (~3 passes) per concept
             return 3.0 * full * rows * per_layer
+        if shard.method in PROMPT_METHODS:  # forwards of the concept's prompts (~4 tokens each)
+            prompts = sum(len(rc.concept.examples) for rc in self.concepts
+                          if shard.concept is None or rc.concept.name == shard.concept)
+            passes = 3.0 * per_layer if shard.method == "prompt-atp" else len(shard.neurons)
+            return passes * full * 4 * prompts * len(ablations_for(shard.method, self.config.ablation))
         if shard.method in ("neurgrad", "neuronlens", "selectivity"):  # passes over the texts (~12 tokens)
             return 3.0 * full * 12 * examples * per_layer
         if shard.method == "ig":  # per prompt, a forward + backward of ig_steps rows at the last position
@@ -124,7 +138,7 @@ class JobPlan:
             "model": [self.model.name, self.model.revision], "layers": list(self.layers),
             "methods": list(cfg.methods), "ablation": list(cfg.ablation), "dtype": cfg.dtype,
             "batch_rows": cfg.batch_rows, "shard_neurons": cfg.shard_neurons,
-            "method_options": dataclasses.asdict(cfg.method_options),
+            "method_options": cfg.method_options.recorded(cfg.methods),
             "concepts": [[rc.concept.name, list(rc.concept.examples), list(rc.concept.negatives),
                           list(rc.targets.ids)] for rc in self.concepts],
         }
@@ -132,6 +146,18 @@ class JobPlan:
 
     def estimated_flops(self) -> float:
         return 2.0 * self.macs_per_block * sum(self.shard_cost(s) for s in self.shards)
+
+
+def _prompt_methods(config: JobConfig) -> tuple[JobConfig, list[str]]:
+    """The prompt method needs zero or mean ablation and its AtP pass (the screen of its exact pass)."""
+    if not any(mode in PROMPT_ABLATIONS for mode in config.ablation):
+        raise ConfigError(f"config {config.source}: key 'ablation' has value {list(config.ablation)}: method prompt "
+                          f"sets a neuron at every position of a prompt, so it needs {' or '.join(PROMPT_ABLATIONS)}")
+    if "prompt-atp" in config.methods:
+        return config, []
+    at = config.methods.index("prompt")
+    methods = (*config.methods[:at], "prompt-atp", *config.methods[at:])
+    return replace(config, methods=methods), ["method prompt: added method prompt-atp (the screen's first pass)"]
 
 
 def layer_costs(n_layers: int, head_blocks: float) -> tuple[float, ...]:
@@ -240,6 +266,9 @@ def resolve_job(config: JobConfig, *, plan_only: bool = False) -> JobPlan:
         if "atp" not in config.methods:  # the screen's first pass
             config = replace(config, methods=("atp", *config.methods))
             warnings.append("method_options.screen_top: added method atp (the screen's first pass)")
+    if "prompt" in config.methods:
+        config, more = _prompt_methods(config)
+        warnings.extend(more)
     shards: tuple[Shard, ...] = ()
     for method in config.methods:
         if method in WHOLE_MODEL_METHODS:  # one pass per concept scores every layer: one shard per layer
@@ -249,6 +278,8 @@ def resolve_job(config: JobConfig, *, plan_only: bool = False) -> JobPlan:
             shards += tuple(Shard(method, layer, 0, d_mlp, sample_neurons(layer, d_mlp, sample)) for layer in layers)
         elif method == "neat" and config.method_options.screen_top:
             pass  # planned after the AtP pass: cluster/screen.py
+        elif method == "prompt":
+            pass  # planned after the prompt-atp pass: cluster/screen.py
         else:
             shards += plan_shards(method=method, layers=layers, d_mlp=d_mlp, costs=costs,
                                   shard_neurons=config.shard_neurons)

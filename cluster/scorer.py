@@ -119,6 +119,7 @@ class ShardScorer:
         self.head_moments = HeadMomentsCache(capacity=max(1, len(self.concepts)))
         self.grads: dict[str, torch.Tensor] = {}  # concept -> d log p(T) / d a, [n_layers, d_mlp] (AtP)
         self.whole: dict[tuple, NeuronScores] = {}  # (method, concept, layer or None) -> neurons' scores
+        self.prompt_atp: dict[tuple, torch.Tensor] = {}  # (concept, mode) -> [n_layers, d_mlp] prompt AtP
         self.info = ScorerInfo(
             actor=f"{os.uname().nodename}:{os.getpid()}", device=str(self.model.device), dtype=spec.dtype,
             threads=torch.get_num_threads(), load_seconds=loaded - started,
@@ -154,6 +155,8 @@ class ShardScorer:
         neurons = list(shard.neurons)
         n = len(neurons)
         for rc in self.concepts:
+            if shard.concept is not None and rc.concept.name != shard.concept:
+                continue  # a per-concept shard (the prompt screen's exact pass)
             for mode in ablations_for(shard.method, self.spec.ablations):
                 values = self._values(shard, rc, mode)
                 columns["model"] += [self.spec.model.name] * n
@@ -187,6 +190,18 @@ class ShardScorer:
                                 batch_rows=self.spec.batch_rows, **extra)
             activation = clean.acts[shard.layer].float().cpu()[index]
             return {"score": effect.abs(), "effect": effect, "activation": activation}
+        if shard.method in ("prompt-atp", "prompt"):  # in-distribution: the concept's cloze prompts
+            from attribution.prompt_effects import prompt_atp, prompt_neuron_effects
+
+            ablate_to = self._ablate_to(rc, mode)
+            if shard.method == "prompt-atp":
+                if (name, mode) not in self.prompt_atp:  # one forward and backward serves every layer
+                    self.prompt_atp[(name, mode)] = prompt_atp(self.model, self._prompts(rc), ablate_to)
+                effect = self.prompt_atp[(name, mode)][shard.layer][index]
+            else:
+                effect = prompt_neuron_effects(self.model, self._prompts(rc), shard.layer, shard.neurons, ablate_to,
+                                               batch_rows=self.spec.batch_rows)
+            return {"score": effect.abs(), "effect": effect}
         if shard.method == "neg":
             from attribution.neurgrad import neg_slopes
 
@@ -254,18 +269,24 @@ class ShardScorer:
             out[rc.concept.name] = torch.cat(effects).tolist()
         return out
 
-    def reference_effects(self, names: list[str]):
+    def reference_effects(self, names: list[str], *, vectors: bool = True, prompts: bool = False):
         """AtP effects of every neuron on the named reference concepts (attribution/reference.py) for the
         run's zero and mean ablations: (names, target ids, {mode: [concepts, n_layers, d_mlp] float32
-        numpy}), or None where AtP does not run (an encoder, a split or suffix replica)."""
-        from attribution.reference import reference_concepts, reference_effects
+        numpy} on the concept vectors or None, the same on the concepts' prompts or None), or None where
+        AtP does not run (an encoder, a split or suffix replica)."""
+        from attribution.reference import reference_concepts, reference_effects, reference_prompt_effects
 
         if self.model.arch.encoder or self.spec.placement is not None:
             return None
         # Zero and mean ablation values are the same for every concept of the preparation: [n_layers, d_mlp].
         modes = {mode: values for (_, mode), values in self._prepared.ablate_to.items() if mode in ("zero", "mean")}
-        result = reference_effects(self.model, [c for c in reference_concepts() if c.name in names], modes)
-        return result.concepts, result.target_ids, {mode: t.numpy() for mode, t in result.effects.items()}
+        concepts = [c for c in reference_concepts() if c.name in names]
+        on_vectors = reference_effects(self.model, concepts, modes) if vectors else None
+        on_prompts = reference_prompt_effects(self.model, concepts, modes) if prompts else None
+        result = on_vectors or on_prompts
+        return (result.concepts, result.target_ids,
+                None if on_vectors is None else {mode: t.numpy() for mode, t in on_vectors.effects.items()},
+                None if on_prompts is None else {mode: t.numpy() for mode, t in on_prompts.effects.items()})
 
     def score(self, shard: Shard) -> ShardResult:
         started = time.perf_counter()

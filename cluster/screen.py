@@ -56,6 +56,44 @@ def screen_shards(plan: JobPlan, atp_rows: pa.Table) -> tuple[Shard, ...]:
     return tuple(shards)
 
 
+def prompt_screen_shards(plan: JobPlan, prompt_atp_rows: pa.Table) -> tuple[Shard, ...]:
+    """Per concept: exact prompt shards over prompt AtP's top `prompt_screen` neurons (any ablation)."""
+    top = plan.config.method_options.prompt_screen
+    picks: dict[str, dict[int, set[int]]] = {}
+    for group in _groups(prompt_atp_rows):
+        chosen = picks.setdefault(group["concept"], {})
+        for i in np.argsort(-group["score"], kind="stable")[:top]:
+            chosen.setdefault(int(group["layer"][i]), set()).add(int(group["neuron"][i]))
+    # About as costly as a planned NEAT shard: a neuron costs a forward of each of the concept's prompts.
+    size = max(1, plan.config.shard_neurons // 64)
+    shards = []
+    for concept, layers in sorted(picks.items()):
+        for layer, neurons in sorted(layers.items()):
+            ordered = sorted(neurons)
+            for start in range(0, len(ordered), size):
+                chunk = tuple(ordered[start:start + size])
+                shards.append(Shard("prompt", layer, chunk[0], chunk[-1] + 1, chunk, concept=concept))
+    return tuple(shards)
+
+
+def prompt_screen_report(rows: pa.Table) -> list[dict]:
+    """Per concept and ablation: prompt AtP against the exact prompt effects of the screened neurons."""
+    report = []
+    atp_groups = {(g["concept"], g["ablation"]): g for g in _groups(_method(rows, "prompt-atp"), "effect")}
+    for exact in _groups(_method(rows, "prompt"), "effect"):
+        atp = atp_groups[(exact["concept"], exact["ablation"])]
+        estimate = dict(zip(zip(atp["layer"].tolist(), atp["neuron"].tolist()), atp["effect"].tolist()))
+        keys = list(zip(exact["layer"].tolist(), exact["neuron"].tolist()))
+        est = torch.tensor([estimate[k] for k in keys])
+        got = torch.from_numpy(exact["effect"].astype(np.float32))
+        report.append({
+            "concept": exact["concept"], "ablation": exact["ablation"], "scored_exactly": len(keys),
+            "spearman": round(spearman(est, got), 4) if len(keys) > 1 else None,
+            "same_sign": round(float((est.sign() == got.sign()).float().mean()), 4),
+        })
+    return report
+
+
 def screen_report(plan: JobPlan, rows: pa.Table) -> list[dict]:
     """Per concept and ablation: AtP vs exact NEAT on the screened neurons (for the run's metadata)."""
     top = plan.config.method_options.screen_top
@@ -89,14 +127,14 @@ def _method(rows: pa.Table, method: str) -> pa.Table:
     return rows.filter(pc.equal(rows.column("method"), method))
 
 
-def _groups(rows: pa.Table) -> list[dict]:
-    """One dict of numpy columns per (concept, ablation) of `rows`."""
+def _groups(rows: pa.Table, value: str = "score") -> list[dict]:
+    """One dict of numpy columns (layer, neuron and `value`) per (concept, ablation) of `rows`."""
     out = []
-    table = rows.select(["concept", "ablation", "layer", "neuron", "score"])
+    table = rows.select(["concept", "ablation", "layer", "neuron", value])
     keys = sorted(set(zip(table.column("concept").to_pylist(), table.column("ablation").to_pylist())))
     for concept, ablation in keys:
         mask = pc.and_(pc.equal(table.column("concept"), concept), pc.equal(table.column("ablation"), ablation))
         part = table.filter(mask)
         out.append({"concept": concept, "ablation": ablation,
-                    **{name: part.column(name).to_numpy() for name in ("layer", "neuron", "score")}})
+                    **{name: part.column(name).to_numpy() for name in ("layer", "neuron", value)}})
     return out

@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", "--run", dest="run_id",
                      help="run id (slug); re-using an unfinished run's id resumes it (default: time + config hash)")
     run.add_argument("--method", dest="methods", action="append",
-                     help="scoring method (repeatable): neat | atp | neurgrad | neg | neuronlens | selectivity | ig")
-    run.add_argument("--ablation", action="append", help="zero | mean | range (repeatable; for neat and atp)")
+                     help="scoring method (repeatable): neat | atp | prompt | neurgrad | neg | neuronlens | selectivity | ig")
+    run.add_argument("--ablation", action="append", help="zero | mean | range (repeatable; for neat, atp and prompt; prompt takes zero and mean)")
     run.add_argument("--device", help="auto | cpu | cuda")
     run.add_argument("--dtype", help="float32 | bf16")
     run.add_argument("--dry-run", action="store_true", help="print the resolved plan and run nothing")
@@ -135,10 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--ablation", help="zero | mean | range | none (default: all in the run)")
     query.add_argument("--run", "--run-id", dest="run_id", help="a specific run id instead of the latest")
     query.add_argument("--top", type=int, default=20)
-    query.add_argument("--rank-by", choices=("specific", "score", "contrastive"), default="specific",
+    query.add_argument("--rank-by", choices=("specific", "score", "contrastive"),
                        help="specific (default when the run holds the reference contrast): neurons that move the "
                             "concept far more than other concepts; score: raw; contrastive: score minus the "
                             "neuron's best score for another concept of the run")
+    query.add_argument("--sign", choices=("carry", "suppress", "both"),
+                       help="carry: neurons whose ablation lowers the concept's targets; suppress: raises them; both: "
+                            "by |effect| (default: both; the specific ranking of prompt methods is carry by design)")
     query.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     sql = sub.add_parser("sql", help="read-only SQL over the views neurons, latest, runs (DuckDB)")
@@ -183,7 +186,7 @@ _DEFAULT_HELP = {
     "atlas": "atlas directory or fsspec URL (s3://bucket/prefix)",
     "concept": "concept name (a slug, as in the concept file)",
     "model": "model name in the atlas (needed only when several models hold the concept)",
-    "method": "scoring method whose rows to read: neat | atp | neurgrad | neg | neuronlens | selectivity | ig",
+    "method": "scoring method whose rows to read: neat | atp | prompt | prompt-atp | neurgrad | neg | neuronlens | selectivity | ig",
     "format": "output format: table for people; json or csv for programs",
     "layer": "layer number (0-based)",
     "neuron": "neuron number within the layer (0-based)",
@@ -443,27 +446,70 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise UsageError(f"--top {args.top}: expected a positive number of neurons")
-    if args.rank_by == "contrastive":
+    rank_by = _query_ranking(args)
+    if rank_by == "contrastive":
         return _query_contrastive(args)
-    if args.rank_by == "specific" and args.as_of is None:  # an old version of the atlas: raw scores
+    if rank_by == "specific" and args.as_of is None:  # an old version of the atlas: raw scores
         from jobs.specific_query import query_specific
 
         return query_specific(args)
-    table = top_neurons(args.atlas, concept=args.concept, model=args.model, method=args.method,
-                        ablation=args.ablation, run_id=args.run_id, top=args.top, as_of=args.as_of)
+
+    def fetch(count: int):
+        return top_neurons(args.atlas, concept=args.concept, model=args.model, method=args.method,
+                           ablation=args.ablation, run_id=args.run_id, top=count, as_of=args.as_of)
+
+    table = fetch(args.top) if args.sign in (None, "both") else signed_top(fetch, args.sign, args.top)
     if args.format == "table" and table.num_rows:
         # A person reads the ranking; what is the same on every row goes into one line on stderr.
         from storage.read import describe_sources
 
         first = table.slice(0, 1).to_pylist()[0]
+        sign = {"carry": ", neurons whose ablation lowers the targets (effect < 0)",
+                "suppress": ", neurons whose ablation raises the targets (effect > 0)"}.get(args.sign, "")
         print(f"{first['model']} ({first['model_revision']}), {describe_sources(table)}, concept {first['concept']}, "
-              f"method {first['method']}", file=sys.stderr)
+              f"method {first['method']}{sign}", file=sys.stderr)
         columns = ["rank", "layer", "neuron", "score", "effect", "activation", "ablation"]
         if len(set(table.column("run_id").to_pylist())) > 1:  # rows of several runs: say which row is whose
             columns.append("run_id")
         table = table.select(columns)
     write_table(table, args.format)
     return 0
+
+
+def _query_ranking(args: argparse.Namespace) -> str:
+    """--rank-by, defaulting to specific. The specific ranking has a sign of its own (a prompt method's
+    takes neurons that carry the concept, the others' any sign): another --sign ranks by raw score."""
+    if args.sign is None:
+        return args.rank_by or "specific"
+    specific_sign = "carry" if args.method in ("prompt", "prompt-atp") else "both"
+    if args.rank_by in (None, "specific") and args.sign == specific_sign:
+        return "specific"
+    if args.rank_by in (None, "score"):
+        return "score"
+    raise UsageError(f"--sign {args.sign} with --rank-by {args.rank_by}: the {args.rank_by} ranking of method "
+                     f"{args.method} is --sign {specific_sign if args.rank_by == 'specific' else 'both'}; "
+                     f"use --rank-by score for a signed raw ranking")
+
+
+def signed_top(fetch, sign: str, top: int):
+    """The first `top` rows per ablation, in rank order, whose effect has the sign (carry: < 0, suppress:
+    > 0); `fetch(count)` reads the top `count` rows by |effect| per ablation. Reads more rows until each
+    ablation has enough or the ranking is exhausted; rank keeps the raw rank."""
+    import pyarrow.compute as pc
+
+    count = 2 * top
+    while True:
+        table = fetch(count)
+        wanted = pc.less(table["effect"], 0) if sign == "carry" else pc.greater(table["effect"], 0)
+        picked = table.filter(wanted)
+        per = {}
+        for i, ablation in enumerate(picked.column("ablation").to_pylist()):
+            per.setdefault(ablation, []).append(i)
+        ablations = set(table.column("ablation").to_pylist())
+        shown = {a: len([x for x in table.column("ablation").to_pylist() if x == a]) for a in ablations}
+        if all(len(per.get(a, [])) >= top or shown[a] < count for a in ablations):
+            return picked.take([i for a in sorted(per) for i in per[a][:top]])
+        count *= 4
 
 
 def _query_contrastive(args: argparse.Namespace) -> int:

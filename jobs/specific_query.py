@@ -44,9 +44,13 @@ def specific_or_score(atlas, *, concept: str, model: str | None, method: str, ab
         & pc.is_in(pds.field("layer"), pa.array(sorted(set(rows["layer"].to_pylist())), pa.int32())))
     rows = rows.join(ranks, keys=["ablation", "layer", "neuron"], join_type="left outer")
     rows = rows.sort_by([("ablation", "ascending"), ("specific_rank", "ascending")])
-    return Ranked(rows, "specific", run_id, model,
-                  f"ranked by specificity (a set of neurons that moves {concept} much more than any of the "
-                  f"reference concepts and the run's other concepts; raw {method}: --rank-by score)")
+    if method in ("prompt", "prompt-atp"):
+        note = (f"ranked by specificity (a set of neurons that carry {concept}: ablated, they lower its gold tokens "
+                f"on its own prompts much more than any reference or run concept's; raw {method}: --rank-by score)")
+    else:
+        note = (f"ranked by specificity (a set of neurons that moves {concept} much more than any of the "
+                f"reference concepts and the run's other concepts; raw {method}: --rank-by score)")
+    return Ranked(rows, "specific", run_id, model, note)
 
 
 def generic_note(atlas, *, run_id: str, method: str, ablation: str | None, storage_options: dict | None = None) -> str:

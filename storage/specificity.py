@@ -3,6 +3,11 @@ against its largest effect on a contrast concept (the reference set's AtP estima
 other concepts), its specificity ratio, its rank in the specific ranking (the greedy set selection of
 attribution/specificity.py, the first `SPECIFIC_TOP` neurons) and whether it is generic.
 
+neat and atp rows are contrasted on the concept vectors; prompt-atp and prompt rows on the concepts'
+prompts, and their specific ranking takes only neurons that carry the concept (ablation lowers its
+gold tokens). The prompt method scores a concept's screened neurons only: its rows are those neurons,
+contrasted with the reference concepts' and the run's other concepts' prompt AtP.
+
 Written once per run, after the run's neurons commit (its own Delta commit); DuckDB users read it
 with `delta_scan('ATLAS/specificity')` or the `specificity` view of `neuron-atlas sql`.
 """
@@ -18,7 +23,8 @@ import torch
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
-from attribution.specificity import generic_mask, off_target, specific_order, specificity_ratio
+from attribution.specificity import (carry_specific_order, generic_mask, off_target, specific_order,
+                                     specificity_ratio)
 from storage.errors import AtlasError
 from storage.location import delta_options, table_uri
 from storage.schema import check_schema, validate_name
@@ -41,17 +47,17 @@ SPECIFICITY_SCHEMA = pa.schema([
 
 
 def specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], reference_names: list[str], *,
-                     run_id: str, model: str, layers: list[int], top: int = SPECIFIC_TOP) -> pa.Table:
+                     run_id: str, model: str, layers: list[int], top: int = SPECIFIC_TOP,
+                     methods: tuple[str, ...] = SPECIFIC_METHODS, carry: bool = False) -> pa.Table:
     """The specificity table of one run.
 
-    rows: the run's rows (concept, method, ablation, layer, neuron, effect) of SPECIFIC_METHODS.
-    reference: ablation -> [reference concepts, n_layers, d_mlp] AtP effects; layers: the run's layers
-    (the neurons are those layers' neurons, in order). Methods and ablations without a reference
-    (range) are skipped.
+    rows: the run's rows (concept, method, ablation, layer, neuron, effect) of `methods`, the same
+    neurons for every concept. reference: ablation -> [reference concepts, n_layers, d_mlp] AtP effects;
+    layers: the run's layers (the neurons are those layers' neurons, in order). Methods and ablations
+    without a reference (range) are skipped. carry: rank only neurons whose effect is negative.
     """
-    now = datetime.now(timezone.utc)
     out = []
-    for method in sorted(set(rows.column("method").to_pylist()) & set(SPECIFIC_METHODS)):
+    for method in sorted(set(rows.column("method").to_pylist()) & set(methods)):
         for ablation in sorted(set(rows.column("ablation").to_pylist()) & set(reference)):
             part = rows.filter(pc.and_(pc.equal(rows["method"], method), pc.equal(rows["ablation"], ablation)))
             part = part.sort_by([("concept", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
@@ -60,36 +66,89 @@ def specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], reference
             if n * len(concepts) != part.num_rows:
                 raise AtlasError(f"run {run_id}: method {method}, ablation {ablation} does not hold the same "
                                  f"neurons for every concept ({part.num_rows} rows, {len(concepts)} concepts)")
-            # Arrow's zero-copy arrays are read-only; torch warns on those, so index with int64 copies.
-            layer_col = part.column("layer").to_numpy()[:n].astype(np.int64)
-            neuron_col = part.column("neuron").to_numpy()[:n].astype(np.int64)
-            effects = torch.from_numpy(part.column("effect").to_numpy(zero_copy_only=False).astype(np.float32)
-                                       .reshape(len(concepts), n))  # [concepts, n]
-            ref = torch.from_numpy(np.array(reference[ablation], dtype=np.float32))  # a copy: [r, n_layers, d_mlp]
-            ref = ref[:, torch.from_numpy(layer_col), torch.from_numpy(neuron_col)]
+            layer_col, neuron_col = _neuron_columns(part.slice(0, n))
+            effects = _effects(part).reshape(len(concepts), n)  # [concepts, n]
+            ref = _at(reference[ablation], layer_col, neuron_col)  # [r, n]
             generic = generic_mask(torch.cat([ref, effects])).numpy()  # [n]
             for i, concept in enumerate(concepts):
                 others = torch.cat([ref, torch.cat([effects[:i], effects[i + 1:]])])  # [r + run others, n]
-                names = np.array(list(reference_names) + [c for c in concepts if c != concept])
-                worst, which = off_target(others)
-                floor = RATIO_FLOOR * float(effects[i].abs().max())
-                ratio = specificity_ratio(effects[i], others, floor=max(floor, 1e-12))
-                order = specific_order(effects[i], others, k=top)
-                ranks = np.full(n, -1, dtype=np.int32)
-                ranks[order.numpy()] = np.arange(1, len(order) + 1, dtype=np.int32)
-                out.append(pa.table({
-                    "run_id": pa.array([run_id] * n), "model": pa.array([model] * n),
-                    "concept": pa.array([concept] * n), "method": pa.array([method] * n),
-                    "ablation": pa.array([ablation] * n),
-                    "layer": pa.array(layer_col.astype(np.int32)), "neuron": pa.array(neuron_col.astype(np.int32)),
-                    "effect": pa.array(effects[i].numpy()), "off_target": pa.array(worst.numpy()),
-                    "off_target_concept": pa.array(names[which.numpy()]),
-                    "specificity": pa.array(ratio.numpy().astype(np.float32)),
-                    "specific_rank": pa.array(ranks, mask=ranks < 0),
-                    "generic": pa.array(generic),
-                    "created_at": pa.array([now] * n, type=pa.timestamp("us", tz="UTC")),
-                }, schema=SPECIFICITY_SCHEMA))
+                names = list(reference_names) + [c for c in concepts if c != concept]
+                out.append(_concept_rows(effects[i], others, names, generic, layer_col, neuron_col, top=top,
+                                         carry=carry, keys=(run_id, model, concept, method, ablation)))
     return pa.concat_tables(out) if out else SPECIFICITY_SCHEMA.empty_table()
+
+
+def prompt_specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], reference_names: list[str], *,
+                            run_id: str, model: str, layers: list[int], top: int = SPECIFIC_TOP) -> pa.Table:
+    """The in-distribution methods' specificity rows: prompt-atp like `specificity_rows` (every neuron,
+    every concept) with the carry ranking; prompt on each concept's own screened neurons, its exact
+    effects against the reference concepts' and the run's other concepts' prompt AtP at those neurons."""
+    screen = rows.filter(pc.equal(rows["method"], "prompt-atp"))
+    out = [specificity_rows(screen, reference, reference_names, run_id=run_id, model=model, layers=layers,
+                            top=top, methods=("prompt-atp",), carry=True)]
+    exact = rows.filter(pc.equal(rows["method"], "prompt"))
+    for ablation in sorted(set(exact.column("ablation").to_pylist()) & set(reference)):
+        atp = screen.filter(pc.equal(screen["ablation"], ablation))
+        atp = atp.sort_by([("concept", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
+        concepts = sorted(set(atp.column("concept").to_pylist()))
+        n = atp.num_rows // max(1, len(concepts))
+        atp_layer, atp_neuron = _neuron_columns(atp.slice(0, n))
+        atp_effects = _effects(atp).reshape(len(concepts), n)  # [concepts, n]: every neuron of the run's layers
+        position = {key: j for j, key in enumerate(zip(atp_layer.tolist(), atp_neuron.tolist()))}
+        ref_all = _at(reference[ablation], atp_layer, atp_neuron)  # [r, n]
+        generic_all = generic_mask(torch.cat([ref_all, atp_effects])).numpy()
+        mine = exact.filter(pc.equal(exact["ablation"], ablation))
+        for concept in sorted(set(mine.column("concept").to_pylist())):
+            part = mine.filter(pc.equal(mine["concept"], concept))
+            part = part.sort_by([("layer", "ascending"), ("neuron", "ascending")])
+            layer_col, neuron_col = _neuron_columns(part)
+            at = torch.tensor([position[key] for key in zip(layer_col.tolist(), neuron_col.tolist())], dtype=torch.long)
+            others = torch.cat([ref_all[:, at], atp_effects[[i for i, c in enumerate(concepts) if c != concept]][:, at]])
+            names = list(reference_names) + [c for c in concepts if c != concept]
+            out.append(_concept_rows(_effects(part), others, names, generic_all[at.numpy()], layer_col, neuron_col,
+                                     top=top, carry=True, keys=(run_id, model, concept, "prompt", ablation)))
+    return pa.concat_tables(out)
+
+
+def _neuron_columns(part: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    # Arrow's zero-copy arrays are read-only; torch warns on those, so index with int64 copies.
+    return (part.column("layer").to_numpy().astype(np.int64), part.column("neuron").to_numpy().astype(np.int64))
+
+
+def _effects(part: pa.Table) -> torch.Tensor:  # [rows] float32
+    return torch.from_numpy(part.column("effect").to_numpy(zero_copy_only=False).astype(np.float32))
+
+
+def _at(reference: np.ndarray, layer_col: np.ndarray, neuron_col: np.ndarray) -> torch.Tensor:
+    """[r, n_layers, d_mlp] -> [r, n]: the reference effects of the listed neurons (a copy)."""
+    ref = torch.from_numpy(np.array(reference, dtype=np.float32))
+    return ref[:, torch.from_numpy(layer_col), torch.from_numpy(neuron_col)]
+
+
+def _concept_rows(effect: torch.Tensor, others: torch.Tensor, names: list[str], generic: np.ndarray,
+                  layer_col: np.ndarray, neuron_col: np.ndarray, *, top: int, carry: bool, keys: tuple) -> pa.Table:
+    """SPECIFICITY_SCHEMA rows of one concept, method and ablation: effect [n], others [contrast, n]."""
+    run_id, model, concept, method, ablation = keys
+    n = len(effect)
+    worst, which = off_target(others)
+    floor = RATIO_FLOOR * float(effect.abs().max()) if n else 0.0
+    ratio = specificity_ratio(effect, others, floor=max(floor, 1e-12))
+    order = (carry_specific_order if carry else specific_order)(effect, others, k=top)
+    ranks = np.full(n, -1, dtype=np.int32)
+    ranks[order.numpy()] = np.arange(1, len(order) + 1, dtype=np.int32)
+    now = datetime.now(timezone.utc)
+    return pa.table({
+        "run_id": pa.array([run_id] * n, pa.string()), "model": pa.array([model] * n, pa.string()),
+        "concept": pa.array([concept] * n, pa.string()), "method": pa.array([method] * n, pa.string()),
+        "ablation": pa.array([ablation] * n, pa.string()),
+        "layer": pa.array(layer_col.astype(np.int32)), "neuron": pa.array(neuron_col.astype(np.int32)),
+        "effect": pa.array(effect.numpy()), "off_target": pa.array(worst.numpy()),
+        "off_target_concept": pa.array(np.array(names, dtype=object)[which.numpy()], pa.string()),
+        "specificity": pa.array(ratio.numpy().astype(np.float32)),
+        "specific_rank": pa.array(ranks, mask=ranks < 0),
+        "generic": pa.array(generic.astype(bool)),
+        "created_at": pa.array([now] * n, type=pa.timestamp("us", tz="UTC")),
+    }, schema=SPECIFICITY_SCHEMA)
 
 
 def write_specificity(atlas_uri: str | os.PathLike, table: pa.Table, *, storage_options: dict | None = None) -> int:

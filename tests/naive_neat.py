@@ -116,3 +116,31 @@ def effects(model, tokenizer, examples, words, layer: int, neurons, means=None) 
     vector = concept_vector(model, tokenizer, examples)
     values = None if means is None else means[layer]
     return vector_effects(model, vector, target_ids(tokenizer, words), layer, neurons, values)
+
+
+def prompt_log_p(hf, tokenizer, prompt, neurons, values) -> float:
+    """log p(gold | prompt.text), mean over prompt.target_ids (float64 log-softmax): one prompt, never
+    padded, the (layer, neuron)s set to `values[layer][neuron]` at every position."""
+    enc = tokenizer(prompt.text, return_tensors="pt", return_special_tokens_mask=True)
+    last = int((enc["special_tokens_mask"][0] == 0).nonzero().max())
+    by_layer: dict[int, list[int]] = {}
+    for layer, neuron in neurons:
+        by_layer.setdefault(layer, []).append(neuron)
+
+    def hook(layer):
+        def set_neurons(module, args):
+            acts = args[0].clone()
+            for neuron in by_layer[layer]:
+                acts[..., neuron] = values[layer][neuron]
+            return (acts,)
+        return set_neurons
+
+    handles = [site(hf, layer).register_forward_pre_hook(hook(layer)) for layer in by_layer]
+    try:
+        with torch.no_grad():
+            logits = hf(input_ids=enc["input_ids"]).logits[0, last].double()
+    finally:
+        for h in handles:
+            h.remove()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return float(log_probs[list(prompt.target_ids)].mean())

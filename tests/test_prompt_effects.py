@@ -20,33 +20,6 @@ def _prompts(tokenizer) -> list[Prompt]:
     return [Prompt(text, tuple(naive_neat.target_ids(tokenizer, words))) for text, words in PROMPTS_TEXT]
 
 
-def _naive_log_p(hf, tokenizer, prompt: Prompt, neurons, values) -> float:
-    """One prompt, never padded; the neurons set to `values[layer][neuron]` at every position."""
-    enc = tokenizer(prompt.text, return_tensors="pt", return_special_tokens_mask=True)
-    last = int((enc["special_tokens_mask"][0] == 0).nonzero().max())
-    by_layer: dict[int, list[int]] = {}
-    for layer, neuron in neurons:
-        by_layer.setdefault(layer, []).append(neuron)
-
-    def hook(layer):
-        def set_neurons(module, args):
-            acts = args[0].clone()
-            for neuron in by_layer[layer]:
-                acts[..., neuron] = values[layer][neuron]
-            return (acts,)
-        return set_neurons
-
-    handles = [naive_neat.site(hf, layer).register_forward_pre_hook(hook(layer)) for layer in by_layer]
-    try:
-        with torch.no_grad():
-            logits = hf(input_ids=enc["input_ids"]).logits[0, last].double()
-    finally:
-        for h in handles:
-            h.remove()
-    log_probs = torch.log_softmax(logits, dim=-1)
-    return float(log_probs[list(prompt.target_ids)].mean())
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("ablation", ["zero", "values"])
 def test_batched_prompt_changes_equal_a_plain_loop(tiny_sources, tiny_models, arch, ablation):
@@ -58,7 +31,7 @@ def test_batched_prompt_changes_equal_a_plain_loop(tiny_sources, tiny_models, ar
               else torch.randn(model.n_layers, model.d_mlp, generator=generator))
     rows = [(p, s) for s in SETS for p in prompts]
     got = prompt_set_changes(model, rows, values, batch_rows=5)  # chunks that mix prompts and sets
-    expected = [_naive_log_p(hf, tokenizer, p, s, values) - _naive_log_p(hf, tokenizer, p, [], values)
+    expected = [naive_neat.prompt_log_p(hf, tokenizer, p, s, values) - naive_neat.prompt_log_p(hf, tokenizer, p, [], values)
                 for p, s in rows]
     assert max(abs(a - b) for a, b in zip(got, expected)) < 2e-5
     assert all(value == 0.0 for value in got[:len(prompts)])  # the empty set changes nothing

@@ -164,7 +164,9 @@ def test_without_the_reference_contrast_query_falls_back_to_scores_and_says_so(t
 
 
 @pytest.mark.usefixtures("local_ray")
-def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_table(tmp_path, tiny_sources):
+def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_table(tmp_path, tiny_sources, capsys):
+    """Also the prompt method through Ray: its screen's second pass, the reference concepts' prompt AtP,
+    the prompt rows' specificity, its screen check, and `query --sign`."""
     from pathlib import Path
 
     import yaml
@@ -174,20 +176,53 @@ def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_ta
     from cluster.config import load_job_config
     from cluster.driver import run_job
     from cluster.plan import resolve_job
-    from storage.read import run_metadata
+    from jobs.cli import main
+    from storage.read import open_neurons, run_metadata
 
     atlas = tmp_path / "atlas"
-    for run_id, extra in (("on", {}), ("off", {"reference_contrast": False})):
+    for run_id, extra in (("on", {"methods": ["neat", "prompt"], "method_options": {"prompt_screen": 4}}),
+                          ("off", {"reference_contrast": False})):
         data = {"model": tiny_sources["gpt2"].path, "layers": [1], "atlas": str(atlas), "ablation": "zero",
                 "concepts": str(Path(__file__).parent / "data" / "unseen_concepts.yaml"), "run_id": run_id,
                 "cluster": {"actors": 2, "cpus_per_actor": 1}, **extra}
         path = tmp_path / f"{run_id}.yaml"
         path.write_text(yaml.safe_dump(data))
         run_job(resolve_job(load_job_config(path)))
-    assert run_metadata(str(atlas), "on")["reference_contrast"]["concepts"] == [c.name for c in reference_concepts()]
+    on = run_metadata(str(atlas), "on")
+    assert on["reference_contrast"]["concepts"] == [c.name for c in reference_concepts()]
+    assert on["reference_contrast"]["ablations"] == on["reference_contrast"]["prompt_ablations"] == ["zero"]
     assert run_metadata(str(atlas), "off")["reference_contrast"]["enabled"] is False
     stored = DeltaTable(f"{atlas}/specificity").to_pyarrow_table()
     assert set(stored["run_id"].to_pylist()) == {"on"} and set(stored["concept"].to_pylist()) == {"music", "weather"}
+    assert set(stored["method"].to_pylist()) == {"neat", "prompt-atp", "prompt"}
+
+    rows = open_neurons(str(atlas)).to_pyarrow_table().filter(pc_equal("run_id", "on"))
+    for concept in ("music", "weather"):
+        screen = rows.filter(pc_equal("method", "prompt-atp")).filter(pc_equal("concept", concept)).to_pylist()
+        exact = rows.filter(pc_equal("method", "prompt")).filter(pc_equal("concept", concept)).to_pylist()
+        top = sorted(screen, key=lambda r: -r["score"])[:4]  # the concept's own prompt AtP top 4, scored exactly
+        assert sorted(r["neuron"] for r in exact) == sorted(r["neuron"] for r in top)
+        check = next(c for c in on["checks"]["prompt_screen"] if c["concept"] == concept)
+        assert check["scored_exactly"] == 4 and -1 <= check["spearman"] <= 1
+        prompt_ranked = stored.filter(pc_equal("method", "prompt")).filter(pc_equal("concept", concept)).to_pylist()
+        assert all(r["effect"] < 0 for r in prompt_ranked if r["specific_rank"] is not None)
+
+    capsys.readouterr()
+    assert main(["query", "--atlas", str(atlas), "--concept", "music", "--run", "on", "--method", "prompt-atp",
+                 "--sign", "suppress", "--top", "5", "--format", "json"]) == 0
+    import json
+
+    shown = json.loads(capsys.readouterr().out)
+    raised = sorted((r for r in rows.filter(pc_equal("method", "prompt-atp")).filter(pc_equal("concept", "music"))
+                     .to_pylist() if r["effect"] > 0), key=lambda r: -r["effect"])[:5]
+    assert [r["neuron"] for r in shown] == [r["neuron"] for r in raised]
+
+
+def pc_equal(column: str, value):
+    """An Arrow filter expression column == value."""
+    import pyarrow.compute as pc
+
+    return pc.field(column) == value
 
 
 def test_sql_has_a_specificity_view(tmp_path, tiny_sources, capsys):

@@ -47,6 +47,9 @@ class ValidationResult:
     # clean, for the top-k and for the random draws (None when the probe has no prompts).
     prompt_change: float | None = None
     prompt_random_mean: float | None = None
+    # The top-k's change of mean log p(gold) on each other concept's prompts (the others' probes that
+    # carry prompts): specificity on real text, own prompt_change against these.
+    prompt_other_changes: dict[str, float] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -126,6 +129,8 @@ def validate_ranking_naive(model: SiteModel, probe: ConceptProbe, top: list[Neur
             prompt_change=prompt_change(chosen),
             prompt_random_mean=(float(torch.tensor(random_prompt_changes, dtype=torch.float64).mean())
                                 if probe.prompts else None),
+            prompt_other_changes={o.name: prompts_log_p(model, o.prompts, layer_masks(chosen, ablate_to, ranges))
+                                  - prompts_log_p(model, o.prompts) for o in others if o.prompts},
         ))
     return results
 
@@ -337,6 +342,9 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
         say(f"neutral text: clean and the top-k of {len(ks)} k")
         losses = neutral_losses(model, list(neutral_texts), [[]] + [top[:k] for k in ks], ablate_to, ranges)
     clean_prompts = prompts_log_p(model, probe.prompts) if probe.prompts else 0.0
+    # The other concepts' prompts, clean once; each k's top-k set ablated on all of them in shared batches.
+    other_rows = [(o.name, p) for o in others for p in o.prompts]
+    clean_others = prompt_rows_log_p(model, [(p, []) for _, p in other_rows], ablate_to, ranges) if other_rows else []
     results = []
     for step, k in enumerate(ks, start=1):
         chosen = top[:k]
@@ -350,6 +358,12 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
             say(f"k={k} ({step}/{len(ks)}): {len(sets)} sets on {len(probe.prompts)} prompts")
             ablated = prompt_log_p_sets(model, probe.prompts, sets, ablate_to, ranges)
             prompt_changes = [v - clean_prompts for v in ablated]
+        prompt_others: dict[str, list[float]] = {}
+        if other_rows:
+            say(f"k={k} ({step}/{len(ks)}): the top-k on {len(other_rows)} prompts of the other concepts")
+            ablated = prompt_rows_log_p(model, [(p, chosen) for _, p in other_rows], ablate_to, ranges)
+            for (name, _), value, clean in zip(other_rows, ablated, clean_others):
+                prompt_others.setdefault(name, []).append(value - clean)
         random = torch.tensor(random_changes, dtype=torch.float64)
         mean, std = float(random.mean()), float(random.std()) if draws > 1 else 0.0
         as_far = int((random.abs() >= abs(top_change)).sum())
@@ -361,5 +375,7 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
             prompt_change=prompt_changes[0] if prompt_changes else None,
             prompt_random_mean=(float(torch.tensor(prompt_changes[1:], dtype=torch.float64).mean())
                                 if prompt_changes else None),
+            prompt_other_changes={name: float(torch.tensor(v, dtype=torch.float64).mean())
+                                  for name, v in prompt_others.items()},
         ))
     return results

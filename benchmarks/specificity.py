@@ -21,11 +21,17 @@ by |estimate|), two more rankings are built from them:
   prompt-carry     the neurons whose exact ablation lowers the concept's log p(gold) most (signed)
   prompt-specific  the greedy set selection on those signed effects against the reference concepts'
                    and the run's other concepts' prompt AtP effects, among neurons that carry the concept
+  prompt-run       what a run's `prompt` method ranks (storage/specificity.py): exact prompt effects of
+                   the candidates of attribution/specificity.py: prompt_candidates (AtP's top `--prompt-screen`
+                   by |estimate| and the first `--prompt-screen` of the carry-specific selection on the
+                   estimates), the carry-specific selection among them with the prompts' penalty
+  prompt-specific-pP, prompt-run-pP  the same with penalty P, for each P of --prompt-penalties
 and every ranking's top-10 is also ablated on the concept's prompts and on `--panel-prompts` prompts of
 each panel concept: prompt specificity = |own change of mean log p(gold)| / max |panel concept's change|.
 
 Usage: python benchmarks/specificity.py [--threads 2] [--k 10] [--screen 2000] [--cache DIR] [--no-neutral]
-       [--prompts [--prompt-screen 100] [--panel-prompts 6]] [--json FILE]
+       [--prompts [--prompt-screen 100] [--panel-prompts 6] [--prompt-penalties 1,10]] [--rankings a,b]
+       [--json FILE]
 """
 from __future__ import annotations
 
@@ -50,9 +56,10 @@ from attribution.concepts import load_concept_file, resolve_targets  # noqa: E40
 from attribution.masking import layer_masks  # noqa: E402
 from attribution.models import load_model, resolve_model_source  # noqa: E402
 from attribution.neat import clean_pass, concept_vector, neat_effects  # noqa: E402
-from attribution.prompt_effects import prompt_atp, prompt_set_changes  # noqa: E402
+from attribution.prompt_effects import prompt_atp, prompt_neuron_effects, prompt_set_changes  # noqa: E402
 from attribution.prompts import concept_prompts  # noqa: E402
-from attribution.specificity import carry_specific_order, specific_order  # noqa: E402
+from attribution.specificity import (PROMPT_PENALTY, carry_specific_order, prompt_candidates,  # noqa: E402
+                                     specific_order)
 from attribution.validation import ConceptProbe, neutral_loss, vector_changes  # noqa: E402
 
 BUILTIN = ROOT / "configs" / "concepts" / "builtin.yaml"
@@ -124,6 +131,25 @@ def prompt_data(model, concepts, cache: Path | None, group: str, *, screen: int)
     return out
 
 
+def candidate_effects(model, entry: dict, off: torch.Tensor, cache: Path | None, key: str, *, screen: int):
+    """What a run's prompt method scores: exact prompt effects (zero ablation) of the concept's candidates
+    (attribution/specificity.py: prompt_candidates), zero elsewhere: [n]; cached per concept."""
+    picks = prompt_candidates(entry["atp"], off, top=screen).tolist()
+    path = cache / f"prompts-{key}-{screen}-candidates.pt" if cache else None
+    known = torch.load(path) if path is not None and path.exists() else {}
+    todo = [i for i in picks if i not in known]
+    zeros = torch.zeros(model.n_layers, model.d_mlp)
+    for layer in sorted({i // model.d_mlp for i in todo}):
+        neurons = [i % model.d_mlp for i in todo if i // model.d_mlp == layer]
+        values = prompt_neuron_effects(model, entry["prompts"], layer, neurons, zeros)
+        known.update({layer * model.d_mlp + n: float(v) for n, v in zip(neurons, values)})
+    if todo and path is not None:
+        torch.save(known, path)
+    out = torch.zeros_like(entry["atp"])
+    out[picks] = torch.tensor([known[i] for i in picks])
+    return out
+
+
 def carry_order(effect: torch.Tensor) -> torch.Tensor:
     """Neurons whose ablation lowers the concept's targets most first (signed effects [n])."""
     return effect.argsort(stable=True)
@@ -148,6 +174,8 @@ def main() -> None:
     parser.add_argument("--prompts", action="store_true", help="also rank and measure on real prompts")
     parser.add_argument("--prompt-screen", type=int, default=100, help="neurons scored exactly on prompts per concept")
     parser.add_argument("--panel-prompts", type=int, default=6, help="prompts per panel concept on real text")
+    parser.add_argument("--prompt-penalties", default="", help="also rank prompt-specific with these penalties")
+    parser.add_argument("--rankings", default="", help="measure only these rankings (comma-separated; default all)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,9 +217,21 @@ def main() -> None:
                 orders["prompt-carry"] = carry_order(mine_p["exact"])
                 orders["prompt-specific"] = carry_specific_order(
                     mine_p["exact"], torch.cat([reference_prompt_atp, others_p]), k=args.k, **penalty)
+                off_p = torch.cat([reference_prompt_atp, others_p])
+                orders["prompt-run"] = carry_specific_order(
+                    candidate_effects(model, mine_p, off_p, args.cache, f"{group}-{name}", screen=args.prompt_screen),
+                    off_p, k=args.k, penalty=PROMPT_PENALTY)
+                for p in [float(x) for x in args.prompt_penalties.split(",") if x.strip()]:
+                    orders[f"prompt-specific-p{p:g}"] = carry_specific_order(mine_p["exact"], off_p, k=args.k, penalty=p)
+                    orders[f"prompt-run-p{p:g}"] = carry_specific_order(
+                        candidate_effects(model, mine_p, off_p, args.cache, f"{group}-{name}", screen=args.prompt_screen),
+                        off_p, k=args.k, penalty=p)
             for p in [float(x) for x in args.penalties.split(",") if x.strip()]:
                 orders[f"specific-p{p:g}"] = specific_order(effect, torch.cat([reference_atp, run_others]),
                                                             k=args.k, penalty=p)
+            if args.rankings:
+                wanted = args.rankings.split(",")
+                orders = {key: order for key, order in orders.items() if key in wanted or key == "neat"}
             panel = [d["probe"] for n, d in everyone.items() if n != name]
             tops = {ranking: [(int(i) // model.d_mlp, int(i) % model.d_mlp) for i in order[:args.k]]
                     for ranking, order in orders.items()}

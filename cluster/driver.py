@@ -341,11 +341,12 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
         route = (lambda shard: replicas.group_of(shard)) if suffix_count else (lambda shard: "full")
         results, slots = _score_all(plan, pool, todo, progress, route)
         progress.close()
+        # Before the screens' second pass: the prompt screen picks specific candidates against it.
+        contrast, contrast_note = _reference_contrast(plan, pool.live_full_actors(), progress)
         if cfg.method_options.screen_top or "prompt" in cfg.methods:  # exact scores of what AtP selected
-            plan, more, more_resumed = _screen_pass(plan, pool, progress_stream, route)
+            plan, more, more_resumed = _screen_pass(plan, pool, progress_stream, route, contrast)
             results += more
             resumed += more_resumed
-        contrast, contrast_note = _reference_contrast(plan, pool.live_full_actors(), progress)
         wall = time.perf_counter() - started
         metadata = run_metadata(plan, infos, results, resumed=resumed, wall_seconds=wall, slots=slots)
         metadata["checks"] = method_checks(plan, _check_rows(plan))
@@ -437,9 +438,10 @@ def _check_rows(plan: JobPlan):
                        storage_options=plan.config.storage_options)
 
 
-def _screen_pass(plan: JobPlan, pool: Pool, progress_stream, route) -> tuple[JobPlan, list[ShardResult], int]:
+def _screen_pass(plan: JobPlan, pool: Pool, progress_stream, route,
+                 contrast: dict | None) -> tuple[JobPlan, list[ShardResult], int]:
     """The second pass: plan the exact shards of the screens (NEAT after AtP, prompt after prompt-atp)
-    from the staged first-pass rows and score those not staged yet."""
+    from the staged first-pass rows (and the reference contrast's prompt AtP) and score those not staged."""
     cfg = plan.config
     first = {s.shard_id: s.method for s in plan.shards if s.method in ("atp", "prompt-atp")}
     rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=list(first), storage_options=cfg.storage_options)
@@ -449,7 +451,8 @@ def _screen_pass(plan: JobPlan, pool: Pool, progress_stream, route) -> tuple[Job
         more += screen_shards(plan, rows.filter(pc.equal(rows["method"], "atp")))
         parts.append(f"exact NEAT on {sum(len(s.neurons) for s in more)} neurons")
     if "prompt" in cfg.methods:
-        prompt = prompt_screen_shards(plan, rows.filter(pc.equal(rows["method"], "prompt-atp")))
+        reference = None if contrast is None else contrast["prompt_effects"]
+        prompt = prompt_screen_shards(plan, rows.filter(pc.equal(rows["method"], "prompt-atp")), reference)
         more += prompt
         parts.append(f"exact prompt ablation of {sum(len(s.neurons) for s in prompt)} (concept, neuron) pairs")
     plan = replace(plan, shards=plan.shards + more)

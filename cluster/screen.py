@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from attribution.specificity import prompt_candidates
 from attribution.stats import spearman
 from cluster.plan import JobPlan, Shard
 
@@ -56,14 +57,29 @@ def screen_shards(plan: JobPlan, atp_rows: pa.Table) -> tuple[Shard, ...]:
     return tuple(shards)
 
 
-def prompt_screen_shards(plan: JobPlan, prompt_atp_rows: pa.Table) -> tuple[Shard, ...]:
-    """Per concept: exact prompt shards over prompt AtP's top `prompt_screen` neurons (any ablation)."""
+def prompt_screen_shards(plan: JobPlan, prompt_atp_rows: pa.Table,
+                         reference: dict[str, np.ndarray] | None = None) -> tuple[Shard, ...]:
+    """Per concept: exact prompt shards over the candidates of each ablation (attribution/specificity.py:
+    prompt_candidates: prompt AtP's top `prompt_screen` by |estimate| and, with the reference concepts'
+    prompt AtP `reference` {mode: [r, n_layers, d_mlp]}, the first `prompt_screen` of the carry-specific
+    selection against them and the run's other concepts)."""
     top = plan.config.method_options.prompt_screen
     picks: dict[str, dict[int, set[int]]] = {}
-    for group in _groups(prompt_atp_rows):
-        chosen = picks.setdefault(group["concept"], {})
-        for i in np.argsort(-group["score"], kind="stable")[:top]:
-            chosen.setdefault(int(group["layer"][i]), set()).add(int(group["neuron"][i]))
+    for ablation, (concepts, layer_col, neuron_col, estimates) in _dense(prompt_atp_rows).items():
+        ref = None
+        if reference is not None and ablation in reference:
+            values = torch.from_numpy(np.array(reference[ablation], dtype=np.float32))
+            ref = values[:, torch.from_numpy(layer_col), torch.from_numpy(neuron_col)]  # [r, n]
+        for i, concept in enumerate(concepts):
+            others = torch.cat([estimates[:i], estimates[i + 1:]])
+            off = others if ref is None else torch.cat([ref, others])
+            if off.shape[0] == 0:  # one concept, no reference: the largest estimates only
+                chosen_at = estimates[i].abs().topk(min(top, estimates.shape[1])).indices
+            else:
+                chosen_at = prompt_candidates(estimates[i], off, top=top)
+            chosen = picks.setdefault(concept, {})
+            for j in chosen_at.tolist():
+                chosen.setdefault(int(layer_col[j]), set()).add(int(neuron_col[j]))
     # About as costly as a planned NEAT shard: a neuron costs a forward of each of the concept's prompts.
     size = max(1, plan.config.shard_neurons // 64)
     shards = []
@@ -74,6 +90,22 @@ def prompt_screen_shards(plan: JobPlan, prompt_atp_rows: pa.Table) -> tuple[Shar
                 chunk = tuple(ordered[start:start + size])
                 shards.append(Shard("prompt", layer, chunk[0], chunk[-1] + 1, chunk, concept=concept))
     return tuple(shards)
+
+
+def _dense(rows: pa.Table) -> dict[str, tuple[list[str], np.ndarray, np.ndarray, torch.Tensor]]:
+    """ablation -> (concepts, layer [n], neuron [n], effects [concepts, n]) of rows that hold the same
+    neurons for every concept, ordered by (layer, neuron)."""
+    out = {}
+    for ablation in sorted(set(rows.column("ablation").to_pylist())):
+        part = rows.filter(pc.equal(rows["ablation"], ablation))
+        part = part.sort_by([("concept", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
+        concepts = sorted(set(part.column("concept").to_pylist()))
+        n = part.num_rows // len(concepts)
+        layer_col = part.column("layer").to_numpy()[:n].astype(np.int64)
+        neuron_col = part.column("neuron").to_numpy()[:n].astype(np.int64)
+        effects = torch.from_numpy(part.column("effect").to_numpy(zero_copy_only=False).astype(np.float32))
+        out[ablation] = (concepts, layer_col, neuron_col, effects.reshape(len(concepts), n))
+    return out
 
 
 def prompt_screen_report(rows: pa.Table) -> list[dict]:

@@ -15,6 +15,7 @@ import sys
 import time
 
 from configs import builtin_concepts
+from jobs import specific_query
 
 # Quiet, offline library defaults for a command-line tool: no hub calls, no progress bars.
 for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--atlas", required=True)
     query.add_argument("--concept", required=True)
     query.add_argument("--model")
-    query.add_argument("--method", default="neat")
+    query.add_argument("--method", help=specific_query.METHOD_HELP)
     query.add_argument("--ablation", help="zero | mean | range | none (default: all in the run)")
     query.add_argument("--run", "--run-id", dest="run_id", help="a specific run id instead of the latest")
     query.add_argument("--top", type=int, default=20)
@@ -446,6 +447,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise UsageError(f"--top {args.top}: expected a positive number of neurons")
+    specific_query.resolve_method(args)
     rank_by = _query_ranking(args)
     if rank_by == "contrastive":
         return _query_contrastive(args)

@@ -12,13 +12,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
+from jobs.specific_query import METHOD_HELP, resolve_method
+
 
 def register(sub) -> None:
     parser = sub.add_parser("report", help="an HTML report of a concept in one run: heatmap, Sankey, passports")
     parser.add_argument("--atlas", required=True)
     parser.add_argument("--concept", required=True)
     parser.add_argument("--model")
-    parser.add_argument("--method", default="neat")
+    parser.add_argument("--method", help=METHOD_HELP)
     parser.add_argument("--ablation", help="default: the run's first for the method")
     parser.add_argument("--run", "--run-id", dest="run_id", help="a specific run id instead of the latest")
     parser.add_argument("--top", type=int, default=20, help="neurons in the table and passport cards (default 20)")
@@ -111,6 +113,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise UsageError(f"--out {args.out}: expected a file path in an existing directory")
+    resolve_method(args)
     data = load_report(args.atlas, concept=args.concept, model=args.model, method=args.method,
                        ablation=args.ablation, run_id=args.run_id, top=args.top, rank_by=args.rank_by)
     print(f"top table: {'the specific ranking' if data.specific is not None else 'ranked by score'}", file=sys.stderr)

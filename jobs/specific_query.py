@@ -53,6 +53,30 @@ def specific_or_score(atlas, *, concept: str, model: str | None, method: str, ab
     return Ranked(rows, "specific", run_id, model, note)
 
 
+METHOD_HELP = ("scoring method whose rows to read: neat | atp | prompt | prompt-atp | neurgrad | neg | neuronlens | "
+               "selectivity | ig (default: prompt where the run scored it, the in-distribution method, else neat)")
+
+
+def resolve_method(args) -> str:
+    """--method, or by default prompt where the concept's run scored it (the in-distribution method,
+    whose specific ranking is measured on real text), else neat. Sets args.method; says so on stderr."""
+    if args.method is not None:
+        return args.method
+    from storage.errors import AtlasError
+    from storage.read import top_neurons
+
+    try:
+        top_neurons(args.atlas, concept=args.concept, model=args.model, method="prompt",
+                    run_id=args.run_id, top=1, as_of=getattr(args, "as_of", None))
+    except AtlasError:  # no prompt rows (or a problem the read with the method found will name)
+        args.method = "neat"
+        return args.method
+    args.method = "prompt"
+    print("method prompt (ablation on the concept's own prompts, the run's in-distribution method; the concept "
+          "vector: --method neat)", file=sys.stderr)
+    return args.method
+
+
 def generic_note(atlas, *, run_id: str, method: str, ablation: str | None, storage_options: dict | None = None) -> str:
     """One line naming the run's generic neurons, or ''."""
     from storage.specificity import generic_neurons

@@ -11,13 +11,15 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from jobs.specific_query import METHOD_HELP, resolve_method
+
 
 def register(sub) -> None:
     parser = sub.add_parser("validate", help="ablate a concept's top-k neurons vs random ones; stored in the atlas")
     parser.add_argument("--atlas", required=True)
     parser.add_argument("--concept", required=True)
     parser.add_argument("--model")
-    parser.add_argument("--method", default="neat")
+    parser.add_argument("--method", help=METHOD_HELP)
     parser.add_argument("--ablation", help="which rows rank the neurons: zero | mean | range | none "
                                            "(default: the run's first for the method)")
     parser.add_argument("--intervention", choices=("zero", "mean", "range"),
@@ -32,6 +34,9 @@ def register(sub) -> None:
                                         "against (always: the run's other concepts and the reference set)")
     parser.add_argument("--k", default="1,5,10,50", help="comma-separated sizes of the ablated top set")
     parser.add_argument("--draws", type=int, default=20, help="random k-neuron sets per k")
+    parser.add_argument("--panel-prompts", type=int, default=4,
+                        help="prompts of each panel concept the top-k is also ablated on (specificity on real text; "
+                             "0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--format", choices=("table", "json"), default="table")
@@ -67,8 +72,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     ks = _parse_ks(args.k)
     check_atlas_writable(args.atlas)  # validate stores its rows: fail before minutes of compute, not after
+    resolve_method(args)
     if args.draws < 2:
         raise UsageError(f"--draws {args.draws}: expected at least 2 random draws")
+    if args.panel_prompts < 0:
+        raise UsageError(f"--panel-prompts {args.panel_prompts}: expected 0 or more prompts per panel concept")
     head = top_neurons(args.atlas, concept=args.concept, model=args.model, method=args.method,
                        ablation=args.ablation, run_id=args.run_id, top=1)
     run_id, model_name = head.column("run_id")[0].as_py(), head.column("model")[0].as_py()
@@ -117,7 +125,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     run_concepts = {concept.name for concept, _, _ in members}
     say(f"panel: {len(run_concepts) - 1} other concepts of the run, the reference set"
         f"{' and ' + args.panel if args.panel else ''}")
-    members += [(concept, targets, ()) for concept, targets in panel_concepts(model, args.panel, exclude=run_concepts)]
+    members += [(concept, targets, tuple(concept_prompts(model.tokenizer, concept, targets)))
+                for concept, targets in panel_concepts(model, args.panel, exclude=run_concepts)]
     # Every concept vector in shared, length-sorted batches, or from the cache the run's reference
     # contrast filled (attribution/vector_cache.py).
     vectors = cached_concept_vectors(model, {concept.name: concept.examples for concept, _, _ in members})
@@ -135,8 +144,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         tau = meta["config"].get("method_options", {}).get("range_tau", 2.0)
         lens = neuronlens_scores(model, concept, tau=tau)
         ranges = (lens.extra["range_low"], lens.extra["range_high"])
+    # The panel on real text: each other concept's first --panel-prompts prompts (0: none).
+    others = [replace(p, prompts=p.prompts[:args.panel_prompts]) for n, p in probes.items() if n != args.concept]
     results = validate_ranking(
-        model, probes[args.concept], neurons, ks, others=[p for n, p in probes.items() if n != args.concept],
+        model, probes[args.concept], neurons, ks, others=others,
         ablate_to=ablate_to, ranges=ranges, layers=list(meta["layers"]), draws=args.draws,
         seed=args.seed, neutral_texts=texts, progress=say,
     )
@@ -151,7 +162,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
          "other_changes_json": json.dumps(r.other_changes, sort_keys=True),
          "neutral_loss_change": r.neutral_loss_change, "created_at": now, "intervention": intervention,
          "prompt_change": r.prompt_change, "prompt_random_mean": r.prompt_random_mean, "shared_top_k": shared[r.k],
-         "specificity": specificity(r), "panel": len(r.other_changes)}
+         "specificity": specificity(r), "panel": len(r.other_changes),
+         "prompt_specificity": prompt_specificity(r),
+         "prompt_other_changes_json": json.dumps(r.prompt_other_changes, sort_keys=True) if r.prompt_other_changes else None}
         for r in results
     ], schema=VALIDATION_SCHEMA)
     try:
@@ -174,19 +187,21 @@ def _show(args: argparse.Namespace, rows: pa.Table, results: list, shared: dict[
     from jobs.cli import write_table
 
     if args.format == "json":
-        out = rows.drop_columns(["other_changes_json"]).to_pylist()
+        out = rows.drop_columns(["other_changes_json", "prompt_other_changes_json"]).to_pylist()
         for row, r in zip(out, results):
             row["other_changes"] = r.other_changes
+            row["prompt_other_changes"] = r.prompt_other_changes
             row["created_at"] = row["created_at"].isoformat()
         print(json.dumps(out))
         return 0
     shown = []
     for r in results:
-        worst = max(r.other_changes.items(), key=lambda item: abs(item[1]), default=("-", 0.0))
         shown.append({"k": r.k, "top_change": r.top_change, "random": f"{r.random_mean:+.4f} ± {r.random_std:.4f}",
                       "z": r.z_score, "p": r.p_value, "specificity": specificity(r),
-                      "most_moved_other": f"{worst[0]} {worst[1]:+.3f}",
+                      "most_moved_other": _most_moved(r.other_changes),
                       "prompt_change": r.prompt_change, "prompt_random": r.prompt_random_mean,
+                      "prompt_specificity": prompt_specificity(r),
+                      "most_moved_other_prompts": _most_moved(r.prompt_other_changes),
                       "shared_top_k": shared[r.k], "neutral_loss_change": r.neutral_loss_change})
     write_table(pa.Table.from_pylist(shown), "table")
     method, run_id = rows.column("method")[0].as_py(), rows.column("run_id")[0].as_py()
@@ -218,6 +233,21 @@ def _shared_top_k(atlas: str, neurons: list[tuple[int, int]], ks: list[int], *, 
         mine = neurons[:k]
         out[len(mine)] = sum(n in theirs for n in mine) / len(mine) if mine else float("nan")
     return out
+
+
+def prompt_specificity(result) -> float | None:
+    """On real text: |own prompt change| / the largest |change| on a panel concept's prompts."""
+    if result.prompt_change is None or not result.prompt_other_changes:
+        return None
+    worst = max(abs(v) for v in result.prompt_other_changes.values())
+    return abs(result.prompt_change) / worst if worst > 0 else None
+
+
+def _most_moved(changes: dict[str, float]) -> str:
+    if not changes:
+        return "-"
+    name = max(changes, key=lambda n: abs(changes[n]))
+    return f"{name} {changes[name]:+.3f}"
 
 
 def specificity(result) -> float | None:

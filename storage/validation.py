@@ -32,8 +32,11 @@ VALIDATION_SCHEMA = pa.schema([
     ("shared_top_k", pa.float64()),  # share of the top-k that are also top-k for another concept of the run
     ("specificity", pa.float64()),  # |top_change| / the largest |change| of another panel concept
     ("panel", pa.int32()),  # how many other concepts the panel held (the run's, the reference set, --panel)
+    ("prompt_specificity", pa.float64()),  # |prompt_change| / the largest |change| on a panel concept's prompts
+    ("prompt_other_changes_json", pa.string()),  # {"panel concept": change of mean log p(gold) on its prompts}
 ])
-_LATER = ("intervention", "prompt_change", "prompt_random_mean", "shared_top_k", "specificity", "panel")
+_LATER = ("intervention", "prompt_change", "prompt_random_mean", "shared_top_k", "specificity", "panel",
+          "prompt_specificity", "prompt_other_changes_json")
 
 
 def append_validations(atlas_uri: str | os.PathLike, rows: pa.Table, *, storage_options: dict | None = None) -> int:

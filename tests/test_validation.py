@@ -2,6 +2,8 @@
 the neutral-text loss is the model's own cross-entropy."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -104,7 +106,10 @@ def test_batched_validate_ranking_equals_the_naive_loop(tiny_models, family, int
     prompts = tuple(concept_prompts(model.tokenizer, concept, targets, min_prompts=2))
     assert len(prompts) >= 2 and all(isinstance(p, Prompt) for p in prompts)
     probe = ConceptProbe("royalty", clean_pass(model, concept_vector(model, concept.examples), targets), targets, prompts)
-    others = [_probe(model, "weather", ["Heavy rain fell all night.", "Snow covered the hills."], ("rain", "snow")),
+    weather = _probe(model, "weather", ["Heavy rain fell all night.", "Snow covered the hills."], ("rain", "snow"))
+    weather_prompts = (Prompt("It was cold and the", weather.target_ids[1:]), Prompt("Grey clouds brought", weather.target_ids[:1]))
+    # A panel concept with prompts (specificity on real text) and one without.
+    others = [replace(weather, prompts=weather_prompts),
               _probe(model, "food", ["She baked fresh bread.", "The soup was hot."], ("bread", "soup"))]
     ablate_to = (torch.zeros(model.n_layers, model.d_mlp) if intervention == "zero"  # range: set to a "mean"
                  else torch.randn(model.n_layers, model.d_mlp, generator=gen) * 0.1)
@@ -131,8 +136,11 @@ def test_batched_validate_ranking_equals_the_naive_loop(tiny_models, family, int
         assert fast.other_changes.keys() == slow.other_changes.keys()
         for name, change in slow.other_changes.items():
             assert fast.other_changes[name] == pytest.approx(change, abs=2e-5)
+        assert fast.prompt_other_changes.keys() == slow.prompt_other_changes.keys() == {"weather"}
+        assert fast.prompt_other_changes["weather"] == pytest.approx(slow.prompt_other_changes["weather"], abs=2e-5)
     assert any(abs(r.top_change) > 1e-3 for r in naive) and any(abs(r.prompt_change) > 1e-3 for r in naive)
     assert any(abs(r.neutral_loss_change) > 1e-3 for r in naive)  # texts of 3 lengths share length-sorted batches
+    assert any(abs(r.prompt_other_changes["weather"]) > 1e-3 for r in naive)
 
 
 def test_concept_vectors_of_many_concepts_equal_one_at_a_time(tiny_models):

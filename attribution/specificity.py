@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# The prompt methods' set-selection penalty, chosen on the 6 built-in concepts only (benchmarks/
-# specificity.py: penalties 1, 2, 3, 5, 10, 20; 10 gave the highest median specificity on their prompts).
-PROMPT_PENALTY = 10.0
+# The penalty of the selection that picks the prompt method's specific candidates: a wider net than the
+# final ranking's (5), so that the candidates hold the neurons any final penalty would choose.
+CANDIDATE_PENALTY = 10.0
 GENERIC_SHARE = 0.5  # a neuron is generic when it is in the top 1% by |effect| of at least this share of concepts
 
 
@@ -69,7 +69,7 @@ def carry_specific_order(effect: Tensor, off: Tensor, *, k: int, penalty: float 
     return specific_order(carrying, off, k=k, penalty=penalty, candidates=min(candidates, count))
 
 
-def prompt_candidates(estimate: Tensor, off: Tensor, *, top: int, penalty: float = PROMPT_PENALTY) -> Tensor:
+def prompt_candidates(estimate: Tensor, off: Tensor, *, top: int, penalty: float = CANDIDATE_PENALTY) -> Tensor:
     """The neurons the prompt method scores exactly for a concept: prompt AtP's top `top` by |estimate|
     (the largest effects) and the first `top` of the carry-specific selection on the estimates (the
     specific neurons, whose own effects are small and would never make the first list). estimate [n],

@@ -24,7 +24,7 @@ by |estimate|), two more rankings are built from them:
   prompt-run       what a run's `prompt` method ranks (storage/specificity.py): exact prompt effects of
                    the candidates of attribution/specificity.py: prompt_candidates (AtP's top `--prompt-screen`
                    by |estimate| and the first `--prompt-screen` of the carry-specific selection on the
-                   estimates), the carry-specific selection among them with the prompts' penalty
+                   estimates), the carry-specific selection among them
   prompt-specific-pP, prompt-run-pP  the same with penalty P, for each P of --prompt-penalties
 and every ranking's top-10 is also ablated on the concept's prompts and on `--panel-prompts` prompts of
 each panel concept: prompt specificity = |own change of mean log p(gold)| / max |panel concept's change|.
@@ -58,8 +58,7 @@ from attribution.models import load_model, resolve_model_source  # noqa: E402
 from attribution.neat import clean_pass, concept_vector, neat_effects  # noqa: E402
 from attribution.prompt_effects import prompt_atp, prompt_neuron_effects, prompt_set_changes  # noqa: E402
 from attribution.prompts import concept_prompts  # noqa: E402
-from attribution.specificity import (PROMPT_PENALTY, carry_specific_order, prompt_candidates,  # noqa: E402
-                                     specific_order)
+from attribution.specificity import carry_specific_order, prompt_candidates, specific_order  # noqa: E402
 from attribution.validation import ConceptProbe, neutral_loss, vector_changes  # noqa: E402
 
 BUILTIN = ROOT / "configs" / "concepts" / "builtin.yaml"
@@ -220,7 +219,7 @@ def main() -> None:
                 off_p = torch.cat([reference_prompt_atp, others_p])
                 orders["prompt-run"] = carry_specific_order(
                     candidate_effects(model, mine_p, off_p, args.cache, f"{group}-{name}", screen=args.prompt_screen),
-                    off_p, k=args.k, penalty=PROMPT_PENALTY)
+                    off_p, k=args.k, **penalty)
                 for p in [float(x) for x in args.prompt_penalties.split(",") if x.strip()]:
                     orders[f"prompt-specific-p{p:g}"] = carry_specific_order(mine_p["exact"], off_p, k=args.k, penalty=p)
                     orders[f"prompt-run-p{p:g}"] = carry_specific_order(

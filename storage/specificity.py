@@ -23,8 +23,8 @@ import torch
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
-from attribution.specificity import (PROMPT_PENALTY, carry_specific_order, generic_mask, off_target,
-                                     specific_order, specificity_ratio)
+from attribution.specificity import (carry_specific_order, generic_mask, off_target, specific_order,
+                                     specificity_ratio)
 from storage.errors import AtlasError
 from storage.location import delta_options, table_uri
 from storage.schema import check_schema, validate_name
@@ -133,10 +133,7 @@ def _concept_rows(effect: torch.Tensor, others: torch.Tensor, names: list[str], 
     worst, which = off_target(others)
     floor = RATIO_FLOOR * float(effect.abs().max()) if n else 0.0
     ratio = specificity_ratio(effect, others, floor=max(floor, 1e-12))
-    if carry:  # the prompt methods: neurons that carry the concept, with the prompts' penalty
-        order = carry_specific_order(effect, others, k=top, penalty=PROMPT_PENALTY)
-    else:
-        order = specific_order(effect, others, k=top)
+    order = (carry_specific_order if carry else specific_order)(effect, others, k=top)
     ranks = np.full(n, -1, dtype=np.int32)
     ranks[order.numpy()] = np.arange(1, len(order) + 1, dtype=np.int32)
     now = datetime.now(timezone.utc)

@@ -74,6 +74,10 @@ def contrastive_neurons(atlas_uri: str | os.PathLike, *, concept: str, model: st
                         top: int = 20, generic_k: int = 100, storage_options: dict | None = None
                         ) -> tuple[pa.Table, pa.Table, dict]:
     """(top rows by contrastive rank, the run's generic neurons, {model, run_id, method}) for a concept."""
+    if method == "prompt":  # each concept's own candidates: no neuron has a score for every concept
+        raise AtlasError("the contrastive ranking compares a neuron's scores across the run's concepts, and method "
+                         "prompt scores each concept's own candidates only; its specific ranking (the default) "
+                         "contrasts them with the other concepts' prompt-atp estimates, or use --method prompt-atp")
     head = top_neurons(atlas_uri, concept=concept, model=model, method=method, ablation=ablation, run_id=run_id,
                        top=1, storage_options=storage_options)
     info = {"model": head.column("model")[0].as_py(), "run_id": head.column("run_id")[0].as_py(), "method": method}

@@ -596,6 +596,16 @@ def describe_plan(plan: JobPlan) -> str:
         f"estimate    {plan.estimated_flops() / 1e12:.1f} TFLOP, about {format_seconds(estimate)} "
         f"at {flops_per_second / 1e9:.0f} GFLOP/s per CPU core ({cfg.dtype}; a GPU is much faster)",
     ]
+    if cfg.method_options.screen_top:
+        lines.append(f"then        exact NEAT on AtP's top {cfg.method_options.screen_top} per concept and ablation and "
+                     f"{cfg.method_options.screen_sample} sampled neurons (planned after the atp pass)")
+    if "prompt" in cfg.methods:
+        most = 2 * cfg.method_options.prompt_screen  # the largest estimates and the specific candidates
+        worst = sum(plan.shard_cost(Shard("prompt", 0, 0, most, tuple(range(most)), concept=rc.concept.name))
+                    for rc in plan.concepts) * 2.0 * plan.macs_per_block
+        lines.append(f"then        exact prompt ablation of up to {most} candidates per concept and ablation (planned "
+                     f"after the prompt-atp pass): at most {worst / 1e12:.1f} TFLOP more, about "
+                     f"{format_seconds(worst / (flops_per_second * max(1, workers)))}")
     cluster = cfg.cluster
     if cluster.gpus_per_actor or cluster.suffix_actors or cluster.gpu_memory_gb:  # README "Big models"
         lines += describe_replicas(plan, plan_replicas(plan))

@@ -35,7 +35,8 @@ def cli(cluster: RayCluster, *args: str, env: dict | None = None, timeout: float
 
 def write_config(path: Path, **values) -> Path:
     data = {"concepts": str(UNSEEN), "layers": [0, 3], "ablation": ["zero", "mean"], "shard_neurons": 40,
-            "batch_rows": 32, "cluster": {"actors": 2, "cpus_per_actor": 1}, **values}
+            "batch_rows": 32, "cluster": {"actors": 2, "cpus_per_actor": 1},
+            "reference_contrast": False, **values}  # the contrast is tested in test_specificity.py
     path.write_text(yaml.safe_dump(data))
     return path
 

@@ -46,7 +46,8 @@ def test_driver_killed_between_the_two_commits_is_repaired_by_the_rerun(tmp_path
     config.write_text(yaml.safe_dump({
         "model": tiny_sources["gpt2"].path, "concepts": str(UNSEEN), "layers": [1], "atlas": str(atlas),
         "ablation": "zero", "shard_neurons": 64, "batch_rows": 32, "run_id": "crash",
-        "cluster": {"actors": 1, "cpus_per_actor": 1}}))
+        "cluster": {"actors": 1, "cpus_per_actor": 1},
+        "reference_contrast": False}))  # tested in test_specificity.py; here it would only add time
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of the driver's own
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
 

@@ -39,7 +39,8 @@ def write_config(directory: Path, source, *, atlas: Path) -> Path:
     path = directory / f"job-{atlas.name}.yaml"
     path.write_text(yaml.safe_dump({
         "model": source.path, "concepts": str(UNSEEN), "layers": "all", "atlas": str(atlas), "ablation": "zero",
-        "shard_neurons": 4, "batch_rows": 8, "cluster": {"actors": 2, "cpus_per_actor": 1}}))
+        "shard_neurons": 4, "batch_rows": 8, "cluster": {"actors": 2, "cpus_per_actor": 1},
+        "reference_contrast": False}))  # tested in test_specificity.py; here it would only add time
     return path
 
 

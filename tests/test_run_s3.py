@@ -82,7 +82,7 @@ def test_a_run_whose_s3_server_goes_away_fails_and_resumes_when_it_returns(tmp_p
             path.write_text(yaml.safe_dump({
                 "model": tiny_sources["llama"].path, "concepts": str(UNSEEN), "run_id": run_id,
                 "ablation": "zero", "batch_rows": 8, "cluster": {"actors": 2, "cpus_per_actor": 1},
-                **where, **extra}))
+                "reference_contrast": False, **where, **extra}))  # the contrast: test_specificity.py
             return resolve_job(load_job_config(path))
 
         def staged(run_id: str) -> int:
@@ -91,7 +91,7 @@ def test_a_run_whose_s3_server_goes_away_fails_and_resumes_when_it_returns(tmp_p
 
         with local_ray_session():
             assert run_job(plan_for("before", layers=[1], shard_neurons=64)).version == 1
-            plan = plan_for("cut-off", layers="all", shard_neurons=4)  # 96 small shards
+            plan = plan_for("cut-off", layers="all", shard_neurons=8)  # 48 small shards
             failure = {}
 
             def run() -> None:
@@ -120,7 +120,7 @@ def test_a_run_whose_s3_server_goes_away_fails_and_resumes_when_it_returns(tmp_p
             assert 10 <= done < len(plan.shards)
             summary = run_job(plan)
             # The same plan, undisturbed, into a local atlas: the resumed run's rows must equal its rows.
-            undisturbed = plan_for("cut-off", local=True, layers="all", shard_neurons=4)
+            undisturbed = plan_for("cut-off", local=True, layers="all", shard_neurons=8)
             assert undisturbed.shards == plan.shards
             run_job(undisturbed)
         key = ["concept", "ablation", "layer", "neuron"]

@@ -48,11 +48,23 @@ class RayCluster:
 
 
 def kill_node(process: subprocess.Popen, temp_dir: str) -> None:
-    """Lose a node for good, at once: SIGKILL its `ray start` process group and every process whose
-    command line names the node's temp dir. Ray's worker processes (the actors) can outlive the group
-    kill for a moment and keep answering the driver over their direct connection, so a fast run could
-    finish on an actor that was meant to be dead."""
+    """Lose a node for good, at once: SIGKILL every descendant of its `ray start --block` process (the
+    raylet, and the actors it spawned), its process group, and every process whose command line names
+    the node's temp dir. Ray's worker processes (the actors) run in process groups of their own and
+    retitle themselves (`ray::ShardScorer`, so their command line no longer names the temp dir); they
+    can outlive a group kill for seconds and keep answering the driver over their direct connection,
+    so a fast run could finish on an actor that was meant to be dead. Descendants are listed first:
+    once the raylet dies, its children are re-parented and can no longer be found that way."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
     os.killpg(process.pid, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            child.kill()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue

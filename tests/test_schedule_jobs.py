@@ -31,6 +31,7 @@ def ray_cluster():
 def _config(path: Path, *, model: str, atlas: Path, address: str, **schedule) -> Path:
     data = {"model": model, "concepts": str(UNSEEN), "atlas": str(atlas), "layers": [3], "shard_neurons": 96,
             "batch_rows": 32, "cluster": {"actors": 1, "cpus_per_actor": 1},
+            "reference_contrast": False,  # tested in test_specificity.py; here it would only add time
             "schedule": {"cron": "* * * * *", "address": address, "retries": 2, "retry_seconds": 1, **schedule}}
     path.write_text(yaml.safe_dump(data))
     return path

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+
 import pyarrow.compute as pc
 
 from attribution.models import PLANNED_ONLY, read_model_config
@@ -443,8 +444,8 @@ def _screen_pass(plan: JobPlan, pool: Pool, progress_stream, route,
     """The second pass: plan the exact shards of the screens (NEAT after AtP, prompt after prompt-atp)
     from the staged first-pass rows (and the reference contrast's prompt AtP) and score those not staged."""
     cfg = plan.config
-    first = {s.shard_id: s.method for s in plan.shards if s.method in ("atp", "prompt-atp")}
-    rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=list(first), storage_options=cfg.storage_options)
+    first = [s.shard_id for s in plan.shards if s.method in ("atp", "prompt-atp")]
+    rows = read_staged(cfg.atlas, run_id=plan.run_id, shard_ids=first, storage_options=cfg.storage_options)
     more: tuple[Shard, ...] = ()
     parts = []
     if cfg.method_options.screen_top:

@@ -20,6 +20,7 @@ import torch
 from attribution.specificity import prompt_candidates
 from attribution.stats import spearman
 from cluster.plan import JobPlan, Shard
+from storage.specificity import dense_effects, reference_at
 
 REPORT_TOP = 100  # the exact top-k whose misses the report estimates
 
@@ -65,11 +66,13 @@ def prompt_screen_shards(plan: JobPlan, prompt_atp_rows: pa.Table,
     selection against them and the run's other concepts)."""
     top = plan.config.method_options.prompt_screen
     picks: dict[str, dict[int, set[int]]] = {}
-    for ablation, (concepts, layer_col, neuron_col, estimates) in _dense(prompt_atp_rows).items():
+    for ablation in sorted(set(prompt_atp_rows.column("ablation").to_pylist())):
+        concepts, layer_col, neuron_col, estimates = dense_effects(  # estimates [concepts, n]
+            prompt_atp_rows.filter(pc.equal(prompt_atp_rows["ablation"], ablation)),
+            what=f"the prompt-atp rows of ablation {ablation}")
         ref = None
         if reference is not None and ablation in reference:
-            values = torch.from_numpy(np.array(reference[ablation], dtype=np.float32))
-            ref = values[:, torch.from_numpy(layer_col), torch.from_numpy(neuron_col)]  # [r, n]
+            ref = reference_at(reference[ablation], layer_col, neuron_col)  # [r, n]
         for i, concept in enumerate(concepts):
             others = torch.cat([estimates[:i], estimates[i + 1:]])
             off = others if ref is None else torch.cat([ref, others])
@@ -90,22 +93,6 @@ def prompt_screen_shards(plan: JobPlan, prompt_atp_rows: pa.Table,
                 chunk = tuple(ordered[start:start + size])
                 shards.append(Shard("prompt", layer, chunk[0], chunk[-1] + 1, chunk, concept=concept))
     return tuple(shards)
-
-
-def _dense(rows: pa.Table) -> dict[str, tuple[list[str], np.ndarray, np.ndarray, torch.Tensor]]:
-    """ablation -> (concepts, layer [n], neuron [n], effects [concepts, n]) of rows that hold the same
-    neurons for every concept, ordered by (layer, neuron)."""
-    out = {}
-    for ablation in sorted(set(rows.column("ablation").to_pylist())):
-        part = rows.filter(pc.equal(rows["ablation"], ablation))
-        part = part.sort_by([("concept", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
-        concepts = sorted(set(part.column("concept").to_pylist()))
-        n = part.num_rows // len(concepts)
-        layer_col = part.column("layer").to_numpy()[:n].astype(np.int64)
-        neuron_col = part.column("neuron").to_numpy()[:n].astype(np.int64)
-        effects = torch.from_numpy(part.column("effect").to_numpy(zero_copy_only=False).astype(np.float32))
-        out[ablation] = (concepts, layer_col, neuron_col, effects.reshape(len(concepts), n))
-    return out
 
 
 def prompt_screen_report(rows: pa.Table) -> list[dict]:

@@ -497,6 +497,8 @@ def signed_top(fetch, sign: str, top: int):
     """The first `top` rows per ablation, in rank order, whose effect has the sign (carry: < 0, suppress:
     > 0); `fetch(count)` reads the top `count` rows by |effect| per ablation. Reads more rows until each
     ablation has enough or the ranking is exhausted; rank keeps the raw rank."""
+    from collections import Counter
+
     import pyarrow.compute as pc
 
     count = 2 * top
@@ -507,9 +509,8 @@ def signed_top(fetch, sign: str, top: int):
         per = {}
         for i, ablation in enumerate(picked.column("ablation").to_pylist()):
             per.setdefault(ablation, []).append(i)
-        ablations = set(table.column("ablation").to_pylist())
-        shown = {a: len([x for x in table.column("ablation").to_pylist() if x == a]) for a in ablations}
-        if all(len(per.get(a, [])) >= top or shown[a] < count for a in ablations):
+        shown = Counter(table.column("ablation").to_pylist())  # rows read per ablation
+        if all(len(per.get(a, [])) >= top or shown[a] < count for a in shown):
             return picked.take([i for a in sorted(per) for i in per[a][:top]])
         count *= 4
 

@@ -60,15 +60,9 @@ def specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], reference
     for method in sorted(set(rows.column("method").to_pylist()) & set(methods)):
         for ablation in sorted(set(rows.column("ablation").to_pylist()) & set(reference)):
             part = rows.filter(pc.and_(pc.equal(rows["method"], method), pc.equal(rows["ablation"], ablation)))
-            part = part.sort_by([("concept", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
-            concepts = sorted(set(part.column("concept").to_pylist()))
-            n = part.num_rows // len(concepts)
-            if n * len(concepts) != part.num_rows:
-                raise AtlasError(f"run {run_id}: method {method}, ablation {ablation} does not hold the same "
-                                 f"neurons for every concept ({part.num_rows} rows, {len(concepts)} concepts)")
-            layer_col, neuron_col = _neuron_columns(part.slice(0, n))
-            effects = _effects(part).reshape(len(concepts), n)  # [concepts, n]
-            ref = _at(reference[ablation], layer_col, neuron_col)  # [r, n]
+            concepts, layer_col, neuron_col, effects = dense_effects(
+                part, what=f"run {run_id}: method {method}, ablation {ablation}")  # effects [concepts, n]
+            ref = reference_at(reference[ablation], layer_col, neuron_col)  # [r, n]
             generic = generic_mask(torch.cat([ref, effects])).numpy()  # [n]
             for i, concept in enumerate(concepts):
                 others = torch.cat([ref, torch.cat([effects[:i], effects[i + 1:]])])  # [r + run others, n]
@@ -88,14 +82,12 @@ def prompt_specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], re
                             top=top, methods=("prompt-atp",), carry=True)]
     exact = rows.filter(pc.equal(rows["method"], "prompt"))
     for ablation in sorted(set(exact.column("ablation").to_pylist()) & set(reference)):
-        atp = screen.filter(pc.equal(screen["ablation"], ablation))
-        atp = atp.sort_by([("concept", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
-        concepts = sorted(set(atp.column("concept").to_pylist()))
-        n = atp.num_rows // max(1, len(concepts))
-        atp_layer, atp_neuron = _neuron_columns(atp.slice(0, n))
-        atp_effects = _effects(atp).reshape(len(concepts), n)  # [concepts, n]: every neuron of the run's layers
+        # [concepts, n]: every neuron of the run's layers
+        concepts, atp_layer, atp_neuron, atp_effects = dense_effects(
+            screen.filter(pc.equal(screen["ablation"], ablation)),
+            what=f"run {run_id}: method prompt-atp, ablation {ablation}")
         position = {key: j for j, key in enumerate(zip(atp_layer.tolist(), atp_neuron.tolist()))}
-        ref_all = _at(reference[ablation], atp_layer, atp_neuron)  # [r, n]
+        ref_all = reference_at(reference[ablation], atp_layer, atp_neuron)  # [r, n]
         generic_all = generic_mask(torch.cat([ref_all, atp_effects])).numpy()
         mine = exact.filter(pc.equal(exact["ablation"], ablation))
         for concept in sorted(set(mine.column("concept").to_pylist())):
@@ -119,7 +111,20 @@ def _effects(part: pa.Table) -> torch.Tensor:  # [rows] float32
     return torch.from_numpy(part.column("effect").to_numpy(zero_copy_only=False).astype(np.float32))
 
 
-def _at(reference: np.ndarray, layer_col: np.ndarray, neuron_col: np.ndarray) -> torch.Tensor:
+def dense_effects(part: pa.Table, *, what: str) -> tuple[list[str], np.ndarray, np.ndarray, torch.Tensor]:
+    """Rows (concept, layer, neuron, effect) holding the same neurons for every concept -> (concepts,
+    layer [n], neuron [n], effects [concepts, n]), ordered by concept, then (layer, neuron)."""
+    part = part.sort_by([("concept", "ascending"), ("layer", "ascending"), ("neuron", "ascending")])
+    concepts = sorted(set(part.column("concept").to_pylist()))
+    n = part.num_rows // max(1, len(concepts))
+    if n * len(concepts) != part.num_rows:
+        raise AtlasError(f"{what} does not hold the same neurons for every concept "
+                         f"({part.num_rows} rows, {len(concepts)} concepts)")
+    layer_col, neuron_col = _neuron_columns(part.slice(0, n))
+    return concepts, layer_col, neuron_col, _effects(part).reshape(len(concepts), n)
+
+
+def reference_at(reference: np.ndarray, layer_col: np.ndarray, neuron_col: np.ndarray) -> torch.Tensor:
     """[r, n_layers, d_mlp] -> [r, n]: the reference effects of the listed neurons (a copy)."""
     ref = torch.from_numpy(np.array(reference, dtype=np.float32))
     return ref[:, torch.from_numpy(layer_col), torch.from_numpy(neuron_col)]

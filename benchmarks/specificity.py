@@ -25,6 +25,8 @@ by |estimate|), two more rankings are built from them:
                    the candidates of attribution/specificity.py: prompt_candidates (AtP's top `--prompt-screen`
                    by |estimate| and the first `--prompt-screen` of the carry-specific selection on the
                    estimates), the carry-specific selection among them
+  prompt-run-adaptive  the same with the penalty chosen per concept (attribution/specificity.py:
+                   adaptive_carry_order): what a run's `prompt` method ranks
   prompt-specific-pP, prompt-run-pP  the same with penalty P, for each P of --prompt-penalties
 and every ranking's top-10 is also ablated on the concept's prompts and on `--panel-prompts` prompts of
 each panel concept: prompt specificity = |own change of mean log p(gold)| / max |panel concept's change|.
@@ -58,7 +60,8 @@ from attribution.models import load_model, resolve_model_source  # noqa: E402
 from attribution.neat import clean_pass, concept_vector, neat_effects  # noqa: E402
 from attribution.prompt_effects import prompt_atp, prompt_neuron_effects, prompt_set_changes  # noqa: E402
 from attribution.prompts import concept_prompts  # noqa: E402
-from attribution.specificity import carry_specific_order, prompt_candidates, specific_order  # noqa: E402
+from attribution.specificity import (adaptive_carry_order, carry_specific_order, estimated_specificity,  # noqa: E402
+                                     prompt_candidates, specific_order)
 from attribution.validation import ConceptProbe, neutral_loss, vector_changes  # noqa: E402
 
 BUILTIN = ROOT / "configs" / "concepts" / "builtin.yaml"
@@ -198,7 +201,7 @@ def main() -> None:
     texts = read_reference_texts()
     clean_loss = None if args.no_neutral else neutral_loss(model, texts)
     penalty = {} if args.penalty is None else {"penalty": args.penalty}
-    rows = []
+    rows, chosen_penalty, estimates = [], {}, {}
     for group, run in runs.items():
         neat = {name: d["neat"] for name, d in run.items()}
         for name, data in run.items():
@@ -220,11 +223,14 @@ def main() -> None:
                 orders["prompt-run"] = carry_specific_order(
                     candidate_effects(model, mine_p, off_p, args.cache, f"{group}-{name}", screen=args.prompt_screen),
                     off_p, k=args.k, **penalty)
+                scored = candidate_effects(model, mine_p, off_p, args.cache, f"{group}-{name}", screen=args.prompt_screen)
+                orders["prompt-run-adaptive"], chosen_penalty[name] = adaptive_carry_order(scored, off_p, k=args.k)
                 for p in [float(x) for x in args.prompt_penalties.split(",") if x.strip()]:
                     orders[f"prompt-specific-p{p:g}"] = carry_specific_order(mine_p["exact"], off_p, k=args.k, penalty=p)
-                    orders[f"prompt-run-p{p:g}"] = carry_specific_order(
-                        candidate_effects(model, mine_p, off_p, args.cache, f"{group}-{name}", screen=args.prompt_screen),
-                        off_p, k=args.k, penalty=p)
+                    orders[f"prompt-run-p{p:g}"] = carry_specific_order(scored, off_p, k=args.k, penalty=p)
+                # What the selection expects of each top-k: first-order specificity on the run's estimates.
+                estimates = {ranking: estimated_specificity(scored, off_p, order[:args.k])
+                             for ranking, order in orders.items() if ranking.startswith("prompt-run")}
             for p in [float(x) for x in args.penalties.split(",") if x.strip()]:
                 orders[f"specific-p{p:g}"] = specific_order(effect, torch.cat([reference_atp, run_others]),
                                                             k=args.k, penalty=p)
@@ -272,10 +278,15 @@ def main() -> None:
                              "prompt_worst_other": prompt_side.get(ranking, {}).get("worst"),
                              "prompt_worst_other_change": prompt_side.get(ranking, {}).get("worst_change"),
                              "prompt_specificity": prompt_side.get(ranking, {}).get("specificity"),
-                             "prompt_lowers_ratio": prompt_side.get(ranking, {}).get("lowers_ratio")})
+                             "prompt_lowers_ratio": prompt_side.get(ranking, {}).get("lowers_ratio"),
+                             "estimated_prompt_specificity": estimates.get(ranking),
+                             "penalty": chosen_penalty.get(name) if ranking == "prompt-run-adaptive" else None})
+            estimates = {}
             print(f"{group}/{name}: " + "  ".join(
                 f"{r['ranking']} {r['specificity']:.2f} ({r['own_change']:+.2f})"
                 + (f" prompts {r['prompt_specificity']:.2f} ({r['prompt_own_change']:+.3f})" if args.prompts else "")
+                + (f" est {r['estimated_prompt_specificity']:.2f}" if r["estimated_prompt_specificity"] else "")
+                + (f" p{r['penalty']:g}" if r["penalty"] else "")
                 for r in rows[-len(orders):]), file=sys.stderr, flush=True)
     table = []
     for group in runs:

@@ -193,15 +193,21 @@ def latest_attempt(client, address: str, run_id: str) -> tuple[str, object] | No
     return found
 
 
-def submit_job(config: JobConfig, *, address: str, run_id: str | None = None, resume: bool = False,
-               progress: TextIO | None = None) -> Submission:
-    """Submit the run to the cluster; the run id is the submission id. A used run id is refused.
+@dataclass(frozen=True)
+class SubmissionSlot:
+    """Where a run's next job goes: the run id, its submission id, and the client that checked it."""
 
-    `resume`: the run's last submission FAILED or was STOPPED; submit it again as `ID-resume-N` with the
-    same run id, so the new job scores only the shards the failed one did not stage, and commits once.
-    """
+    client: object  # ray.job_submission.JobSubmissionClient
+    run_id: str
+    submission_id: str
+
+
+def claim_submission(config: JobConfig, *, address: str, run_id: str | None = None, resume: bool = False,
+                     progress: TextIO | None = None) -> SubmissionSlot:
+    """The submission id the run's job will take, or SubmitError: a used run id is refused, and
+    `resume` takes the next `ID-resume-N` of a run whose last job FAILED or was STOPPED. A few HTTP
+    calls: `submit` answers here before it checks the config (seconds of model and tokenizer loading)."""
     run_id = run_id or config.run_id or submission_run_id(config)
-    config = replace(config, run_id=run_id)
     clients: list = []
     _until_agent(lambda: clients.append(_client(address)), address, progress)  # a head just started: wait
     client = clients[0]
@@ -224,6 +230,16 @@ def submit_job(config: JobConfig, *, address: str, run_id: str | None = None, re
         submission_id = attempt_ids(run_id)[index]
     elif resume:
         raise SubmitError(f"run {run_id!r} was never submitted to the Ray cluster at {address}: nothing to resume")
+    return SubmissionSlot(client, run_id, submission_id)
+
+
+def submit_job(config: JobConfig, slot: SubmissionSlot, *, address: str,
+               progress: TextIO | None = None) -> Submission:
+    """Submit the run to the cluster as `slot.submission_id` (from `claim_submission`); the run id is
+    the submission id, or its `ID-resume-N`, so the new job scores only the shards a failed one did not
+    stage, and commits once."""
+    run_id, submission_id, client = slot.run_id, slot.submission_id, slot.client
+    config = replace(config, run_id=run_id)
     with tempfile.TemporaryDirectory(prefix="neuron-atlas-job-") as tmp:
         config_path = package_job(config, Path(tmp))
         entrypoint = f"python -m jobs.cli run {config_path} --run-id {run_id}"

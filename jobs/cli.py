@@ -225,8 +225,6 @@ def package_version() -> str:
     except PackageNotFoundError:
         from pathlib import Path
 
-        from pathlib import Path
-
         text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
         found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', text)
         return found.group(1) if found else "unknown"
@@ -380,7 +378,8 @@ def _jobs_address(args: argparse.Namespace) -> str:
 def cmd_submit(args: argparse.Namespace) -> int:
     from cluster.config import apply_overrides, load_job_config
     from cluster.plan import check_before_submit
-    from cluster.submit import follow_logs, submit_job, wait_for_job, with_entrypoint, withheld_options
+    from cluster.submit import (claim_submission, follow_logs, submit_job, wait_for_job, with_entrypoint,
+                                withheld_options)
 
     address = _jobs_address(args)
     config = apply_overrides(
@@ -392,10 +391,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
                              resources=args.entrypoint_resource)
     if args.resume and not config.run_id:
         raise UsageError("--resume needs the --run-id of the run to resume")
-    note = check_before_submit(config)  # a bad layer or concept file exits 2 here, not as a FAILED job
+    # The run id first (a used one is refused in a few HTTP calls), then the config: a bad layer or
+    # concept file exits 2 here, not as a FAILED job.
+    slot = claim_submission(config, address=address, resume=args.resume, progress=sys.stderr)
+    note = check_before_submit(config)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    job = submit_job(config, address=address, resume=args.resume, progress=sys.stderr)
+    job = submit_job(config, slot, address=address, progress=sys.stderr)
     print(job.submission_id, flush=True)
     if withheld_options(config):
         print(f"warning: storage options {', '.join(withheld_options(config))} are credentials and were not sent "

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 import naive_neat
 from attribution.concepts import load_concept_file
@@ -25,10 +26,20 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
+def demo_without_contrast(tmp_path: Path) -> Path:
+    """configs/demo.yaml as it is, but without the reference contrast (tested in test_specificity.py;
+    here it would add its 35 concepts' preparation to every run)."""
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data.update(concepts=str(REPO / "configs" / data["concepts"]), reference_contrast=False)
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.mark.slow
 def test_smollm2_run_query_and_exactness_through_the_cli(tmp_path):
     atlas = tmp_path / "atlas"
-    proc = cli("run", "configs/demo.yaml", "--concepts", str(UNSEEN), "--layers", "0,29", "--atlas", str(atlas),
+    proc = cli("run", str(demo_without_contrast(tmp_path)), "--concepts", str(UNSEEN), "--layers", "0,29", "--atlas", str(atlas),
                "--run-id", "e2e", "--method", "neat")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -56,7 +67,8 @@ def test_smollm2_run_query_and_exactness_through_the_cli(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_the_run_without_a_commit_and_exits_130(tmp_path):
     atlas = tmp_path / "atlas"
-    proc = subprocess.Popen([*CLI, "run", "configs/demo.yaml", "--atlas", str(atlas), "--run-id", "stopped"],
+    proc = subprocess.Popen([*CLI, "run", str(demo_without_contrast(tmp_path)), "--atlas", str(atlas), "--run-id", "stopped",
+                             "--method", "neat"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240

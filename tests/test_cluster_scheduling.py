@@ -59,7 +59,8 @@ def test_a_two_node_run_fails_fast_on_missing_cpus_and_outlives_a_lost_node(two_
     small = tmp_path / "small.yaml"
     small.write_text(yaml.safe_dump({
         "model": tiny_sources["llama"].path, "concepts": str(UNSEEN), "layers": [0], "atlas": str(tmp_path / "small"),
-        "shard_neurons": 96, "batch_rows": 32, "cluster": {"actors": 1, "cpus_per_actor": 1}}))
+        "shard_neurons": 96, "batch_rows": 32, "cluster": {"actors": 1, "cpus_per_actor": 1},
+        "reference_contrast": False}))  # the contrast: test_specificity.py (and the lost-node run below)
     submitted = subprocess.run([str(BIN / "neuron-atlas"), "submit", str(small), "--address", jobs_api, "--run-id",
                                 "early", "--entrypoint-resource", "driver=1", "--wait"],
                                env={**env, "NEURON_ATLAS_AGENT_WAIT": "240"}, capture_output=True,

@@ -74,10 +74,10 @@ def _jobs(cluster, label_prefix: str) -> dict[str, list[str]]:
 def test_restarted_concurrent_and_late_schedulers_submit_each_due_run_once(ray_cluster, tiny_sources, tmp_path):
     config = _config(tmp_path / "minutely.yaml", model=tiny_sources["llama"].path, atlas=tmp_path / "atlas",
                      address=ray_cluster.jobs_api)
-    # A long-running scheduler whose clock starts at 02:00:40: it submits 02:00 at once and 02:01 when
+    # A long-running scheduler whose clock starts at 02:00:52: it submits 02:00 at once and 02:01 when
     # its clock gets there; then it is killed (SIGKILL: nothing to clean up, no state file).
     lines: queue.Queue = queue.Queue()
-    first = subprocess.Popen([str(BIN / "neuron-atlas"), "schedule", str(config), "--now", "2026-12-02T02:00:40Z",
+    first = subprocess.Popen([str(BIN / "neuron-atlas"), "schedule", str(config), "--now", "2026-12-02T02:00:52Z",
                               "--force"], env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              text=True, start_new_session=True)
     threading.Thread(target=lambda: [lines.put(line) for line in first.stdout], daemon=True).start()

@@ -17,11 +17,6 @@ from torch import Tensor
 # The penalty of the selection that picks the prompt method's specific candidates: a wider net than the
 # final ranking's (5), so that the candidates hold the neurons any final penalty would choose.
 CANDIDATE_PENALTY = 10.0
-# The carry ranking's penalty is chosen per concept: the smallest of the ladder whose first
-# ADAPTIVE_AT neurons reach an estimated specificity of ADAPTIVE_TARGET (see adaptive_carry_order).
-PENALTY_LADDER = (2.0, 3.0, 5.0, 8.0, 13.0, 20.0)
-ADAPTIVE_AT = 10
-ADAPTIVE_TARGET = 8.0
 GENERIC_SHARE = 0.5  # a neuron is generic when it is in the top 1% by |effect| of at least this share of concepts
 
 
@@ -72,34 +67,6 @@ def carry_specific_order(effect: Tensor, off: Tensor, *, k: int, penalty: float 
     if count == 0:
         return torch.zeros(0, dtype=torch.long)
     return specific_order(carrying, off, k=k, penalty=penalty, candidates=min(candidates, count))
-
-
-def estimated_specificity(effect: Tensor, off: Tensor, chosen: Tensor) -> float:
-    """First-order specificity of ablating `chosen` together: |sum of own effects| / the largest |sum
-    of a contrast concept's effects| (effect [n], off [r, n], chosen [m] int64)."""
-    own = float(effect[chosen].double().sum().abs())
-    worst = float(off[:, chosen].double().sum(dim=1).abs().max()) if off.shape[0] else 0.0
-    return own / worst if worst > 0 else float("inf")
-
-
-def adaptive_carry_order(effect: Tensor, off: Tensor, *, k: int, ladder: tuple[float, ...] = PENALTY_LADDER,
-                         at: int = ADAPTIVE_AT, target: float = ADAPTIVE_TARGET) -> tuple[Tensor, float]:
-    """`carry_specific_order` with the penalty chosen for this concept: the smallest of `ladder` whose
-    first `at` neurons reach `estimated_specificity` >= target (the most own effect a specific set
-    keeps), else the one whose first `at` are the most specific. A fixed penalty is too weak for
-    concepts whose carriers also carry others (royalty) and needlessly strong for the rest.
-    Returns (order [<= k] int64, the penalty chosen)."""
-    best: tuple[float, Tensor, float] | None = None
-    for penalty in ladder:
-        order = carry_specific_order(effect, off, k=k, penalty=penalty)
-        if len(order) == 0:
-            return order, penalty
-        estimate = estimated_specificity(effect, off, order[:at])
-        if estimate >= target:
-            return order, penalty
-        if best is None or estimate > best[0]:
-            best = (estimate, order, penalty)
-    return best[1], best[2]
 
 
 def prompt_candidates(estimate: Tensor, off: Tensor, *, top: int, penalty: float = CANDIDATE_PENALTY) -> Tensor:

@@ -25,8 +25,6 @@ by |estimate|), two more rankings are built from them:
                    the candidates of attribution/specificity.py: prompt_candidates (AtP's top `--prompt-screen`
                    by |estimate| and the first `--prompt-screen` of the carry-specific selection on the
                    estimates), the carry-specific selection among them
-  prompt-run-adaptive  the same with the penalty chosen per concept (attribution/specificity.py:
-                   adaptive_carry_order): what a run's `prompt` method ranks
   prompt-specific-pP, prompt-run-pP  the same with penalty P, for each P of --prompt-penalties
 and every ranking's top-10 is also ablated on the concept's prompts and on `--panel-prompts` prompts of
 each panel concept: prompt specificity = |own change of mean log p(gold)| / max |panel concept's change|.
@@ -60,8 +58,7 @@ from attribution.models import load_model, resolve_model_source  # noqa: E402
 from attribution.neat import clean_pass, concept_vector, neat_effects  # noqa: E402
 from attribution.prompt_effects import prompt_atp, prompt_neuron_effects, prompt_set_changes  # noqa: E402
 from attribution.prompts import concept_prompts  # noqa: E402
-from attribution.specificity import (adaptive_carry_order, carry_specific_order, estimated_specificity,  # noqa: E402
-                                     prompt_candidates, specific_order)
+from attribution.specificity import carry_specific_order, prompt_candidates, specific_order  # noqa: E402
 from attribution.validation import ConceptProbe, neutral_loss, vector_changes  # noqa: E402
 
 BUILTIN = ROOT / "configs" / "concepts" / "builtin.yaml"
@@ -152,6 +149,14 @@ def candidate_effects(model, entry: dict, off: torch.Tensor, cache: Path | None,
     return out
 
 
+def estimated_specificity(effect: torch.Tensor, off: torch.Tensor, chosen: torch.Tensor) -> float:
+    """First-order specificity of ablating `chosen` together: |sum of own effects| / the largest |sum
+    of a contrast concept's effects| (effect [n], off [r, n], chosen [m] int64)."""
+    own = float(effect[chosen].double().sum().abs())
+    worst = float(off[:, chosen].double().sum(dim=1).abs().max()) if off.shape[0] else 0.0
+    return own / worst if worst > 0 else float("inf")
+
+
 def carry_order(effect: torch.Tensor) -> torch.Tensor:
     """Neurons whose ablation lowers the concept's targets most first (signed effects [n])."""
     return effect.argsort(stable=True)
@@ -201,7 +206,7 @@ def main() -> None:
     texts = read_reference_texts()
     clean_loss = None if args.no_neutral else neutral_loss(model, texts)
     penalty = {} if args.penalty is None else {"penalty": args.penalty}
-    rows, chosen_penalty, estimates = [], {}, {}
+    rows, estimates = [], {}
     for group, run in runs.items():
         neat = {name: d["neat"] for name, d in run.items()}
         for name, data in run.items():
@@ -220,11 +225,8 @@ def main() -> None:
                 orders["prompt-specific"] = carry_specific_order(
                     mine_p["exact"], torch.cat([reference_prompt_atp, others_p]), k=args.k, **penalty)
                 off_p = torch.cat([reference_prompt_atp, others_p])
-                orders["prompt-run"] = carry_specific_order(
-                    candidate_effects(model, mine_p, off_p, args.cache, f"{group}-{name}", screen=args.prompt_screen),
-                    off_p, k=args.k, **penalty)
                 scored = candidate_effects(model, mine_p, off_p, args.cache, f"{group}-{name}", screen=args.prompt_screen)
-                orders["prompt-run-adaptive"], chosen_penalty[name] = adaptive_carry_order(scored, off_p, k=args.k)
+                orders["prompt-run"] = carry_specific_order(scored, off_p, k=args.k, **penalty)
                 for p in [float(x) for x in args.prompt_penalties.split(",") if x.strip()]:
                     orders[f"prompt-specific-p{p:g}"] = carry_specific_order(mine_p["exact"], off_p, k=args.k, penalty=p)
                     orders[f"prompt-run-p{p:g}"] = carry_specific_order(scored, off_p, k=args.k, penalty=p)
@@ -279,14 +281,12 @@ def main() -> None:
                              "prompt_worst_other_change": prompt_side.get(ranking, {}).get("worst_change"),
                              "prompt_specificity": prompt_side.get(ranking, {}).get("specificity"),
                              "prompt_lowers_ratio": prompt_side.get(ranking, {}).get("lowers_ratio"),
-                             "estimated_prompt_specificity": estimates.get(ranking),
-                             "penalty": chosen_penalty.get(name) if ranking == "prompt-run-adaptive" else None})
+                             "estimated_prompt_specificity": estimates.get(ranking)})
             estimates = {}
             print(f"{group}/{name}: " + "  ".join(
                 f"{r['ranking']} {r['specificity']:.2f} ({r['own_change']:+.2f})"
                 + (f" prompts {r['prompt_specificity']:.2f} ({r['prompt_own_change']:+.3f})" if args.prompts else "")
                 + (f" est {r['estimated_prompt_specificity']:.2f}" if r["estimated_prompt_specificity"] else "")
-                + (f" p{r['penalty']:g}" if r["penalty"] else "")
                 for r in rows[-len(orders):]), file=sys.stderr, flush=True)
     table = []
     for group in runs:

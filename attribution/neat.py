@@ -117,31 +117,43 @@ def text_batches(model: SiteModel, texts, *, batch_size: int = 32, concept: str 
 @torch.no_grad()
 def clean_pass(model: SiteModel, vector: Tensor, target_ids: tuple[int, ...]) -> CleanPass:
     """One full forward of c as inputs_embeds [1, 1, d_model], keeping every block's output."""
+    return clean_passes(model, [vector], [target_ids])[0]
+
+
+@torch.no_grad()
+def clean_passes(model: SiteModel, vectors: list[Tensor], target_ids: list[tuple[int, ...]], *,
+                 trajectory: bool = True) -> list[CleanPass]:
+    """`clean_pass` of several concept vectors, each a row of one forward ([rows, 1, d_model]; a row
+    attends only to itself). `trajectory=False` leaves out the clean trajectory, which only the NEAT
+    engines read (validation needs the vector and log p(T))."""
     resid: dict[int, Tensor] = {}
     handles = []
 
     def keep_output(layer: int):
         def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output  # [1, 1, d_model]
-            resid[layer] = hidden[0, -1].detach().clone()
+            hidden = output[0] if isinstance(output, tuple) else output  # [rows, 1, d_model]
+            resid[layer] = hidden[:, -1].detach().clone()
         return hook
 
     try:
         for layer, block in enumerate(model.blocks):
             handles.append(block.register_forward_hook(keep_output(layer)))
+        embeds = torch.stack([v.view(-1) for v in vectors]).view(len(vectors), 1, -1)  # [rows, 1, d_model]
         with recording(model, range(model.n_layers)) as acts:
-            logits = model.hf(inputs_embeds=vector.view(1, 1, -1).to(model.device, model.dtype)).logits
+            logits = model.hf(inputs_embeds=embeds.to(model.device, model.dtype)).logits[:, -1]  # [rows, vocab]
     finally:
         for handle in handles:
             handle.remove()
-    targets = torch.tensor(target_ids, device=logits.device)
-    clean = CleanPass(
-        vector=vector,
-        resid=tuple(resid[layer] for layer in range(model.n_layers)),  # each on its block's device
-        acts=torch.stack([acts[layer][0, -1].to(model.device) for layer in range(model.n_layers)]),  # [n_layers, d_mlp]
-        log_p=float(log_p_targets(logits[:, -1], targets)[0]),
-    )
-    return with_trajectory(model, clean)
+    out = []
+    for row, (vector, targets) in enumerate(zip(vectors, target_ids)):
+        clean = CleanPass(
+            vector=vector,
+            resid=tuple(resid[layer][row] for layer in range(model.n_layers)),  # each on its block's device
+            acts=torch.stack([acts[layer][row, -1].to(model.device) for layer in range(model.n_layers)]),  # [n_layers, d_mlp]
+            log_p=float(log_p_targets(logits[row:row + 1], torch.tensor(targets, device=logits.device))[0]),
+        )
+        out.append(with_trajectory(model, clean) if trajectory else clean)
+    return out
 
 
 @torch.no_grad()

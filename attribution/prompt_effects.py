@@ -24,7 +24,7 @@ from torch import Tensor
 from attribution.models import SiteModel
 from attribution.neat import log_p_targets
 from attribution.prompts import Prompt, prompt_batch
-from attribution.validation import Neuron, prompt_rows_log_p
+from attribution.validation import PROMPT_BATCH_ROWS, Neuron, prompt_rows_log_p
 
 
 def mean_log_p_gold(logits: Tensor, prompts: list[Prompt]) -> Tensor:
@@ -72,7 +72,7 @@ def prompt_atp(model: SiteModel, prompts: list[Prompt], ablate_to: Tensor) -> Te
 
 @torch.no_grad()
 def prompt_set_changes(model: SiteModel, rows: list[tuple[Prompt, list[Neuron]]], ablate_to: Tensor, *,
-                       batch_rows: int = 128) -> list[float]:
+                       batch_rows: int = PROMPT_BATCH_ROWS) -> list[float]:
     """For each (prompt, neurons): log p(gold | prompt, neurons ablated together at every position) -
     log p(gold | prompt). Rows of any prompts and sets share batched forwards; clean values are computed
     once per distinct prompt."""
@@ -83,7 +83,7 @@ def prompt_set_changes(model: SiteModel, rows: list[tuple[Prompt, list[Neuron]]]
 
 
 def prompt_neuron_effects(model: SiteModel, prompts: list[Prompt], layer: int, neurons, ablate_to: Tensor, *,
-                          batch_rows: int = 256) -> Tensor:
+                          batch_rows: int = PROMPT_BATCH_ROWS) -> Tensor:
     """Each neuron of `layer` ablated alone at every position: the mean over the prompts of the change of
     log p(gold): [len(neurons)] float32 (signed, like prompt_atp)."""
     neurons = list(neurons)

@@ -199,8 +199,10 @@ class ShardScorer:
                     self.prompt_atp[(name, mode)] = prompt_atp(self.model, self._prompts(rc), ablate_to)
                 effect = self.prompt_atp[(name, mode)][shard.layer][index]
             else:
+                from attribution.validation import prompt_batch_rows
+
                 effect = prompt_neuron_effects(self.model, self._prompts(rc), shard.layer, shard.neurons, ablate_to,
-                                               batch_rows=self.spec.batch_rows)
+                                               batch_rows=prompt_batch_rows(self.model.device, self.spec.batch_rows))
             return {"score": effect.abs(), "effect": effect}
         if shard.method == "neg":
             from attribution.neurgrad import neg_slopes

@@ -60,7 +60,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from attribution.concepts import load_concept_file, resolve_targets
     from attribution.errors import ConceptError
     from attribution.models import load_model, resolve_model_source
-    from attribution.neat import clean_pass
+    from attribution.neat import clean_passes
     from attribution.vector_cache import cached_concept_vectors
     from attribution.prompts import concept_prompts
     from attribution.validation import ConceptProbe, validate_ranking
@@ -130,9 +130,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     # Every concept vector in shared, length-sorted batches, or from the cache the run's reference
     # contrast filled (attribution/vector_cache.py).
     vectors = cached_concept_vectors(model, {concept.name: concept.examples for concept, _, _ in members})
-    probes = {concept.name: ConceptProbe(concept.name, clean_pass(model, vectors[concept.name], targets), targets,
-                                         prompts)
-              for concept, targets, prompts in members}
+    # Every concept's clean log p(T) in one batched forward (validation needs no clean trajectory).
+    cleans = clean_passes(model, [vectors[concept.name] for concept, _, _ in members],
+                          [targets for _, targets, _ in members], trajectory=False)
+    probes = {concept.name: ConceptProbe(concept.name, clean, targets, prompts)
+              for (concept, targets, prompts), clean in zip(members, cleans)}
     texts = read_reference_texts()
     reference = reference_means(model, texts) if intervention in ("mean", "range") else None
     ablate_to = ablation_values(model, "mean" if intervention == "range" else intervention, reference)

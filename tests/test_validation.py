@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from attribution.neat import clean_pass, concept_vector, neat_effects
+from attribution.neat import clean_pass, clean_passes, concept_vector, neat_effects
 from attribution.validation import ConceptProbe, ablation_change, neutral_loss, validate_ranking
 
 
@@ -21,6 +21,23 @@ def probes(tiny_models):
     model = tiny_models["llama"]
     return (_probe(model, "royalty", ["The king wore a crown.", "The queen sat on the throne."], ("king", "queen")),
             _probe(model, "weather", ["Heavy rain fell all night.", "Snow covered the hills."], ("rain", "snow")))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batched_clean_passes_equal_one_forward_per_concept(tiny_models, family):
+    """validate's clean passes of its whole panel in one forward: the same log p(T), activations and
+    residuals as one forward per concept (rows attend only to themselves)."""
+    model = tiny_models[family]
+    vectors = [concept_vector(model, [text]) for text in ("The king wore a crown.", "Rain fell.", "A dog barked.")]
+    targets = [(5, 7), (11,), (3, 4, 9)]
+    batched = clean_passes(model, vectors, targets, trajectory=False)
+    for vector, ids, got in zip(vectors, targets, batched):
+        one = clean_pass(model, vector, ids)
+        assert got.log_p == pytest.approx(one.log_p, abs=1e-5)
+        torch.testing.assert_close(got.acts, one.acts, atol=1e-5, rtol=1e-5)
+        for a, b in zip(got.resid, one.resid):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert got.blocks == () and len(one.blocks) == model.n_layers
 
 
 def test_single_neuron_ablation_change_is_its_neat_effect(tiny_models, probes):

@@ -120,8 +120,8 @@ def test_prompt_specificity_rows_by_value():
         assert mine[i]["off_target"] == pytest.approx(abs(off[worst])) and mine[i]["off_target_concept"] == worst
         floor = 0.05 * max(abs(e) for e in screened.values())
         assert mine[i]["specificity"] == pytest.approx(abs(effect) / max(abs(off[worst]), floor), rel=1e-5)
-    # Only carrying neurons (effect < 0) are ranked; the first maximises |e| - 5 max|off| (1: 0.6 - 5*0.1 = 0.1,
-    # 3: 0.4 - 5*0.06 = 0.1, 5: 0.25 - 5*0.01 = 0.2).
+    # Only carrying neurons (effect < 0) are ranked; the first maximises |e| - 10 max|off| (1: 0.6 - 10*0.1 = -0.4,
+    # 3: 0.4 - 10*0.06 = -0.2, 5: 0.25 - 10*0.01 = 0.15).
     assert mine[2]["specific_rank"] is None
     assert mine[5]["specific_rank"] == 1
     assert sorted(r["specific_rank"] for r in mine.values() if r["specific_rank"]) == [1, 2, 3]

@@ -196,25 +196,42 @@ def _show(args: argparse.Namespace, rows: pa.Table, results: list, shared: dict[
             row["created_at"] = row["created_at"].isoformat()
         print(json.dumps(out))
         return 0
+    method, run_id = rows.column("method")[0].as_py(), rows.column("run_id")[0].as_py()
     shown = []
     for r in results:
-        shown.append({"k": r.k, "top_change": r.top_change, "random": f"{r.random_mean:+.4f} ± {r.random_std:.4f}",
-                      "z": r.z_score, "p": r.p_value, "specificity": specificity(r),
-                      "most_moved_other": _most_moved(r.other_changes),
-                      "prompt_change": r.prompt_change, "prompt_random": r.prompt_random_mean,
-                      "prompt_specificity": prompt_specificity(r),
-                      "most_moved_other_prompts": _most_moved(r.prompt_other_changes),
-                      "shared_top_k": shared[r.k], "neutral_loss_change": r.neutral_loss_change})
+        vector = {"top_change": r.top_change, "random": f"{r.random_mean:+.4f} ± {r.random_std:.4f}",
+                  "z": r.z_score, "p": r.p_value, "specificity": specificity(r),
+                  "most_moved_other": _most_moved(r.other_changes)}
+        prompts = {"prompt_change": r.prompt_change, "prompt_random": r.prompt_random_mean,
+                   "prompt_specificity": prompt_specificity(r),
+                   "most_moved_other_prompts": _most_moved(r.prompt_other_changes)}
+        rest = {"shared_top_k": shared[r.k], "neutral_loss_change": r.neutral_loss_change}
+        if method.split("/")[0] in IN_DISTRIBUTION:
+            # A ranking made on the prompts is judged on the prompts first; the concept vector is the
+            # other probe (its columns renamed so that "specificity" is not read as this ranking's).
+            vector = {f"vector_{key.removeprefix('top_')}": value for key, value in vector.items()}
+            shown.append({"k": r.k, **prompts, **vector, **rest})
+        else:
+            shown.append({"k": r.k, **vector, **prompts, **rest})
     write_table(pa.Table.from_pylist(shown), "table")
-    method, run_id = rows.column("method")[0].as_py(), rows.column("run_id")[0].as_py()
     panel = len(results[0].other_changes) if results else 0
-    print(f"{method} top-k of run {run_id}; log p(T) change of the concept vector in nats when the top-k are "
-          f"ablated together (prompt_change: log p(gold) on the concept's prompts); random: {args.draws} draws of "
-          f"k neurons from the run's layers; specificity: |top_change| / the largest |change| of the "
-          f"{panel} other concepts of the panel (the run's, the reference set's"
-          f"{', --panel' if args.panel else ''}); shared_top_k: share also top-k for another concept"
+    panel_note = (f"the largest |change| of the {panel} other concepts of the panel (the run's, the reference "
+                  f"set's{', --panel' if args.panel else ''})")
+    if method.split("/")[0] in IN_DISTRIBUTION:
+        what = (f"prompt_change: change of mean log p(gold) over the concept's prompts in nats when the top-k are "
+                f"ablated together; prompt_specificity: |prompt_change| / {panel_note} on their prompts; "
+                f"vector_*: the same on the concept vector (log p(T)); random: {args.draws} draws of k neurons "
+                f"from the run's layers")
+    else:
+        what = (f"log p(T) change of the concept vector in nats when the top-k are ablated together (prompt_change: "
+                f"log p(gold) on the concept's prompts); random: {args.draws} draws of k neurons from the run's "
+                f"layers; specificity: |top_change| / {panel_note}")
+    print(f"{method} top-k of run {run_id}; {what}; shared_top_k: share also top-k for another concept"
           f"{f'; stored in {args.atlas}/validations' if stored else ''}", file=sys.stderr)
     return 0
+
+
+IN_DISTRIBUTION = ("prompt", "prompt-atp")  # methods that rank by effects on the concept's own prompts
 
 
 def _shared_top_k(atlas: str, neurons: list[tuple[int, int]], ks: list[int], *, concept: str, others: list[str],

@@ -226,6 +226,12 @@ def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_ta
     # Each concept's own candidates: no cross-concept contrast of raw scores exists for method prompt.
     assert main(["query", "--atlas", str(atlas), "--concept", "music", "--run", "on", "--rank-by", "contrastive"]) == 2
     assert "method prompt scores each concept's own candidates only" in capsys.readouterr().err
+    # validate judges a prompt ranking on the prompts first; the concept vector's columns are vector_*.
+    assert main(["validate", "--atlas", str(atlas), "--concept", "music", "--run", "on", "--k", "2", "--draws", "2",
+                 "--device", "cpu"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[:4] == ["k", "prompt_change", "prompt_random", "prompt_specificity"]
+    assert "vector_specificity" in header and "specificity" not in header
 
 
 def pc_equal(column: str, value):

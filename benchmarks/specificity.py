@@ -206,11 +206,12 @@ def main() -> None:
     texts = read_reference_texts()
     clean_loss = None if args.no_neutral else neutral_loss(model, texts)
     penalty = {} if args.penalty is None else {"penalty": args.penalty}
-    rows, estimates = [], {}
+    rows = []
     for group, run in runs.items():
         neat = {name: d["neat"] for name, d in run.items()}
         for name, data in run.items():
             effect = data["neat"]
+            estimates = {}  # ranking -> the selection's first-order specificity of its top-k (prompt-run rankings)
             run_others = torch.stack([v for n, v in neat.items() if n != name])
             orders = {
                 "neat": effect.abs().argsort(descending=True, stable=True),
@@ -282,7 +283,6 @@ def main() -> None:
                              "prompt_specificity": prompt_side.get(ranking, {}).get("specificity"),
                              "prompt_lowers_ratio": prompt_side.get(ranking, {}).get("lowers_ratio"),
                              "estimated_prompt_specificity": estimates.get(ranking)})
-            estimates = {}
             print(f"{group}/{name}: " + "  ".join(
                 f"{r['ranking']} {r['specificity']:.2f} ({r['own_change']:+.2f})"
                 + (f" prompts {r['prompt_specificity']:.2f} ({r['prompt_own_change']:+.3f})" if args.prompts else "")

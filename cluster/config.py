@@ -17,6 +17,7 @@ RUN_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")  # matched whole (fullmatch: 
 # gradients (estimate / swept slope); neuronlens: activation ranges; selectivity: probing with
 # positives and negatives; ig: integrated gradients (knowledge neurons). README "Methods".
 METHODS = ("neat", "atp", "prompt", "prompt-atp", "neurgrad", "neg", "neuronlens", "selectivity", "ig")
+PROMPT_METHODS = ("prompt-atp", "prompt")  # in-distribution: effects on the concept's own cloze prompts
 ABLATIONS = ("zero", "mean", "range")  # range: only inside the concept's NeuronLens activation range
 DTYPES = ("float32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from attribution.models import PLANNED_ONLY, read_model_config
 from cluster.capacity import ray_memory
+from cluster.config import PROMPT_METHODS
 from cluster.checks import bf16_agreement, bf16_sample, neg_agreement
 from cluster.fingerprint import run_lineage
 from cluster.plan import JobPlan, Shard
@@ -431,7 +432,7 @@ def _check_rows(plan: JobPlan):
     if plan.config.method_options.screen_top:
         methods |= {"atp", "neat"}
     if "prompt" in plan.config.methods:
-        methods |= {"prompt-atp", "prompt"}
+        methods |= set(PROMPT_METHODS)
     if {"neurgrad", "neg"} <= set(plan.config.methods):
         methods |= {"neurgrad", "neg"}
     ids = [s.shard_id for s in plan.shards if s.method in methods]

@@ -20,14 +20,13 @@ from attribution.models import (PLANNED_ONLY, ModelSource, architecture_source, 
                                 resolve_model_source)
 from attribution.sites import architecture_for, head_macs
 from attribution.weight_files import check_weight_files
-from cluster.config import ConfigError, JobConfig
+from cluster.config import PROMPT_METHODS, ConfigError, JobConfig
 
 
 # Methods whose rows come once per ablation mode of the run; the others write ablation "none".
 ABLATION_METHODS = ("neat", "atp", "prompt-atp", "prompt")
 # In-distribution ablation on the concept's cloze prompts (attribution/prompt_effects.py): every
 # position of a prompt is set to the value, so only the position-free modes apply (not range).
-PROMPT_METHODS = ("prompt-atp", "prompt")
 PROMPT_ABLATIONS = ("zero", "mean")
 # What an encoder (no LM head) supports: the methods that read activations only.
 ENCODER_METHODS = ("neuronlens", "selectivity")

@@ -17,7 +17,7 @@ from attribution.models import ModelSource, load_model
 from attribution.neat import NEAT_ENGINES, CleanPass, placed
 from attribution.neuron_scores import EXTRA_COLUMNS, NeuronScores
 from attribution.placement import Placement
-from cluster.config import MethodOptions
+from cluster.config import PROMPT_METHODS, MethodOptions
 from cluster.plan import JobPlan, ResolvedConcept, Shard, ablations_for
 from cluster.prepare import PreparedConcepts, prepare_concepts
 from storage.schema import SHARD_SCHEMA
@@ -190,7 +190,7 @@ class ShardScorer:
                                 batch_rows=self.spec.batch_rows, **extra)
             activation = clean.acts[shard.layer].float().cpu()[index]
             return {"score": effect.abs(), "effect": effect, "activation": activation}
-        if shard.method in ("prompt-atp", "prompt"):  # in-distribution: the concept's cloze prompts
+        if shard.method in PROMPT_METHODS:  # in-distribution: the concept's cloze prompts
             from attribution.prompt_effects import prompt_atp, prompt_neuron_effects
 
             ablate_to = self._ablate_to(rc, mode)

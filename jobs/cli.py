@@ -485,7 +485,9 @@ def _query_ranking(args: argparse.Namespace) -> str:
     takes neurons that carry the concept, the others' any sign): another --sign ranks by raw score."""
     if args.sign is None:
         return args.rank_by or "specific"
-    specific_sign = "carry" if args.method in ("prompt", "prompt-atp") else "both"
+    from cluster.config import PROMPT_METHODS
+
+    specific_sign = "carry" if args.method in PROMPT_METHODS else "both"
     if args.rank_by in (None, "specific") and args.sign == specific_sign:
         return "specific"
     if args.rank_by in (None, "score"):

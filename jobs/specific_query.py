@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cluster.config import PROMPT_METHODS
+
 SPECIFIC_COLUMNS = ["specific_rank", "layer", "neuron", "effect", "specificity", "off_target", "off_target_concept",
                     "rank", "generic", "ablation"]
 
@@ -44,7 +46,7 @@ def specific_or_score(atlas, *, concept: str, model: str | None, method: str, ab
         & pc.is_in(pds.field("layer"), pa.array(sorted(set(rows["layer"].to_pylist())), pa.int32())))
     rows = rows.join(ranks, keys=["ablation", "layer", "neuron"], join_type="left outer")
     rows = rows.sort_by([("ablation", "ascending"), ("specific_rank", "ascending")])
-    if method in ("prompt", "prompt-atp"):
+    if method in PROMPT_METHODS:
         note = (f"ranked by specificity (a set of neurons that carry {concept}: ablated, they lower its gold tokens "
                 f"on its own prompts much more than any reference or run concept's; raw {method}: --rank-by score)")
     else:

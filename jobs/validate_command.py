@@ -196,7 +196,11 @@ def _show(args: argparse.Namespace, rows: pa.Table, results: list, shared: dict[
             row["created_at"] = row["created_at"].isoformat()
         print(json.dumps(out))
         return 0
+    from cluster.config import PROMPT_METHODS
+
     method, run_id = rows.column("method")[0].as_py(), rows.column("run_id")[0].as_py()
+    # A ranking made on the prompts is judged on the prompts first; the concept vector is the other probe.
+    on_prompts = method.split("/")[0] in PROMPT_METHODS
     shown = []
     for r in results:
         vector = {"top_change": r.top_change, "random": f"{r.random_mean:+.4f} ± {r.random_std:.4f}",
@@ -206,9 +210,7 @@ def _show(args: argparse.Namespace, rows: pa.Table, results: list, shared: dict[
                    "prompt_specificity": prompt_specificity(r),
                    "most_moved_other_prompts": _most_moved(r.prompt_other_changes)}
         rest = {"shared_top_k": shared[r.k], "neutral_loss_change": r.neutral_loss_change}
-        if method.split("/")[0] in IN_DISTRIBUTION:
-            # A ranking made on the prompts is judged on the prompts first; the concept vector is the
-            # other probe (its columns renamed so that "specificity" is not read as this ranking's).
+        if on_prompts:  # the vector's columns renamed, so that "specificity" is not read as this ranking's
             vector = {f"vector_{key.removeprefix('top_')}": value for key, value in vector.items()}
             shown.append({"k": r.k, **prompts, **vector, **rest})
         else:
@@ -217,7 +219,7 @@ def _show(args: argparse.Namespace, rows: pa.Table, results: list, shared: dict[
     panel = len(results[0].other_changes) if results else 0
     panel_note = (f"the largest |change| of the {panel} other concepts of the panel (the run's, the reference "
                   f"set's{', --panel' if args.panel else ''})")
-    if method.split("/")[0] in IN_DISTRIBUTION:
+    if on_prompts:
         what = (f"prompt_change: change of mean log p(gold) over the concept's prompts in nats when the top-k are "
                 f"ablated together; prompt_specificity: |prompt_change| / {panel_note} on their prompts; "
                 f"vector_*: the same on the concept vector (log p(T)); random: {args.draws} draws of k neurons "
@@ -229,9 +231,6 @@ def _show(args: argparse.Namespace, rows: pa.Table, results: list, shared: dict[
     print(f"{method} top-k of run {run_id}; {what}; shared_top_k: share also top-k for another concept"
           f"{f'; stored in {args.atlas}/validations' if stored else ''}", file=sys.stderr)
     return 0
-
-
-IN_DISTRIBUTION = ("prompt", "prompt-atp")  # methods that rank by effects on the concept's own prompts
 
 
 def _shared_top_k(atlas: str, neurons: list[tuple[int, int]], ks: list[int], *, concept: str, others: list[str],

@@ -17,6 +17,7 @@ from torch import Tensor
 from attribution.masking import NeuronMask, layer_masks, masked
 from attribution.models import SiteModel
 from attribution.neat import CleanPass, log_p_targets, text_batches
+from attribution.suffix_start import CleanStarts, clean_starts, first_layer, start_chunks, starting_at
 
 Neuron = tuple[int, int]  # (layer, neuron)
 # Rows of short prompts per forward on a CPU: 64 rows (a few hundred tokens) ran the 21 sets x 25
@@ -256,12 +257,14 @@ def length_sorted_chunks(lengths: list[int], size: int, max_tokens: int = 2048) 
 @torch.no_grad()
 def prompt_rows_log_p(model: SiteModel, rows: list[tuple[object, list[Neuron]]], ablate_to: Tensor,
                       ranges: tuple[Tensor, Tensor] | None = None, *,
-                      batch_rows: int = PROMPT_BATCH_ROWS) -> list[float]:
+                      batch_rows: int = PROMPT_BATCH_ROWS, starts: CleanStarts | None = None) -> list[float]:
     """For each (prompt, neurons): log p(gold | prompt) with the neurons ablated together (every position).
 
     prompts.Prompt rows of any prompts and sets share forwards, shortest first; rows whose prompts have
     the same text and the same set share one forward row (royalty's 25 cloze prompts are 12 texts:
     "The" comes before " king", " queen", " crown", ...), each reading its own gold from the logits.
+    Each forward row starts at its set's first ablated layer (attribution/suffix_start.py) from
+    `starts`, the clean block inputs of the rows' texts (default: made here, one clean forward).
     """
     from attribution.prompts import Prompt, prompt_batch
 
@@ -271,13 +274,20 @@ def prompt_rows_log_p(model: SiteModel, rows: list[tuple[object, list[Neuron]]],
     for i, f in enumerate(owner):
         readers[f].append(i)
     keys = list(forward_rows)
+    firsts = [first_layer(list(neurons), model.n_layers) for _, neurons in keys]
+    if starts is None:
+        starts = clean_starts(model, [text for text, _ in keys], set(firsts), batch_rows=batch_rows)
+    lengths = token_lengths(model, [text for text, _ in keys])
     out = [0.0] * len(rows)
-    for chunk in length_sorted_chunks(token_lengths(model, [text for text, _ in keys]), batch_rows):
+    for layer, chunk in start_chunks(firsts, lengths, batch_rows):
         batch = prompt_batch(model, [Prompt(keys[f][0], rows[readers[f][0]][0].target_ids) for f in chunk])
-        with row_masked(model, [list(keys[f][1]) for f in chunk], ablate_to, ranges):
+        resid = starts.batch(layer, [keys[f][0] for f in chunk], batch.input_ids.shape[1])  # [rows, pos, d_model]
+        with row_masked(model, [list(keys[f][1]) for f in chunk], ablate_to, ranges), \
+                starting_at(model, layer, resid):
             logits = last_position_logits(model, batch.input_ids, batch.attention_mask, batch.last)  # [rows, vocab]
         reading = [(row, i) for row, f in enumerate(chunk) for i in readers[f]]
-        values = rows_log_p_targets(logits[[row for row, _ in reading]], [rows[i][0].target_ids for _, i in reading])
+        values = rows_log_p_targets(logits[[row for row, _ in reading]],
+                                    [rows[i][0].target_ids for _, i in reading])
         for (_, i), value in zip(reading, values):
             out[i] = value
     return out
@@ -292,12 +302,12 @@ def rows_log_p_targets(logits: Tensor, targets: list[tuple[int, ...]]) -> list[f
 
 def prompt_log_p_sets(model: SiteModel, prompts, sets: list[list[Neuron]], ablate_to: Tensor,
                       ranges: tuple[Tensor, Tensor] | None = None, *,
-                      batch_rows: int = PROMPT_BATCH_ROWS) -> list[float]:
+                      batch_rows: int = PROMPT_BATCH_ROWS, starts: CleanStarts | None = None) -> list[float]:
     """For each neuron set: mean over prompts of log p(gold | prompt) with the set ablated together
-    (`prompts_log_p`); rows (set, prompt) share forwards, sorted by prompt length."""
+    (`prompts_log_p`); rows (set, prompt) share forwards, sorted by prompt length ([] = clean)."""
     prompts = list(prompts)
     values = prompt_rows_log_p(model, [(p, s) for s in sets for p in prompts], ablate_to, ranges,
-                               batch_rows=batch_rows)
+                               batch_rows=batch_rows, starts=starts)
     n = len(prompts)
     return [float(torch.tensor(values[j * n:(j + 1) * n], dtype=torch.float64).mean()) for j in range(len(sets))]
 
@@ -306,15 +316,20 @@ def prompt_log_p_sets(model: SiteModel, prompts, sets: list[list[Neuron]], ablat
 def neutral_losses(model: SiteModel, texts: list[str], sets: list[list[Neuron]], ablate_to: Tensor,
                    ranges: tuple[Tensor, Tensor] | None = None, *, batch_rows: int = 32) -> list[float]:
     """`neutral_loss` for each neuron set ([] = clean): rows (set, text) share forwards, shortest first,
-    and the head's log-softmax runs on real positions only."""
+    each starting at its set's first ablated layer (the clean set: the clean forward's output), and the
+    head's log-softmax runs on real positions only."""
     texts = list(texts)
     lengths = token_lengths(model, texts)
-    rows = [(j, t) for j in range(len(sets)) for t in range(len(texts))]
+    firsts = [first_layer(list(neurons), model.n_layers) for neurons in sets]
+    starts = clean_starts(model, texts, set(firsts), batch_rows=batch_rows)
     total = torch.zeros(len(sets), dtype=torch.float64)
     count = torch.zeros(len(sets), dtype=torch.float64)
-    for chunk in length_sorted_chunks([lengths[t] for _, t in rows], batch_rows):
+    rows = [(j, t) for j in range(len(sets)) for t in range(len(texts))]
+    for layer, chunk in start_chunks([firsts[j] for j, _ in rows], [lengths[t] for _, t in rows], batch_rows):
         batch = next(text_batches(model, [texts[rows[i][1]] for i in chunk], batch_size=len(chunk)))
-        with row_masked(model, [sets[rows[i][0]] for i in chunk], ablate_to, ranges):
+        start = starts.batch(layer, [texts[rows[i][1]] for i in chunk], batch.input_ids.shape[1])
+        with row_masked(model, [sets[rows[i][0]] for i in chunk], ablate_to, ranges), \
+                starting_at(model, layer, start):
             resid = final_residual(model, batch.input_ids, batch.attention_mask)  # [rows, pos, d_model]
         keep = batch.keep[:, 1:] > 0  # predicted positions 1.. that are real tokens
         picked = model.head(resid[:, :-1][keep.to(resid.device)]).to(keep.device)  # [real predictions, vocab]
@@ -343,7 +358,8 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
 
     Equals `validate_ranking_naive` (same draws, same numbers up to batched rounding): the top-k set
     and every random draw of one k are rows of one batched forward (of the concept vector, and of the
-    concept's prompts), the other concepts' vectors are rows too, and the clean passes run once.
+    concept's prompts), the other concepts' vectors are rows too, the clean passes run once, and every
+    row on text starts at its set's first ablated layer (attribution/suffix_start.py).
     """
     say = progress or (lambda message: None)
     generator = torch.Generator().manual_seed(seed)
@@ -352,10 +368,22 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
     if neutral_texts:
         say(f"neutral text: clean and the top-k of {len(ks)} k")
         losses = neutral_losses(model, list(neutral_texts), [[]] + [top[:k] for k in ks], ablate_to, ranges)
-    clean_prompts = prompts_log_p(model, probe.prompts) if probe.prompts else 0.0
+    # One clean forward of the concept's prompts and one of the other concepts' prompts keep the block
+    # inputs every later row starts from (its set's first ablated layer); their outputs are the clean values.
+    n_layers = model.n_layers
+    own_starts = other_starts = None
+    clean_prompts = 0.0
+    if probe.prompts:
+        firsts = {first_layer(s, n_layers) for k in ks for s in [top[:k], *draws_by_k[k]]} | {n_layers}
+        own_starts = clean_starts(model, [p.text for p in probe.prompts], firsts)
+        clean_prompts, = prompt_log_p_sets(model, probe.prompts, [[]], ablate_to, ranges, starts=own_starts)
     # The other concepts' prompts, clean once; each k's top-k set ablated on all of them in shared batches.
     other_rows = [(o.name, p) for o in others for p in o.prompts]
-    clean_others = prompt_rows_log_p(model, [(p, []) for _, p in other_rows], ablate_to, ranges) if other_rows else []
+    clean_others = []
+    if other_rows:
+        firsts = {first_layer(top[:k], n_layers) for k in ks} | {n_layers}
+        other_starts = clean_starts(model, [p.text for _, p in other_rows], firsts)
+        clean_others = prompt_rows_log_p(model, [(p, []) for _, p in other_rows], ablate_to, ranges, starts=other_starts)
     results = []
     for step, k in enumerate(ks, start=1):
         chosen = top[:k]
@@ -367,12 +395,13 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
         prompt_changes = None
         if probe.prompts:
             say(f"k={k} ({step}/{len(ks)}): {len(sets)} sets on {len(probe.prompts)} prompts")
-            ablated = prompt_log_p_sets(model, probe.prompts, sets, ablate_to, ranges)
+            ablated = prompt_log_p_sets(model, probe.prompts, sets, ablate_to, ranges, starts=own_starts)
             prompt_changes = [v - clean_prompts for v in ablated]
         prompt_others: dict[str, list[float]] = {}
         if other_rows:
             say(f"k={k} ({step}/{len(ks)}): the top-k on {len(other_rows)} prompts of the other concepts")
-            ablated = prompt_rows_log_p(model, [(p, chosen) for _, p in other_rows], ablate_to, ranges)
+            ablated = prompt_rows_log_p(model, [(p, chosen) for _, p in other_rows], ablate_to, ranges,
+                                        starts=other_starts)
             for (name, _), value, clean in zip(other_rows, ablated, clean_others):
                 prompt_others.setdefault(name, []).append(value - clean)
         random = torch.tensor(random_changes, dtype=torch.float64)

@@ -16,8 +16,13 @@ from tiny_models import save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _two_threads():
-    torch.set_num_threads(2)
+def _one_thread():
+    """One intra-op thread in the test process, as every actor has (cpus_per_actor: 1) and as the first
+    in-process ShardScorer sets it anyway (the suite's thread count no longer depends on test order).
+    The 2 cores are shared with Ray's processes, the CLI subprocesses and whatever else runs on the
+    machine: a second thread mostly waits at each op's barrier for a core (measured under load: the
+    tiny models' naive NEAT 2-3x, SmolLM2's engines 2x slower with 2 threads than with 1)."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

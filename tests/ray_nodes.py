@@ -93,6 +93,14 @@ def http_json(url: str, token: str, timeout: float = 10):
         return json.load(response)
 
 
+def http_post(url: str, token: str, timeout: float = 10):
+    """POST with an empty body (e.g. the Jobs API's /api/jobs/ID/stop); the JSON answer."""
+    request = _request(url, token)
+    request.method, request.data = "POST", b""
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
 def http_ok(url: str, token: str) -> bool:
     try:
         with urllib.request.urlopen(_request(url, token), timeout=2) as response:

@@ -26,11 +26,11 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
-def demo_without_contrast(tmp_path: Path) -> Path:
-    """configs/demo.yaml as it is, but without the reference contrast (tested in test_specificity.py;
-    here it would add its 35 concepts' preparation to every run)."""
+def demo_without_contrast(tmp_path: Path, **changes) -> Path:
+    """configs/demo.yaml as it is (but for `changes`), without the reference contrast (tested in
+    test_specificity.py; here it would add its 35 concepts' preparation to every run)."""
     data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    data.update(concepts=str(REPO / "configs" / data["concepts"]), reference_contrast=False)
+    data.update(concepts=str(REPO / "configs" / data["concepts"]), reference_contrast=False, **changes)
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -67,8 +67,12 @@ def test_smollm2_run_query_and_exactness_through_the_cli(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_the_run_without_a_commit_and_exits_130(tmp_path):
     atlas = tmp_path / "atlas"
-    proc = subprocess.Popen([*CLI, "run", str(demo_without_contrast(tmp_path)), "--atlas", str(atlas), "--run-id", "stopped",
-                             "--method", "neat"],
+    # Every layer (minutes of scoring: the run is far from done at its first shard) of the 2 unseen concepts
+    # in 64-neuron shards: the actors prepare 2 concepts instead of the demo's 6 and score 64 neurons instead
+    # of ~500 before the first shard's progress line (~17 s less in all).
+    config = demo_without_contrast(tmp_path, shard_neurons=64)
+    proc = subprocess.Popen([*CLI, "run", str(config), "--concepts", str(UNSEEN), "--atlas", str(atlas), "--run-id",
+                             "stopped", "--method", "neat"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240

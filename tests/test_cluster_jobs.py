@@ -33,6 +33,18 @@ def cli(cluster: RayCluster, *args: str, env: dict | None = None, timeout: float
                           text=True, timeout=timeout)
 
 
+def cli_together(cluster: RayCluster, *commands: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Independent commands started at once, their results in order: each spends seconds of one core on its
+    own imports, so the 2 cores run two of them in the time of one."""
+    procs = [subprocess.Popen([str(BIN / "neuron-atlas"), *args], env=cluster.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in commands]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
 def write_config(path: Path, **values) -> Path:
     data = {"concepts": str(UNSEEN), "layers": [0, 3], "ablation": ["zero", "mean"], "shard_neurons": 40,
             "batch_rows": 32, "cluster": {"actors": 2, "cpus_per_actor": 1},
@@ -60,12 +72,16 @@ def test_submit_status_logs_and_a_refused_duplicate_run_id(ray_cluster, tiny_sou
     assert "Ray cluster: 2 nodes, 3 CPUs" in followed.stdout, followed.stdout
     assert "committed run jobs-1 as atlas version 1" in followed.stdout, followed.stdout
 
-    status = cli(ray_cluster, "status", "jobs-1", *api, "--format", "json")
+    # The finished job read back four ways (read-only, so at once).
+    status, text, logs, unknown = cli_together(
+        ray_cluster, ["status", "jobs-1", *api, "--format", "json"], ["status", "jobs-1", *api],
+        ["logs", "jobs-1", *api], ["status", "no-such-run", *api])
     assert status.returncode == 0, status.stderr
     state = json.loads(status.stdout)
     assert state["status"] == "SUCCEEDED" and state["entrypoint"].startswith("python -m jobs.cli run ")
-    assert "SUCCEEDED" in cli(ray_cluster, "status", "jobs-1", *api).stdout
-    assert "committed run jobs-1" in cli(ray_cluster, "logs", "jobs-1", *api).stdout
+    assert "SUCCEEDED" in text.stdout
+    assert "committed run jobs-1" in logs.stdout
+    assert unknown.returncode == 2 and "no job 'no-such-run'" in unknown.stderr
 
     table = open_neurons(str(atlas)).to_pyarrow_table()
     assert table.num_rows == 2 * 2 * 2 * 96  # concepts x ablations x layers x neurons
@@ -73,9 +89,6 @@ def test_submit_status_logs_and_a_refused_duplicate_run_id(ray_cluster, tiny_sou
     meta = run_metadata(str(atlas), "jobs-1")
     assert meta["shards"]["computed"] == meta["shards"]["planned"] and meta["device"] == "cpu"
     assert meta["config"]["cluster"]["actors"] == 3 and len(meta["timings"]["actors"]) == 3
-
-    unknown = cli(ray_cluster, "status", "no-such-run", *api)
-    assert unknown.returncode == 2 and "no job 'no-such-run'" in unknown.stderr
 
 
 def test_a_failed_job_exits_1_with_wait_and_resumes_under_its_run_id(ray_cluster, tiny_sources, tmp_path):
@@ -93,8 +106,10 @@ def test_a_failed_job_exits_1_with_wait_and_resumes_under_its_run_id(ray_cluster
     assert again.returncode == 2 and "resume it with --resume" in again.stderr
 
     # The fixed config resumes the run: a new job under the same run id, which scores only what the
-    # failed attempt did not stage (here one shard, staged as a dying job would have left it).
-    good = write_config(tmp_path / "good.yaml", model=tiny_sources["llama"].path, atlas=str(atlas))
+    # failed attempt did not stage (here one shard, staged as a dying job would have left it). One actor:
+    # the resume is under test here, not the pool (a second actor only adds its start-up).
+    good = write_config(tmp_path / "good.yaml", model=tiny_sources["llama"].path, atlas=str(atlas),
+                        cluster={"actors": 1, "cpus_per_actor": 1})
     plan = resolve_job(replace(load_job_config(good), run_id="jobs-bad"))
     claim_staging(str(atlas), run_id="jobs-bad", fingerprint=plan.fingerprint)
     ShardScorer(ScorerSpec.from_plan(plan)).score(plan.shards[0])
@@ -105,12 +120,14 @@ def test_a_failed_job_exits_1_with_wait_and_resumes_under_its_run_id(ray_cluster
     assert meta["shards"] == {"planned": len(plan.shards), "resumed": 1, "computed": len(plan.shards) - 1}
     assert open_neurons(str(atlas)).to_pyarrow_table().num_rows == plan.total_rows
 
-    done = cli(ray_cluster, "submit", str(good), *api, "--run-id", "jobs-bad", "--resume")
+    # Three submissions that are refused (independent, so at once); the last one because a model this
+    # machine has is checked before anything is submitted.
+    done, never, wrong = cli_together(
+        ray_cluster, ["submit", str(good), *api, "--run-id", "jobs-bad", "--resume"],
+        ["submit", str(good), *api, "--run-id", "jobs-never", "--resume"],
+        ["submit", str(good), *api, "--run-id", "jobs-wrong", "--layers", "0,99"])
     assert done.returncode == 2 and "jobs-bad-resume-1 is SUCCEEDED" in done.stderr
-    never = cli(ray_cluster, "submit", str(good), *api, "--run-id", "jobs-never", "--resume")
     assert never.returncode == 2 and "never submitted" in never.stderr
-    # A model this machine has is checked before anything is submitted.
-    wrong = cli(ray_cluster, "submit", str(good), *api, "--run-id", "jobs-wrong", "--layers", "0,99")
     assert wrong.returncode == 2 and "key 'layers' has value 99" in wrong.stderr
     assert "no job 'jobs-wrong'" in cli(ray_cluster, "status", "jobs-wrong", *api).stderr
 

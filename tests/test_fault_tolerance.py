@@ -33,13 +33,13 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.usefixtures("local_ray")
 
 
-def write_config(directory: Path, source, *, atlas: Path) -> Path:
+def write_config(directory: Path, source, *, atlas: Path, actors: int = 2) -> Path:
     """96 small shards (4 neurons each, every layer of the tiny Llama): a run takes a few seconds,
     long enough to kill something in the middle of it."""
     path = directory / f"job-{atlas.name}.yaml"
     path.write_text(yaml.safe_dump({
         "model": source.path, "concepts": str(UNSEEN), "layers": "all", "atlas": str(atlas), "ablation": "zero",
-        "shard_neurons": 4, "batch_rows": 8, "cluster": {"actors": 2, "cpus_per_actor": 1},
+        "shard_neurons": 4, "batch_rows": 8, "cluster": {"actors": actors, "cpus_per_actor": 1},
         "reference_contrast": False}))  # tested in test_specificity.py; here it would only add time
     return path
 
@@ -133,7 +133,9 @@ def test_an_actor_killed_mid_run_is_restarted_and_the_atlas_is_identical(referen
 
 def test_a_driver_killed_mid_run_resumes_only_unfinished_shards_and_commits_once(reference, tiny_sources, tmp_path):
     atlas = tmp_path / "atlas"
-    config = write_config(tmp_path, tiny_sources["llama"], atlas=atlas)
+    # One actor: what is killed is the driver (its local Ray and actor die with it); each of the two runs
+    # then starts one torch process instead of two.
+    config = write_config(tmp_path, tiny_sources["llama"], atlas=atlas, actors=1)
     command = [str(BIN / "neuron-atlas"), "run", str(config), "--run-id", "driver-killed"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     # Its own session: the local Ray cluster it starts is in its process group, and nothing else is.

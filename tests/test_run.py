@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,30 +46,54 @@ def atlas_rows(atlas: Path, run_id: str):
     return table.drop_columns(["run_id", "created_at"]).sort_by([(k, "ascending") for k in KEY])
 
 
-def test_one_and_two_actors_give_identical_atlases(tmp_path, tiny_sources):
-    plans = {n: resolve_job(make_config(tmp_path, tiny_sources["llama"], atlas=tmp_path / f"atlas{n}", actors=n,
-                                        run_id=f"r{n}")) for n in (1, 2)}
-    assert plans[1].shards == plans[2].shards and len(plans[1].shards) >= 4
-    for n, plan in plans.items():
-        summary = run_job(plan)
+@pytest.fixture(scope="module")
+def shared_run(local_ray, tmp_path_factory, tiny_sources):
+    """shared_run(family, **config) -> (plan, atlas, summary): a run of make_config's job (2 actors) committed
+    once per module and read by every test that needs that same run (a run costs ~10-20 s, mostly its actors'
+    start). Tests only read it; a test that writes to an atlas copies it first (`copy_atlas`)."""
+    made = {}
+
+    def run(family: str, **extra):
+        key = (family, tuple(sorted(extra.items())))
+        if key not in made:
+            directory = tmp_path_factory.mktemp(f"shared-{family}")
+            run_id = "-".join(["shared", family, *(str(value) for _, value in key[1])])  # e.g. shared-gpt2-zero
+            plan = resolve_job(make_config(directory, tiny_sources[family], atlas=directory / "atlas", run_id=run_id,
+                                           **extra))
+            made[key] = (plan, directory / "atlas", run_job(plan))
+        return made[key]
+
+    return run
+
+
+def copy_atlas(atlas: Path, tmp_path: Path) -> Path:
+    """A copy of a shared run's local atlas (Delta logs hold relative paths) that a test may write to."""
+    return Path(shutil.copytree(atlas, tmp_path / "atlas"))
+
+
+def test_one_and_two_actors_give_identical_atlases(tmp_path, tiny_sources, shared_run):
+    two, two_atlas, two_summary = shared_run("llama")  # 2 actors
+    one = resolve_job(make_config(tmp_path, tiny_sources["llama"], atlas=tmp_path / "atlas1", actors=1, run_id="r1"))
+    assert one.shards == two.shards and len(one.shards) >= 4
+    assert one.config.cluster.actors == 1 and two.config.cluster.actors == 2
+    for summary in (run_job(one), two_summary):
         assert summary.rows == 2 * 2 * 2 * 96 and summary.version == 1
-    assert atlas_rows(tmp_path / "atlas1", "r1").equals(atlas_rows(tmp_path / "atlas2", "r2"))
+    assert atlas_rows(tmp_path / "atlas1", "r1").equals(atlas_rows(two_atlas, two.run_id))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_atlas_scores_equal_an_independent_naive_neat(tmp_path, tiny_sources, family):
+def test_atlas_scores_equal_an_independent_naive_neat(tiny_sources, shared_run, family):
     """Zero and mean ablation through Ray, against naive_neat's effects; its means come from the
     reference file read and tokenized here, one text at a time."""
     source = tiny_sources[family]
-    plan = resolve_job(make_config(tmp_path, source, atlas=tmp_path / "atlas", run_id="exact"))
-    run_job(plan)
+    plan, atlas, _ = shared_run(family)
     model, tokenizer = naive_neat.load(source.path)
     lines = [line.strip() for line in NEUTRAL.read_text().splitlines()]
     means = naive_neat.reference_means(model, tokenizer, [t for t in lines if t and not t.startswith("#")])
     d_mlp = plan.d_mlp
     for concept in load_concept_file(UNSEEN):
         for ablation, neurons in (("zero", range(d_mlp)), ("mean", range(0, d_mlp, 3))):
-            rows = top_neurons(str(tmp_path / "atlas"), concept=concept.name, ablation=ablation, top=10_000).to_pylist()
+            rows = top_neurons(str(atlas), concept=concept.name, ablation=ablation, top=10_000).to_pylist()
             assert len(rows) == 2 * d_mlp and [r["rank"] for r in rows] == list(range(1, 2 * d_mlp + 1))
             assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
             for layer in (0, 3):
@@ -80,16 +105,17 @@ def test_atlas_scores_equal_an_independent_naive_neat(tmp_path, tiny_sources, fa
                     assert got[neuron]["score"] == pytest.approx(abs(got[neuron]["effect"]))
 
 
-def test_a_bf16_run_keeps_the_float32_ranking_and_records_its_dtype(tmp_path, tiny_sources):
+def test_a_bf16_run_keeps_the_float32_ranking_and_records_its_dtype(tmp_path, tiny_sources, shared_run):
     from attribution.stats import spearman
 
-    runs = {}
-    for dtype in ("float32", "bf16"):
-        plan = resolve_job(make_config(tmp_path, tiny_sources["llama"], atlas=tmp_path / "atlas", run_id=dtype,
-                                       dtype=dtype, ablation="zero"))
-        run_job(plan)
-        runs[dtype] = atlas_rows(tmp_path / "atlas", dtype).drop_columns(["rank"])
-        assert run_metadata(str(tmp_path / "atlas"), dtype)["dtype"] == dtype
+    exact_plan, exact_atlas, _ = shared_run("llama")  # the same job in float32, zero and mean: its zero rows
+    run_job(resolve_job(make_config(tmp_path, tiny_sources["llama"], atlas=tmp_path / "atlas", run_id="bf16",
+                                    dtype="bf16", ablation="zero")))
+    float32 = atlas_rows(exact_atlas, exact_plan.run_id)
+    runs = {"float32": float32.filter(pc.equal(float32["ablation"], "zero")).drop_columns(["rank"]),
+            "bf16": atlas_rows(tmp_path / "atlas", "bf16").drop_columns(["rank"])}
+    assert run_metadata(str(exact_atlas), exact_plan.run_id)["dtype"] == "float32"
+    assert run_metadata(str(tmp_path / "atlas"), "bf16")["dtype"] == "bf16"
     exact, fast = (torch.tensor(runs[d]["score"].to_pylist()) for d in ("float32", "bf16"))
     assert runs["float32"].drop_columns(["score", "effect"]).equals(runs["bf16"].drop_columns(["score", "effect"]))
     assert spearman(exact, fast) > 0.999 and float((exact - fast).abs().max()) <= 0.02 * float(exact.max())
@@ -110,13 +136,12 @@ def test_a_bf16_run_keeps_the_float32_ranking_and_records_its_dtype(tmp_path, ti
         assert 0 < entry["max_abs_diff"] <= float((exact_c - fast_c).abs().max()) + 0.002 * float(exact_c.abs().max())
     assert meta["precision"]["float32_matmul_precision"] in ("highest", "high", "medium")
     assert meta["precision"]["pinned"] is False  # CPU: nothing to pin
-    assert "bf16" not in run_metadata(str(tmp_path / "atlas"), "float32")["checks"]
+    assert "bf16" not in run_metadata(str(exact_atlas), exact_plan.run_id)["checks"]
 
 
-def test_interrupted_run_resumes_only_missing_shards_with_identical_rows(tmp_path, tiny_sources):
+def test_interrupted_run_resumes_only_missing_shards_with_identical_rows(tmp_path, tiny_sources, shared_run):
     source = tiny_sources["llama"]
-    reference = resolve_job(make_config(tmp_path, source, atlas=tmp_path / "ref", run_id="same"))
-    run_job(reference)
+    reference, reference_atlas, _ = shared_run("llama")  # the same job, undisturbed
     plan = resolve_job(make_config(tmp_path, source, atlas=tmp_path / "resumed", run_id="same"))
     # A run that died after staging three shards (the driver claims the staging area first).
     claim_staging(str(tmp_path / "resumed"), run_id="same", fingerprint=plan.fingerprint)
@@ -134,27 +159,27 @@ def test_interrupted_run_resumes_only_missing_shards_with_identical_rows(tmp_pat
     assert summary.shards_resumed == 3
     assert run_metadata(str(tmp_path / "resumed"), "same")["shards"] == {
         "planned": len(plan.shards), "resumed": 3, "computed": len(plan.shards) - 3}
-    assert atlas_rows(tmp_path / "ref", "same").equals(atlas_rows(tmp_path / "resumed", "same"))
+    assert plan.shards == reference.shards
+    assert atlas_rows(reference_atlas, reference.run_id).equals(atlas_rows(tmp_path / "resumed", "same"))
 
 
-def test_failed_run_leaves_the_atlas_as_it_was(tmp_path, tiny_sources):
-    atlas = tmp_path / "atlas"
-    run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="good")))
+def test_failed_run_leaves_the_atlas_as_it_was(tmp_path, tiny_sources, shared_run):
+    good = shared_run("gpt2")[0].run_id
+    atlas = copy_atlas(shared_run("gpt2")[1], tmp_path)  # an atlas holding one committed run
     before = open_neurons(str(atlas)).version()
     plan = resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="bad"))
     broken = replace(plan, shards=plan.shards + (Shard("neat", 0, 120, 200),))  # past the 128 neurons
     with pytest.raises(RunError, match="shard neat-L000-n000120-000200 failed"):
         run_job(broken)
     assert open_neurons(str(atlas)).version() == before
-    assert set(open_neurons(str(atlas)).to_pyarrow_table()["run_id"].to_pylist()) == {"good"}
+    assert set(open_neurons(str(atlas)).to_pyarrow_table()["run_id"].to_pylist()) == {good}
     with pytest.raises(RunError, match="already committed"):
-        run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="good")))
+        run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id=good)))
 
 
-def test_run_metadata_records_targets_base_log_p_versions_and_timings(tmp_path, tiny_sources):
-    atlas = tmp_path / "atlas"
-    run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="meta")))
-    meta = run_metadata(str(atlas), "meta")
+def test_run_metadata_records_targets_base_log_p_versions_and_timings(tiny_sources, shared_run):
+    plan, atlas, _ = shared_run("gpt2")
+    meta = run_metadata(str(atlas), plan.run_id)
     concepts = {c["name"]: c for c in meta["concepts"]}
     assert set(concepts) == {"weather", "music"}
     assert concepts["music"]["target_tokens"][0] == "Ġsong" and len(concepts["music"]["target_ids"]) == 8
@@ -171,9 +196,8 @@ def test_run_metadata_records_targets_base_log_p_versions_and_timings(tmp_path, 
     assert meta["timings"]["wall_seconds"] > 0 and meta["timings"]["actors"]
 
 
-def test_query_and_sql_commands_on_a_committed_run(tmp_path, tiny_sources, capsys):
-    atlas = tmp_path / "atlas"
-    run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="q1", ablation="zero")))
+def test_query_and_sql_commands_on_a_committed_run(shared_run, capsys):
+    atlas = shared_run("gpt2", ablation="zero")[1]
     # Raw scores (the default ranking is the concept-specific one when the run holds the reference contrast).
     assert main(["query", "--atlas", str(atlas), "--concept", "weather", "--top", "5", "--format", "json",
                  "--rank-by", "score"]) == 0
@@ -205,11 +229,11 @@ def test_neat_and_atp_in_one_run(tmp_path, tiny_sources, capsys):
     assert [r["method"] for r in json.loads(capsys.readouterr().out)] == ["atp"] * 3
 
 
-def test_validate_command_stores_and_shows_a_validation(tmp_path, tiny_sources, capsys):
+def test_validate_command_stores_and_shows_a_validation(tmp_path, shared_run, capsys):
     from storage.validation import read_validations
 
-    atlas = tmp_path / "atlas"
-    run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="v1", ablation="zero")))
+    plan, shared_atlas, _ = shared_run("gpt2", ablation="zero")
+    atlas = copy_atlas(shared_atlas, tmp_path)  # validate stores its rows in the atlas
     assert main(["validate", "--atlas", str(atlas), "--concept", "music", "--k", "1,3", "--draws", "4",
                  "--device", "cpu", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -221,7 +245,7 @@ def test_validate_command_stores_and_shows_a_validation(tmp_path, tiny_sources, 
     assert rows[0]["specificity"] == pytest.approx(abs(rows[0]["top_change"]) /
                                                    max(abs(v) for v in rows[0]["other_changes"].values()))
     stored = read_validations(str(atlas), concept="music")
-    assert stored.num_rows == 2 and set(stored["run_id"].to_pylist()) == {"v1"}
+    assert stored.num_rows == 2 and set(stored["run_id"].to_pylist()) == {plan.run_id}
     assert set(stored["intervention"].to_pylist()) == {"zero"}
     # The music concept's prompts (text before a target word) moved, and the top-1 is shared or not.
     assert all(r["prompt_change"] is not None and r["shared_top_k"] in (0.0, 1.0) for r in rows[:1])
@@ -232,17 +256,16 @@ def test_validate_command_stores_and_shows_a_validation(tmp_path, tiny_sources, 
     assert main(["validate", "--atlas", str(atlas), "--concept", "music", "--k", "0"]) == 2
 
 
-def test_query_ranked_by_contrastive_score(tmp_path, tiny_sources, capsys):
+def test_query_ranked_by_contrastive_score(shared_run, capsys):
     from storage.contrast import contrastive_table
 
-    atlas = tmp_path / "atlas"
-    run_job(resolve_job(make_config(tmp_path, tiny_sources["gpt2"], atlas=atlas, run_id="c1", ablation="zero")))
+    plan, atlas, _ = shared_run("gpt2", ablation="zero")
     assert main(["query", "--atlas", str(atlas), "--concept", "music", "--rank-by", "contrastive", "--top", "5",
                  "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["contrastive_rank"] for r in rows] == [1, 2, 3, 4, 5]
     table = open_neurons(str(atlas)).to_pyarrow_table()
-    expected = contrastive_table(table.filter(pc.equal(table["run_id"], "c1")), "music").slice(0, 5)
+    expected = contrastive_table(table.filter(pc.equal(table["run_id"], plan.run_id)), "music").slice(0, 5)
     assert [(r["layer"], r["neuron"]) for r in rows] == list(zip(expected["layer"].to_pylist(),
                                                                   expected["neuron"].to_pylist()))
     assert all(r["closest_concept"] == "weather" for r in rows)

@@ -14,7 +14,6 @@ from cluster.plan import resolve_job
 from s3_server import SECRET_KEY, start_moto
 from storage.atlas import Atlas
 from storage.read import run_metadata
-from ray_local import local_ray_session
 
 UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
 
@@ -28,7 +27,7 @@ def s3():
         server.stop()
 
 
-def test_a_run_with_storage_options_in_the_config_lands_on_s3(tmp_path, tiny_sources, s3, monkeypatch):
+def test_a_run_with_storage_options_in_the_config_lands_on_s3(local_ray, tmp_path, tiny_sources, s3, monkeypatch):
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)  # only the config knows where and who
     bucket = s3.new_bucket()
@@ -40,8 +39,7 @@ def test_a_run_with_storage_options_in_the_config_lands_on_s3(tmp_path, tiny_sou
         "storage_options": s3.storage_options,
     }))
     plan = resolve_job(load_job_config(path))
-    with local_ray_session():
-        summary = run_job(plan)
+    summary = run_job(plan)
     assert summary.version == 1 and summary.rows == 2 * 128, summary
     assert s3.keys(bucket, "atlas/_staging/") == []  # staged by the actors, removed after the commit
     atlas = Atlas.open(uri, s3.storage_options)
@@ -55,7 +53,8 @@ def test_a_run_with_storage_options_in_the_config_lands_on_s3(tmp_path, tiny_sou
             assert SECRET_KEY.encode() not in s3.read(bucket, key), key
 
 
-def test_a_run_whose_s3_server_goes_away_fails_and_resumes_when_it_returns(tmp_path, tiny_sources, monkeypatch):
+def test_a_run_whose_s3_server_goes_away_fails_and_resumes_when_it_returns(local_ray, tmp_path, tiny_sources,
+                                                                           monkeypatch):
     """SeaweedFS (a real object store that keeps its data on disk) is killed while the actors stage
     shards: the run fails naming a shard, the atlas reads at its previous version once the server is
     back, and the same run id then computes only the shards that were not staged, and commits once."""
@@ -89,40 +88,42 @@ def test_a_run_whose_s3_server_goes_away_fails_and_resumes_when_it_returns(tmp_p
             listing = weed.s3.client().list_objects_v2(Bucket="atlas", Prefix=f"atlas/_staging/{run_id}/")
             return sum(key["Key"].endswith(".parquet") for key in listing.get("Contents", []))
 
-        with local_ray_session():
-            assert run_job(plan_for("before", layers=[1], shard_neurons=64)).version == 1
-            plan = plan_for("cut-off", layers="all", shard_neurons=8)  # 48 small shards
-            failure = {}
+        # The runs that only set the scene (the atlas's version before the outage, the undisturbed rows)
+        # have one actor: 1 or 2 actors give identical rows (test_run.py); a second only adds its start-up.
+        one_actor = {"cluster": {"actors": 1, "cpus_per_actor": 1}}
+        assert run_job(plan_for("before", layers=[1], shard_neurons=64, **one_actor)).version == 1
+        plan = plan_for("cut-off", layers="all", shard_neurons=8)  # 48 small shards
+        failure = {}
 
-            def run() -> None:
-                try:
-                    run_job(plan)
-                except Exception as err:  # what the CLI turns into exit status 1
-                    failure["error"] = err
+        def run() -> None:
+            try:
+                run_job(plan)
+            except Exception as err:  # what the CLI turns into exit status 1
+                failure["error"] = err
 
-            runner = threading.Thread(target=run)
-            runner.start()
-            deadline = time.monotonic() + 120
-            while staged("cut-off") < 10:
-                assert runner.is_alive() and time.monotonic() < deadline, failure
-                time.sleep(0.05)
-            weed.stop()
-            stopped = time.monotonic()
-            runner.join(timeout=300)
-            assert not runner.is_alive()
-            assert isinstance(failure.get("error"), RunError) and "shard " in str(failure["error"]), failure
-            assert time.monotonic() - stopped < 60  # max_retries bounds s3fs's botocore as well (8 s here)
+        runner = threading.Thread(target=run)
+        runner.start()
+        deadline = time.monotonic() + 120
+        while staged("cut-off") < 10:
+            assert runner.is_alive() and time.monotonic() < deadline, failure
+            time.sleep(0.05)
+        weed.stop()
+        stopped = time.monotonic()
+        runner.join(timeout=300)
+        assert not runner.is_alive()
+        assert isinstance(failure.get("error"), RunError) and "shard " in str(failure["error"]), failure
+        assert time.monotonic() - stopped < 60  # max_retries bounds s3fs's botocore as well (8 s here)
 
-            weed.start()  # same data directory: what was acknowledged is there again
-            assert open_neurons(uri, options).version() == 1
-            assert list_runs(uri, options).column("run_id").to_pylist() == ["before"]
-            done = staged("cut-off")
-            assert 10 <= done < len(plan.shards)
-            summary = run_job(plan)
-            # The same plan, undisturbed, into a local atlas: the resumed run's rows must equal its rows.
-            undisturbed = plan_for("cut-off", local=True, layers="all", shard_neurons=8)
-            assert undisturbed.shards == plan.shards
-            run_job(undisturbed)
+        weed.start()  # same data directory: what was acknowledged is there again
+        assert open_neurons(uri, options).version() == 1
+        assert list_runs(uri, options).column("run_id").to_pylist() == ["before"]
+        done = staged("cut-off")
+        assert 10 <= done < len(plan.shards)
+        summary = run_job(plan)
+        # The same plan, undisturbed, into a local atlas: the resumed run's rows must equal its rows.
+        undisturbed = plan_for("cut-off", local=True, layers="all", shard_neurons=8, **one_actor)
+        assert undisturbed.shards == plan.shards
+        run_job(undisturbed)
         key = ["concept", "ablation", "layer", "neuron"]
         values = key + ["score", "effect", "rank", "method"]
         resumed = open_neurons(uri, options).to_pyarrow_table()

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from storage.read import run_metadata
-from ray_nodes import BIN, two_node_cluster
+from ray_nodes import BIN, http_json, http_post, two_node_cluster
 
 UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
 
@@ -46,29 +46,26 @@ def _outcomes(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-_LIST_JOBS = """
-import json, sys
-from ray.job_submission import JobSubmissionClient
-client = JobSubmissionClient(sys.argv[1])
-found = {}
-for job in client.list_jobs():
-    meta = job.metadata or {}
-    if meta.get("neuron_atlas_schedule", "").startswith(sys.argv[2]):
-        found.setdefault(meta["neuron_atlas_scheduled_for"], []).append(job.submission_id)
-        if str(job.status) in ("PENDING", "RUNNING"):
-            client.stop_job(job.submission_id)  # only the submissions are under test: free the cluster
-print(json.dumps(found))
-"""
+def _stop(cluster, submission_id: str) -> None:
+    """Stop a submitted job: only the submissions are under test, and a job left running would take the
+    2 cores from the schedulers under test (its driver and actor load torch and the model)."""
+    http_post(f"{cluster.jobs_api}/api/jobs/{submission_id}/stop", cluster.token)
 
 
 def _jobs(cluster, label_prefix: str) -> dict[str, list[str]]:
-    """scheduled_for -> submission ids of this schedule's jobs on the cluster. Listed by a process of its
-    own: Ray caches the first authentication token a process loads, so a client in the pytest process
-    would keep the token of whichever test cluster came first ("invalid authentication token")."""
-    listed = subprocess.run([str(BIN / "python"), "-c", _LIST_JOBS, cluster.jobs_api, label_prefix], env=cluster.env,
-                            capture_output=True, text=True, timeout=120)
-    assert listed.returncode == 0, listed.stderr[-2000:]
-    return json.loads(listed.stdout.strip().splitlines()[-1])
+    """scheduled_for -> submission ids of this schedule's jobs on the cluster (any still PENDING or RUNNING
+    is stopped). Read from the Jobs API's REST endpoint with the cluster's token, not with Ray's
+    JobSubmissionClient: Ray caches the first authentication token a process loads, so a client in the
+    pytest process would keep the token of whichever test cluster came first ("invalid authentication
+    token"), and a process of its own costs seconds of imports."""
+    found: dict[str, list[str]] = {}
+    for job in http_json(f"{cluster.jobs_api}/api/jobs/", cluster.token):
+        meta = job.get("metadata") or {}
+        if meta.get("neuron_atlas_schedule", "").startswith(label_prefix):
+            found.setdefault(meta["neuron_atlas_scheduled_for"], []).append(job["submission_id"])
+            if job["status"] in ("PENDING", "RUNNING"):
+                _stop(cluster, job["submission_id"])
+    return found
 
 
 def test_restarted_concurrent_and_late_schedulers_submit_each_due_run_once(ray_cluster, tiny_sources, tmp_path):
@@ -87,14 +84,17 @@ def test_restarted_concurrent_and_late_schedulers_submit_each_due_run_once(ray_c
         while len([o for o in seen if o["action"] == "submitted"]) < 2:
             assert time.monotonic() < deadline and first.poll() is None, seen
             try:
-                seen += _outcomes(lines.get(timeout=5))
+                outcomes = _outcomes(lines.get(timeout=5))
             except queue.Empty:
-                pass
+                continue
+            seen += outcomes
+            for outcome in outcomes:
+                if outcome["action"] == "submitted":
+                    _stop(ray_cluster, outcome["submission_id"])  # at once: its run would slow the next tick
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert [o["scheduled_for"] for o in seen] == ["2026-12-02T02:00:00Z", "2026-12-02T02:01:00Z"]
-    _jobs(ray_cluster, "minutely/")  # stops them: only their submissions are under test here
 
     # Restarted before the next fire time: 02:01 is due again, and found submitted.
     restarted = _schedule(ray_cluster, str(config), "--once", "--now", "2026-12-02T02:01:40Z", "--force")

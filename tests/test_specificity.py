@@ -180,8 +180,10 @@ def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_ta
     from storage.read import open_neurons, run_metadata
 
     atlas = tmp_path / "atlas"
+    # "off" has one actor: it is there for its metadata and its absence from the specificity table (the
+    # reference contrast is dealt to 2 actors in "on"); a second actor would only add its start-up.
     for run_id, extra in (("on", {"methods": ["neat", "prompt"], "method_options": {"prompt_screen": 4}}),
-                          ("off", {"reference_contrast": False})):
+                          ("off", {"reference_contrast": False, "cluster": {"actors": 1, "cpus_per_actor": 1}})):
         data = {"model": tiny_sources["gpt2"].path, "layers": [1], "atlas": str(atlas), "ablation": "zero",
                 "concepts": str(Path(__file__).parent / "data" / "unseen_concepts.yaml"), "run_id": run_id,
                 "cluster": {"actors": 2, "cpus_per_actor": 1}, **extra}

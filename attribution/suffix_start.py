@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from attribution.batching import forward_chunks, token_lengths
 from attribution.models import SiteModel
 from attribution.neat import text_batches
 
@@ -31,31 +32,6 @@ Neuron = tuple[int, int]  # (layer, neuron)
 def first_layer(neurons: list[Neuron], n_layers: int) -> int:
     """The block a row's forward must start at: its lowest ablated layer; n_layers with nothing ablated."""
     return min((int(layer) for layer, _ in neurons), default=n_layers)
-
-
-def start_chunks(firsts: list[int], lengths: list[int], batch_rows: int) -> list[tuple[int, list[int]]]:
-    """Rows (their first ablated layer, their token length) -> forwards: (start layer, row indices).
-
-    A layer with at least a forward's worth of rows (`batch_rows`) gets length-sorted forwards of its
-    own that start there: the neutral texts or panel prompts of one top-k set, a run's exact pass over
-    one layer's neurons. The rows of sparser layers (validate's random draws: 12 short prompts per
-    set, sets at every layer) share length-sorted forwards that start at their lowest layer: split by
-    layer they made forwards of ~12 rows padded to the longest prompt, slower than running every block
-    (6.3 s against 4.5 s of CPU for one k).
-    """
-    from attribution.validation import length_sorted_chunks
-
-    by_layer: dict[int, list[int]] = {}
-    for row, first in enumerate(firsts):
-        by_layer.setdefault(first, []).append(row)
-    groups = [rows for rows in by_layer.values() if len(rows) >= batch_rows]
-    sparse = [row for rows in by_layer.values() if len(rows) < batch_rows for row in rows]
-    chunks = []
-    for rows in groups + ([sparse] if sparse else []):
-        for part in length_sorted_chunks([lengths[row] for row in rows], batch_rows):
-            chunk = [rows[i] for i in part]
-            chunks.append((min(firsts[row] for row in chunk), chunk))
-    return chunks
 
 
 @dataclass(frozen=True)
@@ -81,8 +57,6 @@ class CleanStarts:
 def clean_starts(model: SiteModel, texts: list[str], layers: set[int], *, batch_rows: int = 64) -> CleanStarts:
     """One clean forward over the distinct texts, keeping block inputs at `layers` (and, for
     `n_layers` in layers, the last block's output)."""
-    from attribution.validation import length_sorted_chunks, token_lengths
-
     texts = list(dict.fromkeys(texts))
     layers = set(layers)
     by_layer: dict[int, dict[str, Tensor]] = {layer: {} for layer in layers}
@@ -102,7 +76,7 @@ def clean_starts(model: SiteModel, texts: list[str], layers: set[int], *, batch_
         handles.append(model.blocks[-1].register_forward_hook(keep_output))
     try:
         lengths = token_lengths(model, texts)
-        for chunk in length_sorted_chunks(lengths, batch_rows):
+        for _, chunk in forward_chunks([0] * len(texts), lengths, model.n_layers, batch_rows):
             batch = next(text_batches(model, [texts[i] for i in chunk], batch_size=len(chunk)))
             model.hf.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             for layer in layers:

@@ -17,7 +17,8 @@ from torch import Tensor
 from attribution.masking import NeuronMask, layer_masks, masked
 from attribution.models import SiteModel
 from attribution.neat import CleanPass, log_p_targets, text_batches
-from attribution.suffix_start import CleanStarts, clean_starts, first_layer, start_chunks, starting_at
+from attribution.batching import forward_chunks, token_lengths
+from attribution.suffix_start import CleanStarts, clean_starts, first_layer, starting_at
 
 Neuron = tuple[int, int]  # (layer, neuron)
 # Rows of short prompts per forward on a CPU: 64 rows (a few hundred tokens) ran the 21 sets x 25
@@ -236,24 +237,6 @@ def final_residual(model: SiteModel, input_ids: Tensor, attention_mask: Tensor) 
     return captured["resid"]
 
 
-def token_lengths(model: SiteModel, texts: list[str]) -> list[int]:
-    return [len(ids) for ids in model.tokenizer(list(texts))["input_ids"]]
-
-
-def length_sorted_chunks(lengths: list[int], size: int, max_tokens: int = 2048) -> Iterator[list[int]]:
-    """Row indices sorted by token length, in chunks of at most `size` rows and `max_tokens` padded
-    tokens: a chunk pads only to its own longest row (a concept's cloze prompts average ~3 tokens with a
-    longest of 12: in one batch, most of it was padding)."""
-    chunk: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if chunk and (len(chunk) >= size or (len(chunk) + 1) * lengths[i] > max_tokens):
-            yield chunk
-            chunk = []
-        chunk.append(i)
-    if chunk:
-        yield chunk
-
-
 @torch.no_grad()
 def prompt_rows_log_p(model: SiteModel, rows: list[tuple[object, list[Neuron]]], ablate_to: Tensor,
                       ranges: tuple[Tensor, Tensor] | None = None, *,
@@ -279,7 +262,7 @@ def prompt_rows_log_p(model: SiteModel, rows: list[tuple[object, list[Neuron]]],
         starts = clean_starts(model, [text for text, _ in keys], set(firsts), batch_rows=batch_rows)
     lengths = token_lengths(model, [text for text, _ in keys])
     out = [0.0] * len(rows)
-    for layer, chunk in start_chunks(firsts, lengths, batch_rows):
+    for layer, chunk in forward_chunks(firsts, lengths, model.n_layers, batch_rows):
         batch = prompt_batch(model, [Prompt(keys[f][0], rows[readers[f][0]][0].target_ids) for f in chunk])
         resid = starts.batch(layer, [keys[f][0] for f in chunk], batch.input_ids.shape[1])  # [rows, pos, d_model]
         with row_masked(model, [list(keys[f][1]) for f in chunk], ablate_to, ranges), \
@@ -325,7 +308,8 @@ def neutral_losses(model: SiteModel, texts: list[str], sets: list[list[Neuron]],
     total = torch.zeros(len(sets), dtype=torch.float64)
     count = torch.zeros(len(sets), dtype=torch.float64)
     rows = [(j, t) for j in range(len(sets)) for t in range(len(texts))]
-    for layer, chunk in start_chunks([firsts[j] for j, _ in rows], [lengths[t] for _, t in rows], batch_rows):
+    for layer, chunk in forward_chunks([firsts[j] for j, _ in rows], [lengths[t] for _, t in rows],
+                                       model.n_layers, batch_rows):
         batch = next(text_batches(model, [texts[rows[i][1]] for i in chunk], batch_size=len(chunk)))
         start = starts.batch(layer, [texts[rows[i][1]] for i in chunk], batch.input_ids.shape[1])
         with row_masked(model, [sets[rows[i][0]] for i in chunk], ablate_to, ranges), \
@@ -356,10 +340,11 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
                      progress: Callable[[str], None] | None = None) -> list[ValidationResult]:
     """For each k: the top-k ablation against `draws` random k-neuron ablations from `layers`.
 
-    Equals `validate_ranking_naive` (same draws, same numbers up to batched rounding): the top-k set
-    and every random draw of one k are rows of one batched forward (of the concept vector, and of the
-    concept's prompts), the other concepts' vectors are rows too, the clean passes run once, and every
-    row on text starts at its set's first ablated layer (attribution/suffix_start.py).
+    Equals `validate_ranking_naive` (same draws, same numbers up to batched rounding): the top-k sets
+    and every random draw of every k are rows of shared batched forwards (of the concept vectors, and
+    of the concept's prompts), the other concepts' vectors and prompts are rows too, the clean passes
+    run once, and every row on text starts at its set's first ablated layer (attribution/suffix_start.py),
+    in forwards grouped by attribution/batching.py.
     """
     say = progress or (lambda message: None)
     generator = torch.Generator().manual_seed(seed)
@@ -368,42 +353,44 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
     if neutral_texts:
         say(f"neutral text: clean and the top-k of {len(ks)} k")
         losses = neutral_losses(model, list(neutral_texts), [[]] + [top[:k] for k in ks], ablate_to, ranges)
-    # One clean forward of the concept's prompts and one of the other concepts' prompts keep the block
-    # inputs every later row starts from (its set's first ablated layer); their outputs are the clean values.
+    # Every k's rows share forwards: fewer, fuller forwards (each streams the weights once). One clean
+    # forward of the concept's prompts and one of the other concepts' prompts keep the block inputs
+    # every row starts from (its set's first ablated layer); the clean rows ([]) read the last block's.
     n_layers = model.n_layers
-    own_starts = other_starts = None
+    sets_by_k = {k: [top[:k], *draws_by_k[k]] for k in ks}  # row 0: the top-k; rows 1..: the random draws
+    vector_rows = [row for k in ks for row in [(probe, s) for s in sets_by_k[k]] + [(o, top[:k]) for o in others]]
+    say(f"concept vectors: {len(vector_rows)} rows ({len(ks)} k x {draws + 1} sets, the top-k on {len(others)} "
+        f"other concepts)")
+    vector_values = iter(vector_changes(model, vector_rows, ablate_to, ranges))
+    own_values = iter([])
     clean_prompts = 0.0
     if probe.prompts:
-        firsts = {first_layer(s, n_layers) for k in ks for s in [top[:k], *draws_by_k[k]]} | {n_layers}
+        all_sets = [[]] + [s for k in ks for s in sets_by_k[k]]
+        say(f"own prompts: {len(all_sets) - 1} sets on {len(probe.prompts)} prompts")
+        firsts = {first_layer(s, n_layers) for s in all_sets}
         own_starts = clean_starts(model, [p.text for p in probe.prompts], firsts)
-        clean_prompts, = prompt_log_p_sets(model, probe.prompts, [[]], ablate_to, ranges, starts=own_starts)
-    # The other concepts' prompts, clean once; each k's top-k set ablated on all of them in shared batches.
+        own_values = iter(prompt_log_p_sets(model, probe.prompts, all_sets, ablate_to, ranges, starts=own_starts))
+        clean_prompts = next(own_values)
     other_rows = [(o.name, p) for o in others for p in o.prompts]
-    clean_others = []
+    other_values = iter([])
     if other_rows:
-        firsts = {first_layer(top[:k], n_layers) for k in ks} | {n_layers}
+        say(f"panel prompts: the top-k of {len(ks)} k on {len(other_rows)} prompts of the other concepts")
+        panel_sets = [[]] + [top[:k] for k in ks]
+        firsts = {first_layer(s, n_layers) for s in panel_sets}
         other_starts = clean_starts(model, [p.text for _, p in other_rows], firsts)
-        clean_others = prompt_rows_log_p(model, [(p, []) for _, p in other_rows], ablate_to, ranges, starts=other_starts)
+        other_values = iter(prompt_rows_log_p(model, [(p, s) for s in panel_sets for _, p in other_rows], ablate_to,
+                                              ranges, starts=other_starts))
+    clean_others = [next(other_values) for _ in other_rows]
     results = []
     for step, k in enumerate(ks, start=1):
-        chosen = top[:k]
-        sets = [chosen, *draws_by_k[k]]  # row 0: the top-k; rows 1..: the random draws
-        say(f"k={k} ({step}/{len(ks)}): {len(sets)} sets on the concept vector and {len(others)} other concepts")
-        changes = vector_changes(model, [(probe, s) for s in sets] + [(o, chosen) for o in others], ablate_to, ranges)
+        chosen, sets = top[:k], sets_by_k[k]
+        changes = [next(vector_values) for _ in range(len(sets) + len(others))]
         top_change, random_changes = changes[0], changes[1:len(sets)]
         other_changes = {o.name: change for o, change in zip(others, changes[len(sets):])}
-        prompt_changes = None
-        if probe.prompts:
-            say(f"k={k} ({step}/{len(ks)}): {len(sets)} sets on {len(probe.prompts)} prompts")
-            ablated = prompt_log_p_sets(model, probe.prompts, sets, ablate_to, ranges, starts=own_starts)
-            prompt_changes = [v - clean_prompts for v in ablated]
+        prompt_changes = [next(own_values) - clean_prompts for _ in sets] if probe.prompts else None
         prompt_others: dict[str, list[float]] = {}
-        if other_rows:
-            say(f"k={k} ({step}/{len(ks)}): the top-k on {len(other_rows)} prompts of the other concepts")
-            ablated = prompt_rows_log_p(model, [(p, chosen) for _, p in other_rows], ablate_to, ranges,
-                                        starts=other_starts)
-            for (name, _), value, clean in zip(other_rows, ablated, clean_others):
-                prompt_others.setdefault(name, []).append(value - clean)
+        for (name, _), clean in zip(other_rows, clean_others):
+            prompt_others.setdefault(name, []).append(next(other_values) - clean)
         random = torch.tensor(random_changes, dtype=torch.float64)
         mean, std = float(random.mean()), float(random.std()) if draws > 1 else 0.0
         as_far = int((random.abs() >= abs(top_change)).sum())

@@ -269,7 +269,7 @@ def test_validate_ablates_the_specific_ranking_against_the_panel_by_default(tmp_
     assert main(["validate", "--atlas", atlas, "--concept", "music", "--k", "1,3", "--draws", "3", "--device", "cpu",
                  "--format", "json"]) == 0
     captured = capsys.readouterr()
-    assert "ranked by specificity" in captured.err and "validate: k=3" in captured.err  # the ranking, progress
+    assert "ranked by specificity" in captured.err and "validate: own prompts" in captured.err  # the ranking, progress
     rows = json.loads(captured.out)
     assert [r["method"] for r in rows] == ["neat/specific"] * 2
     panel = {"weather"} | {c.name for c in reference_concepts()}

@@ -2,29 +2,54 @@
 
 Their exactness against full forwards is checked where they are used: tests/test_prompt_effects.py and
 tests/test_validation.py compare against one plain forward per prompt and set. Here: which forwards
-the rows get, and that a forward started at layer L equals the full one.
+the rows get (attribution/batching.py), and that a forward started at layer L equals the full one.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attribution.suffix_start import clean_starts, first_layer, start_chunks, starting_at
+from attribution.batching import forward_chunks
+from attribution.suffix_start import clean_starts, first_layer, starting_at
 from attribution.validation import final_residual
 
 
-def test_every_row_runs_once_from_at_or_below_its_first_layer():
-    # Layer 7 has a forward's worth of rows (4 with batch_rows 4): its own forwards, starting at 7.
-    # The sparse layers 2, 5 and 9 share forwards that start at their lowest layer.
-    firsts = [7, 7, 2, 7, 9, 7, 5, 9]
-    lengths = [3, 1, 4, 2, 1, 5, 2, 3]
-    chunks = start_chunks(firsts, lengths, batch_rows=4)
+def _padded_block_tokens(chunks, lengths, n_layers):
+    """Padded tokens times blocks run: the compute a plan spends."""
+    return sum(len(rows) * max(lengths[r] for r in rows) * (n_layers - start) for start, rows in chunks)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_row_runs_once_from_at_or_below_its_first_layer(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n = 300
+    firsts = torch.randint(0, 31, (n,), generator=generator).tolist()  # 30: a clean row
+    lengths = torch.randint(1, 40, (n,), generator=generator).tolist()
+    chunks = forward_chunks(firsts, lengths, 30, size=64, max_tokens=512)
     rows = sorted(row for _, chunk in chunks for row in chunk)
-    assert rows == list(range(len(firsts)))
-    assert all(start <= firsts[row] for start, chunk in chunks for row in chunk)
-    assert (7, [1, 3, 0, 5]) in chunks  # length-sorted, all of layer 7, started at 7
-    assert all(start == 2 for start, chunk in chunks if 7 not in {firsts[row] for row in chunk})
+    assert rows == list(range(n))
+    for start, chunk in chunks:
+        assert start == min(firsts[row] for row in chunk)
+        assert len(chunk) <= 64 and len(chunk) * max(lengths[row] for row in chunk) <= 512
+    assert forward_chunks([], [], 30, size=64) == []
     assert first_layer([], 30) == 30 and first_layer([(12, 1), (4, 9)], 30) == 4
+
+
+def test_validate_draws_on_short_prompts_spend_less_than_length_sorted_batches():
+    # One validate k on royalty's prompts: 21 neuron sets x 12 texts of 1-12 tokens, each set one
+    # neuron at a random layer (k = 1). Plain length-sorted batches of 64 rows, all started at the
+    # batch's lowest layer (the grouping before), against the cost-based plan.
+    text_lengths = [1, 2, 7, 6, 9, 7, 1, 5, 1, 12, 8, 1]
+    generator = torch.Generator().manual_seed(0)
+    set_firsts = torch.randint(0, 30, (21,), generator=generator).tolist()
+    firsts = [f for f in set_firsts for _ in text_lengths]
+    lengths = [length for _ in set_firsts for length in text_lengths]
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    before = [(min(firsts[r] for r in order[i:i + 64]), order[i:i + 64]) for i in range(0, len(order), 64)]
+    after = forward_chunks(firsts, lengths, 30, size=64)
+    real = sum(lengths) * 30
+    assert _padded_block_tokens(after, lengths, 30) < 0.8 * _padded_block_tokens(before, lengths, 30)
+    assert _padded_block_tokens(after, lengths, 30) < real  # late starts save more than padding costs
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -54,6 +54,7 @@ from attribution.ablation import read_reference_texts  # noqa: E402
 from attribution.atp import atp_effects, log_p_gradients  # noqa: E402
 from attribution.concepts import load_concept_file, resolve_targets  # noqa: E402
 from attribution.masking import layer_masks  # noqa: E402
+from attribution.measured_selection import candidate_sets, choose_set, measure_sets  # noqa: E402
 from attribution.models import load_model, resolve_model_source  # noqa: E402
 from attribution.neat import clean_pass, concept_vector, neat_effects  # noqa: E402
 from attribution.prompt_effects import prompt_atp, prompt_neuron_effects, prompt_set_changes  # noqa: E402
@@ -192,7 +193,7 @@ def main() -> None:
     runs = {"builtin": concept_data(model, load_concept_file(BUILTIN), args.cache, "builtin", screen=args.screen),
             "heldout": concept_data(model, load_concept_file(HELDOUT), args.cache, "heldout", screen=args.screen)}
     everyone = {**reference, **runs["builtin"], **runs["heldout"]}
-    prompt_runs, everyone_prompts, reference_prompt_atp = {}, {}, None
+    prompt_runs, everyone_prompts, reference_prompt_atp, reference_p = {}, {}, None, {}
     if args.prompts:
         reference_p = prompt_data(model, load_concept_file(REFERENCE), args.cache, "reference", screen=0)
         prompt_runs = {"builtin": prompt_data(model, load_concept_file(BUILTIN), args.cache, "builtin",
@@ -228,6 +229,17 @@ def main() -> None:
                 off_p = torch.cat([reference_prompt_atp, others_p])
                 scored = candidate_effects(model, mine_p, off_p, args.cache, f"{group}-{name}", screen=args.prompt_screen)
                 orders["prompt-run"] = carry_specific_order(scored, off_p, k=args.k, **penalty)
+                if not args.rankings or "prompt-measured" in args.rankings.split(","):
+                    # The penalties' top-k sets measured exactly on the own prompts and on held-back
+                    # prompts of the reference and the run's other concepts (attribution/measured_selection.py).
+                    contrast = {n: d["prompts"] for n, d in {**reference_p, **prompt_runs[group]}.items() if n != name}
+                    measures = measure_sets(model, candidate_sets(scored, off_p, model.d_mlp, k=args.k),
+                                            mine_p["prompts"], contrast, zeros)
+                    best = choose_set(measures)
+                    print(f"{group}/{name}: measured " + ", ".join(
+                        f"p{m.penalty:g} {m.specificity:.2f} ({m.own_change:+.3f})" for m in measures)
+                        + f" -> p{best.penalty:g}", file=sys.stderr, flush=True)
+                    orders["prompt-measured"] = torch.tensor([layer * model.d_mlp + i for layer, i in best.neurons])
                 for p in [float(x) for x in args.prompt_penalties.split(",") if x.strip()]:
                     orders[f"prompt-specific-p{p:g}"] = carry_specific_order(mine_p["exact"], off_p, k=args.k, penalty=p)
                     orders[f"prompt-run-p{p:g}"] = carry_specific_order(scored, off_p, k=args.k, penalty=p)

@@ -78,9 +78,11 @@ def contrast_metadata(contrast: dict | None, reason: str = "") -> dict:
             "seconds": contrast["seconds"]}
 
 
-def specificity_table(rows: pa.Table, contrast: dict, *, run_id: str, model: str, layers: list[int]) -> pa.Table:
+def specificity_table(rows: pa.Table, contrast: dict, *, run_id: str, model: str, layers: list[int],
+                      penalties: dict | None = None) -> pa.Table:
     """The run's specificity rows: neat and atp against the reference concept vectors, prompt and
-    prompt-atp against the reference concepts' prompts."""
+    prompt-atp against the reference concepts' prompts (the prompt ranking's penalty per (concept,
+    ablation) from `penalties`, the run's measured choice, where given)."""
     from storage.specificity import SPECIFIC_METHODS, prompt_specificity_rows, specificity_rows
 
     rows = rows.select(["concept", "method", "ablation", "layer", "neuron", "effect"])
@@ -90,5 +92,5 @@ def specificity_table(rows: pa.Table, contrast: dict, *, run_id: str, model: str
     if contrast.get("prompt_effects"):
         prompt = rows.filter(pc.is_in(rows["method"], pa.array(["prompt-atp", "prompt"])))
         tables.append(prompt_specificity_rows(prompt, contrast["prompt_effects"], contrast["concepts"],
-                                              run_id=run_id, model=model, layers=layers))
+                                              run_id=run_id, model=model, layers=layers, penalties=penalties))
     return pa.concat_tables(tables)

@@ -358,13 +358,17 @@ def run_job(plan: JobPlan, *, progress_stream=None) -> RunSummary:
             metadata["replicas"] = {"suffix_actors": suffix_count, "suffix_from_layer": replicas.suffix_from_layer}
         metadata["reference_contrast"] = contrast_metadata(contrast, contrast_note)
         effects = _effect_rows(plan) if contrast is not None else None  # read before the commit deletes staging
+        choices = _measured_choice(plan, effects, contrast, pool.live_full_actors(), progress)
+        if choices is not None:
+            metadata["measured_choice"] = choices["metadata"]
         # The streaming reduce: the driver holds one record batch and one ranked group at a time.
         version = commit_staged_run(cfg.atlas, run_id=plan.run_id, shard_ids=[s.shard_id for s in plan.shards],
                                     metadata=metadata, expected_rows=plan.total_rows,
                                     storage_options=cfg.storage_options)
         if contrast is not None:  # its own commit, after the run's: a run never waits on it to be readable
-            write_specificity(cfg.atlas, specificity_table(effects, contrast, run_id=plan.run_id,
-                                                           model=plan.model.name, layers=list(plan.layers)),
+            penalties = None if choices is None else choices["penalties"]
+            write_specificity(cfg.atlas, specificity_table(effects, contrast, run_id=plan.run_id, model=plan.model.name,
+                                                           layers=list(plan.layers), penalties=penalties),
                               storage_options=cfg.storage_options)
         delete_staging(cfg.atlas, run_id=plan.run_id, storage_options=cfg.storage_options)
         if cfg.schedule is not None:  # a scheduled run: compare with the family's previous run (storage/drift.py)
@@ -400,6 +404,25 @@ def _reference_contrast(plan: JobPlan, actors, progress: Progress) -> tuple[dict
         return None, "AtP does not run on this model's replicas (an encoder, or split replicas)"
     progress.message(f"reference contrast: {len(contrast['concepts'])} concepts in {contrast['seconds']:.1f} s")
     return contrast, ""
+
+
+def _measured_choice(plan: JobPlan, effects, contrast: dict | None, actors, progress: Progress) -> dict | None:
+    """Each concept's prompt ranking chosen by measuring candidate sets on real prompts
+    (cluster/measured_step.py), or None where the run has no prompt rows with a reference contrast."""
+    if contrast is None or not contrast.get("prompt_effects") or "prompt" not in plan.config.methods:
+        return None
+    from cluster.measured_step import MEASURED_K, measured_choices
+    from storage.specificity import prompt_contrasts
+
+    contrasts = prompt_contrasts(effects, contrast["prompt_effects"], contrast["concepts"], run_id=plan.run_id)
+    if not contrasts:
+        return None
+    progress.message(f"measured choice: the top-{MEASURED_K} of {len(contrasts)} concept(s) at several penalties, "
+                     f"ablated on their prompts and held-back prompts of the contrast concepts, on {len(actors)} actors")
+    choices = measured_choices(actors, contrasts, progress)
+    chosen = ", ".join(f"{concept} p{penalty:g}" for (concept, _), penalty in sorted(choices["penalties"].items()))
+    progress.message(f"measured choice: {chosen} in {choices['seconds']:.1f} s")
+    return choices
 
 
 def _effect_rows(plan: JobPlan):

@@ -120,6 +120,7 @@ class ShardScorer:
         self.grads: dict[str, torch.Tensor] = {}  # concept -> d log p(T) / d a, [n_layers, d_mlp] (AtP)
         self.whole: dict[tuple, NeuronScores] = {}  # (method, concept, layer or None) -> neurons' scores
         self.prompt_atp: dict[tuple, torch.Tensor] = {}  # (concept, mode) -> [n_layers, d_mlp] prompt AtP
+        self._reference_prompts: dict | None = None  # reference concept -> its cloze prompts (measure_sets)
         self.info = ScorerInfo(
             actor=f"{os.uname().nodename}:{os.getpid()}", device=str(self.model.device), dtype=spec.dtype,
             threads=torch.get_num_threads(), load_seconds=loaded - started,
@@ -289,6 +290,29 @@ class ShardScorer:
         return (result.concepts, result.target_ids,
                 None if on_vectors is None else {mode: t.numpy() for mode, t in on_vectors.effects.items()},
                 None if on_prompts is None else {mode: t.numpy() for mode, t in on_prompts.effects.items()})
+
+    def measure_sets(self, concept: str, mode: str, sets: dict) -> list:
+        """The candidate top-k sets of one concept's prompt ranking, each ablated together on its prompts
+        and on the held-back prompts of the reference concepts and the run's other concepts
+        (attribution/measured_selection.py): [SetMeasure], one per penalty of `sets`."""
+        from attribution.concepts import resolve_targets
+        from attribution.errors import ConceptError
+        from attribution.measured_selection import measure_sets
+        from attribution.prompts import concept_prompts
+        from attribution.reference import reference_concepts
+
+        mine = next(rc for rc in self.concepts if rc.concept.name == concept)
+        if self._reference_prompts is None:
+            self._reference_prompts = {}
+            for reference in reference_concepts():
+                try:
+                    ids = resolve_targets(self.model.tokenizer, reference).ids
+                except ConceptError:  # a reference target this tokenizer cannot encode: measured without it
+                    continue
+                self._reference_prompts[reference.name] = concept_prompts(self.model.tokenizer, reference, ids)
+        contrast = dict(self._reference_prompts)
+        contrast.update({rc.concept.name: self._prompts(rc) for rc in self.concepts if rc.concept.name != concept})
+        return measure_sets(self.model, sets, self._prompts(mine), contrast, self._ablate_to(mine, mode))
 
     def score(self, shard: Shard) -> ShardResult:
         started = time.perf_counter()

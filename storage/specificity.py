@@ -14,6 +14,7 @@ with `delta_scan('ATLAS/specificity')` or the `specificity` view of `neuron-atla
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
-from attribution.specificity import (carry_specific_order, generic_mask, off_target, specific_order,
+from attribution.specificity import (CARRY_PENALTY, carry_specific_order, generic_mask, off_target, specific_order,
                                      specificity_ratio)
 from storage.errors import AtlasError
 from storage.location import delta_options, table_uri
@@ -73,14 +74,48 @@ def specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], reference
 
 
 def prompt_specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], reference_names: list[str], *,
-                            run_id: str, model: str, layers: list[int], top: int = SPECIFIC_TOP) -> pa.Table:
+                            run_id: str, model: str, layers: list[int], top: int = SPECIFIC_TOP,
+                            penalties: dict[tuple[str, str], float] | None = None) -> pa.Table:
     """The in-distribution methods' specificity rows: prompt-atp like `specificity_rows` (every neuron,
     every concept) with the carry ranking; prompt on each concept's own screened neurons, its exact
-    effects against the reference concepts' and the run's other concepts' prompt AtP at those neurons."""
+    effects against the reference concepts' and the run's other concepts' prompt AtP at those neurons.
+    penalties: (concept, ablation) -> the carry ranking's penalty for the prompt rows (the measured
+    choice, attribution/measured_selection.py); CARRY_PENALTY where absent."""
     screen = rows.filter(pc.equal(rows["method"], "prompt-atp"))
     out = [specificity_rows(screen, reference, reference_names, run_id=run_id, model=model, layers=layers,
                             top=top, methods=("prompt-atp",), carry=True)]
+    for contrast in prompt_contrasts(rows, reference, reference_names, run_id=run_id):
+        penalty = (penalties or {}).get((contrast.concept, contrast.ablation), CARRY_PENALTY)
+        out.append(_concept_rows(contrast.effect, contrast.others, contrast.names, contrast.generic,
+                                 contrast.layer_col, contrast.neuron_col, top=top, carry=True, penalty=penalty,
+                                 keys=(run_id, model, contrast.concept, "prompt", contrast.ablation)))
+    return pa.concat_tables(out)
+
+
+@dataclass(frozen=True)
+class PromptContrast:
+    """One concept's prompt rows (its screened neurons) against the contrast concepts' prompt AtP."""
+
+    concept: str
+    ablation: str
+    effect: torch.Tensor  # [n] the concept's exact prompt effects
+    others: torch.Tensor  # [contrast concepts, n] the reference's and the run's other concepts' prompt AtP
+    names: list[str]  # the contrast concepts, in `others` order
+    generic: np.ndarray  # [n] bool
+    layer_col: np.ndarray  # [n] int64
+    neuron_col: np.ndarray  # [n] int64
+
+    @property
+    def neurons(self) -> list[tuple[int, int]]:
+        return [(int(layer), int(neuron)) for layer, neuron in zip(self.layer_col, self.neuron_col)]
+
+
+def prompt_contrasts(rows: pa.Table, reference: dict[str, np.ndarray], reference_names: list[str], *,
+                     run_id: str) -> list[PromptContrast]:
+    """Per concept and ablation of the run's prompt rows: what its specific ranking is selected from."""
+    screen = rows.filter(pc.equal(rows["method"], "prompt-atp"))
     exact = rows.filter(pc.equal(rows["method"], "prompt"))
+    out = []
     for ablation in sorted(set(exact.column("ablation").to_pylist()) & set(reference)):
         # [concepts, n]: every neuron of the run's layers
         concepts, atp_layer, atp_neuron, atp_effects = dense_effects(
@@ -97,9 +132,9 @@ def prompt_specificity_rows(rows: pa.Table, reference: dict[str, np.ndarray], re
             at = torch.tensor([position[key] for key in zip(layer_col.tolist(), neuron_col.tolist())], dtype=torch.long)
             others = torch.cat([ref_all[:, at], atp_effects[[i for i, c in enumerate(concepts) if c != concept]][:, at]])
             names = list(reference_names) + [c for c in concepts if c != concept]
-            out.append(_concept_rows(_effects(part), others, names, generic_all[at.numpy()], layer_col, neuron_col,
-                                     top=top, carry=True, keys=(run_id, model, concept, "prompt", ablation)))
-    return pa.concat_tables(out)
+            out.append(PromptContrast(concept, ablation, _effects(part), others, names, generic_all[at.numpy()],
+                                      layer_col, neuron_col))
+    return out
 
 
 def _neuron_columns(part: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -131,14 +166,15 @@ def reference_at(reference: np.ndarray, layer_col: np.ndarray, neuron_col: np.nd
 
 
 def _concept_rows(effect: torch.Tensor, others: torch.Tensor, names: list[str], generic: np.ndarray,
-                  layer_col: np.ndarray, neuron_col: np.ndarray, *, top: int, carry: bool, keys: tuple) -> pa.Table:
+                  layer_col: np.ndarray, neuron_col: np.ndarray, *, top: int, carry: bool, keys: tuple,
+                  penalty: float = CARRY_PENALTY) -> pa.Table:
     """SPECIFICITY_SCHEMA rows of one concept, method and ablation: effect [n], others [contrast, n]."""
     run_id, model, concept, method, ablation = keys
     n = len(effect)
     worst, which = off_target(others)
     floor = RATIO_FLOOR * float(effect.abs().max()) if n else 0.0
     ratio = specificity_ratio(effect, others, floor=max(floor, 1e-12))
-    order = (carry_specific_order if carry else specific_order)(effect, others, k=top)
+    order = carry_specific_order(effect, others, k=top, penalty=penalty) if carry else specific_order(effect, others, k=top)
     ranks = np.full(n, -1, dtype=np.int32)
     ranks[order.numpy()] = np.arange(1, len(order) + 1, dtype=np.int32)
     now = datetime.now(timezone.utc)

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from attribution.specificity import generic_mask, specific_order, specificity_ratio
+from attribution.measured_selection import CONFIRMED, PENALTIES
+from attribution.specificity import CARRY_PENALTY, generic_mask, specific_order, specificity_ratio
 
 
 def test_specific_order_prefers_neurons_that_move_only_the_concept():
@@ -211,6 +212,17 @@ def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_ta
         assert check["scored_exactly"] == len(scored) and -1 <= check["spearman"] <= 1
         prompt_ranked = stored.filter(pc_equal("method", "prompt")).filter(pc_equal("concept", concept)).to_pylist()
         assert all(r["effect"] < 0 for r in prompt_ranked if r["specific_rank"] is not None)
+        # The measured choice (cluster/measured_step.py): every penalty's set measured, the rule applied,
+        # and the stored ranking is the carry selection at the chosen penalty.
+        made = on["measured_choice"][concept]["zero"]
+        by_penalty = {c["penalty"]: c for c in made["candidates"]}
+        assert sorted(by_penalty) == sorted(PENALTIES)
+        best = max(c["specificity"] for c in made["candidates"])
+        assert (made["chosen_penalty"] == CARRY_PENALTY if by_penalty[CARRY_PENALTY]["specificity"] >= CONFIRMED
+                else by_penalty[made["chosen_penalty"]]["specificity"] == best)
+        ranked = sorted((r for r in prompt_ranked if r["specific_rank"] is not None), key=lambda r: r["specific_rank"])
+        chosen = [tuple(n) for n in made["neurons"]]
+        assert chosen and [(r["layer"], r["neuron"]) for r in ranked][:len(chosen)] == chosen
 
     capsys.readouterr()
     assert main(["query", "--atlas", str(atlas), "--concept", "music", "--run", "on", "--method", "prompt-atp",

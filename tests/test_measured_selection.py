@@ -1,0 +1,74 @@
+"""The measured choice of a concept's top-k set (attribution/measured_selection.py): its measurements
+equal a plain one-prompt-at-a-time loop written without the package, on the own prompts and on the
+contrast concepts' held-back prompts only; the choice keeps the default set when the measurement
+confirms it and otherwise takes the most specific one."""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+import naive_neat
+from attribution.measured_selection import (HELD_BACK_FROM, SetMeasure, candidate_sets, choose_set,
+                                            measure_sets)
+from attribution.prompts import Prompt
+from attribution.specificity import carry_specific_order
+
+OWN = [("The king wore a golden", ("crown",)), ("The queen sat on her", ("throne",))]
+CONTRAST = {
+    # 6 prompts: the first HELD_BACK_FROM (4) are validate's panel prompts and are never measured here
+    "weather": [("Snow covered the quiet", ("hills",)), ("Rain fell on the", ("town",)),
+                ("The wind blew over the", ("sea",)), ("Clouds hid the", ("sun",)),
+                ("Thunder shook the old", ("house",)), ("Fog rolled over the", ("hills",))],
+    "food": [("She ate a slice of", ("bread",))],  # nothing held back: skipped
+}
+
+
+def _prompts(tokenizer, pairs) -> list[Prompt]:
+    return [Prompt(text, tuple(naive_neat.target_ids(tokenizer, words))) for text, words in pairs]
+
+
+def test_measured_sets_equal_a_plain_loop_on_held_back_prompts(tiny_sources, tiny_models):
+    model = tiny_models["llama"]
+    hf, tokenizer = naive_neat.load(tiny_sources["llama"].path)
+    own = _prompts(tokenizer, OWN)
+    contrast = {name: _prompts(tokenizer, pairs) for name, pairs in CONTRAST.items()}
+    sets = {1.0: ((0, 3), (2, 11)), 10.0: ((1, 7),), 20.0: ((1, 7),)}  # 10 and 20: one set, measured once
+    zeros = torch.zeros(model.n_layers, model.d_mlp)
+    measures = measure_sets(model, sets, own, contrast, zeros)
+
+    def plain(prompts, neurons) -> float:
+        return statistics.fmean(naive_neat.prompt_log_p(hf, tokenizer, p, list(neurons), zeros)
+                                - naive_neat.prompt_log_p(hf, tokenizer, p, [], zeros) for p in prompts)
+
+    assert [m.penalty for m in measures] == [1.0, 10.0, 20.0]
+    for measure in measures:
+        assert abs(measure.own_change - plain(own, measure.neurons)) < 2e-5
+        assert set(measure.other_changes) == {"weather"}
+        assert abs(measure.other_changes["weather"] - plain(contrast["weather"][HELD_BACK_FROM:], measure.neurons)) < 2e-5
+    assert measures[1].own_change == measures[2].own_change
+    assert max(abs(m.own_change) for m in measures) > 1e-3, "the changes compared must be far from zero"
+
+
+def test_candidate_sets_are_the_carry_selection_at_each_penalty():
+    generator = torch.Generator().manual_seed(0)
+    effect, off = torch.randn(40, generator=generator), torch.randn(5, 40, generator=generator) * 0.3
+    neurons = [(i // 8, 100 + i) for i in range(40)]
+    sets = candidate_sets(effect, off, neurons, k=4, penalties=(1.0, 10.0))
+    for penalty, chosen in sets.items():
+        order = carry_specific_order(effect, off, k=4, penalty=penalty)
+        assert chosen == tuple(neurons[int(i)] for i in order)
+        assert all(effect[neurons.index(n)] < 0 for n in chosen)  # only neurons that carry the concept
+
+
+def test_the_default_set_is_kept_when_confirmed_else_the_most_specific():
+    def measure(penalty, own, worst):
+        return SetMeasure(penalty, ((0, int(penalty)),), own, {"other": worst})
+
+    confirmed = [measure(2.0, -0.9, 0.1), measure(10.0, -0.5, 0.09)]  # default: 5.6 (the other: 9)
+    assert choose_set(confirmed).penalty == 10.0
+    weak = [measure(2.0, -0.9, 0.1), measure(10.0, -0.3, 0.1), measure(20.0, 0.2, 0.01)]  # default 3
+    assert choose_set(weak).penalty == 2.0
+    assert measure(20.0, 0.2, 0.01).specificity == 0.0  # raising the concept's gold is not specificity
+    tied = [measure(10.0, -0.3, 0.1), measure(5.0, -0.3, 0.1)]
+    assert choose_set(tied).penalty == 10.0

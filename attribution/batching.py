@@ -2,7 +2,7 @@
 
 A forward over R rows padded to T tokens costs about (R * T + BLOCK_OVERHEAD_TOKENS) per block it
 runs: the matrix multiplies scale with the padded tokens, and every block also streams its weights
-from memory once per forward (SmolLM2-135M on this 2-core CPU, 2026-12-04: one row of 4 tokens
+from memory once per forward (SmolLM2-135M on this 2-core CPU, 2026-12-03: one row of 4 tokens
 through 30 blocks took 115 ms, 21 rows of 12 tokens 490 ms, 64 rows of 12 tokens 1,455 ms: about
 3.5 ms + 0.06 ms per token and block, so a forward's fixed cost is worth ~60 tokens).
 

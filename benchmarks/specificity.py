@@ -25,6 +25,10 @@ by |estimate|), two more rankings are built from them:
                    the candidates of attribution/specificity.py: prompt_candidates (AtP's top `--prompt-screen`
                    by |estimate| and the first `--prompt-screen` of the carry-specific selection on the
                    estimates), the carry-specific selection among them
+  prompt-measured  what a run's `prompt` method ranks since its measured choice (attribution/measured_selection.py):
+                   prompt-run's selection at penalties 1-40, each distinct top-k ablated on the concept's
+                   prompts and on prompts 4.. of the reference concepts and the run's other concepts; the
+                   penalty-10 set when it measures >= 5, else the most specific measured set
   prompt-specific-pP, prompt-run-pP  the same with penalty P, for each P of --prompt-penalties
 and every ranking's top-10 is also ablated on the concept's prompts and on `--panel-prompts` prompts of
 each panel concept: prompt specificity = |own change of mean log p(gold)| / max |panel concept's change|.
@@ -233,7 +237,8 @@ def main() -> None:
                     # The penalties' top-k sets measured exactly on the own prompts and on held-back
                     # prompts of the reference and the run's other concepts (attribution/measured_selection.py).
                     contrast = {n: d["prompts"] for n, d in {**reference_p, **prompt_runs[group]}.items() if n != name}
-                    measures = measure_sets(model, candidate_sets(scored, off_p, model.d_mlp, k=args.k),
+                    all_neurons = [(i // model.d_mlp, i % model.d_mlp) for i in range(scored.numel())]
+                    measures = measure_sets(model, candidate_sets(scored, off_p, all_neurons, k=args.k),
                                             mine_p["prompts"], contrast, zeros)
                     best = choose_set(measures)
                     print(f"{group}/{name}: measured " + ", ".join(

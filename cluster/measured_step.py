@@ -34,7 +34,13 @@ def measured_choices(actors, contrasts: list, progress=None) -> dict:
         todo = []
         for actor, contrast, sets, ref in tasks:
             try:
-                measured[(contrast.concept, contrast.ablation)] = ray.get(ref)
+                measures = measured[(contrast.concept, contrast.ablation)] = ray.get(ref)
+                if progress is not None:
+                    chosen = choose_set(measures)
+                    progress.message(f"measured choice [{len(measured)}/{len(contrasts)}]: {contrast.concept} "
+                                     f"({contrast.ablation}): penalty {chosen.penalty:g}, its top-{MEASURED_K} lowers "
+                                     f"its gold by {-chosen.own_change:.3f} nats, {chosen.specificity:.1f}x the largest "
+                                     f"change of a contrast concept (held-back prompts)")
             except RayActorError as err:
                 if actor in live:
                     live.remove(actor)

@@ -21,6 +21,7 @@ CARRY_PENALTY = 10.0
 # The penalty of the selection that picks the prompt method's specific candidates (the same: the
 # candidates hold the neurons the final ranking chooses on the estimates).
 CANDIDATE_PENALTY = CARRY_PENALTY
+MEASURED_K = 10  # the top-k the run's measured choice measures (attribution/measured_selection.py): the bar's k
 GENERIC_SHARE = 0.5  # a neuron is generic when it is in the top 1% by |effect| of at least this share of concepts
 
 
@@ -37,13 +38,15 @@ def specificity_ratio(effect: Tensor, off: Tensor, *, floor: float) -> Tensor:
     return effect.abs() / worst.clamp(min=floor)
 
 
-def specific_order(effect: Tensor, off: Tensor, *, k: int, penalty: float = 5.0, candidates: int = 1000) -> Tensor:
+def specific_order(effect: Tensor, off: Tensor, *, k: int, penalty: float = 5.0, candidates: int = 1000,
+                   prefix: Tensor | None = None) -> Tensor:
     """Greedy set selection: the first k neurons (indices into n) of a concept-specific ranking.
 
     Step j adds the candidate that maximises |sum of own effects| - penalty * max over contrast concepts
     |sum of their effects| of the set chosen so far plus it (first-order joint effects, signed, so
     neurons whose effects cancel on the own concept are not picked together). Candidates: the top
-    `candidates` neurons by |effect|. Returns [k] int64 (fewer when there are fewer neurons).
+    `candidates` neurons by |effect|. `prefix` (indices into n) is taken first, as given, and the
+    greedy continues from it. Returns [k] int64 (fewer when there are fewer neurons).
     """
     effect, off = effect.double(), off.double()
     pool = effect.abs().topk(min(candidates, effect.numel())).indices  # [m]
@@ -51,7 +54,11 @@ def specific_order(effect: Tensor, off: Tensor, *, k: int, penalty: float = 5.0,
     own, others = torch.zeros((), dtype=torch.float64), torch.zeros(off.shape[0], dtype=torch.float64)
     taken = torch.zeros(len(pool), dtype=torch.bool)
     chosen = []
-    for _ in range(min(k, len(pool))):
+    for index in ([] if prefix is None else [int(i) for i in prefix])[:k]:
+        chosen.append(index)
+        own, others = own + effect[index], others + off[:, index]
+        taken |= pool == index
+    for _ in range(min(k - len(chosen), int((~taken).sum()))):
         gain = (own + own_pool).abs() - penalty * (others[:, None] + off_pool).abs().amax(dim=0)  # [m]
         gain[taken] = -float("inf")
         best = int(gain.argmax())
@@ -62,7 +69,7 @@ def specific_order(effect: Tensor, off: Tensor, *, k: int, penalty: float = 5.0,
 
 
 def carry_specific_order(effect: Tensor, off: Tensor, *, k: int, penalty: float = CARRY_PENALTY,
-                         candidates: int = 1000) -> Tensor:
+                         candidates: int = 1000, prefix: Tensor | None = None) -> Tensor:
     """`specific_order` among the neurons that carry the concept (effect < 0: ablating them lowers its
     targets): the others' effects are zeroed, so they are never picked for their own sake. The specific
     ranking of the in-distribution methods (prompt, prompt-atp), where "carries" is what users ask."""
@@ -70,7 +77,18 @@ def carry_specific_order(effect: Tensor, off: Tensor, *, k: int, penalty: float 
     count = int((carrying < 0).sum())  # the pool is the top `candidates` by |effect|: carrying neurons only
     if count == 0:
         return torch.zeros(0, dtype=torch.long)
-    return specific_order(carrying, off, k=k, penalty=penalty, candidates=min(candidates, count))
+    return specific_order(carrying, off, k=k, penalty=penalty, candidates=min(candidates, count), prefix=prefix)
+
+
+def measured_carry_order(effect: Tensor, off: Tensor, *, k: int, penalty: float, measured: int) -> Tensor:
+    """The prompt ranking after the measured choice (attribution/measured_selection.py): the first
+    `measured` neurons of the carry selection at the chosen `penalty` (the set that was measured), then
+    the selection continued from them at max(penalty, CARRY_PENALTY). Nothing past the measured set
+    was measured, and a low penalty's continuation is generic: royalty's top-50 at penalty 2 measured
+    prompt specificity 2.1 where penalty 10's measured 8.8. At the default penalty this is
+    `carry_specific_order`."""
+    head = carry_specific_order(effect, off, k=min(k, measured), penalty=penalty)
+    return carry_specific_order(effect, off, k=k, penalty=max(penalty, CARRY_PENALTY), prefix=head)
 
 
 def prompt_candidates(estimate: Tensor, off: Tensor, *, top: int, penalty: float = CANDIDATE_PENALTY) -> Tensor:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import time
 
 from attribution.measured_selection import SetMeasure, candidate_sets, choose_set
+from attribution.specificity import MEASURED_K
 from cluster.pool import error_line
-
-MEASURED_K = 10  # the top-k the choice measures: the k of the product's specificity bar
 
 
 def measured_choices(actors, contrasts: list, progress=None) -> dict:

@@ -24,8 +24,8 @@ import torch
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
-from attribution.specificity import (CARRY_PENALTY, carry_specific_order, generic_mask, off_target, specific_order,
-                                     specificity_ratio)
+from attribution.specificity import (CARRY_PENALTY, MEASURED_K, generic_mask, measured_carry_order, off_target,
+                                     specific_order, specificity_ratio)
 from storage.errors import AtlasError
 from storage.location import delta_options, table_uri
 from storage.schema import check_schema, validate_name
@@ -174,7 +174,10 @@ def _concept_rows(effect: torch.Tensor, others: torch.Tensor, names: list[str], 
     worst, which = off_target(others)
     floor = RATIO_FLOOR * float(effect.abs().max()) if n else 0.0
     ratio = specificity_ratio(effect, others, floor=max(floor, 1e-12))
-    order = carry_specific_order(effect, others, k=top, penalty=penalty) if carry else specific_order(effect, others, k=top)
+    if not carry:
+        order = specific_order(effect, others, k=top)
+    else:  # the measured choice's set first (its penalty), then the continuation (attribution/specificity.py)
+        order = measured_carry_order(effect, others, k=top, penalty=penalty, measured=MEASURED_K)
     ranks = np.full(n, -1, dtype=np.int32)
     ranks[order.numpy()] = np.arange(1, len(order) + 1, dtype=np.int32)
     now = datetime.now(timezone.utc)

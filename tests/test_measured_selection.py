@@ -12,7 +12,7 @@ import naive_neat
 from attribution.measured_selection import (HELD_BACK_FROM, SetMeasure, candidate_sets, choose_set,
                                             measure_sets)
 from attribution.prompts import Prompt
-from attribution.specificity import carry_specific_order
+from attribution.specificity import CARRY_PENALTY, carry_specific_order
 
 OWN = [("The king wore a golden", ("crown",)), ("The queen sat on her", ("throne",))]
 CONTRAST = {
@@ -72,3 +72,41 @@ def test_the_default_set_is_kept_when_confirmed_else_the_most_specific():
     assert measure(20.0, 0.2, 0.01).specificity == 0.0  # raising the concept's gold is not specificity
     tied = [measure(10.0, -0.3, 0.1), measure(5.0, -0.3, 0.1)]
     assert choose_set(tied).penalty == 10.0
+
+
+def _naive_greedy(effect, off, *, k, penalty, start=()):
+    """The selection written out: from the `start` set, add the neuron that maximises |own sum| -
+    penalty * max |contrast sum| among neurons that carry the concept (effect < 0)."""
+    chosen = list(start)
+    while len(chosen) < k:
+        best, best_gain = None, -float("inf")
+        for i in range(len(effect)):
+            if i in chosen or effect[i] >= 0:
+                continue
+            own = sum(min(float(effect[j]), 0.0) for j in chosen + [i])
+            worst = max(abs(sum(float(off[c, j]) for j in chosen + [i])) for c in range(off.shape[0]))
+            gain = abs(own) - penalty * worst
+            if gain > best_gain:
+                best, best_gain = i, gain
+        if best is None:
+            break
+        chosen.append(best)
+    return chosen
+
+
+def test_the_ranking_keeps_the_measured_set_then_continues_at_the_default_penalty():
+    from attribution.specificity import measured_carry_order
+
+    generator = torch.Generator().manual_seed(1)
+    effect, off = torch.randn(60, generator=generator), torch.randn(6, 60, generator=generator) * 0.3
+    for penalty in (1.0, 2.0, CARRY_PENALTY, 40.0):
+        order = measured_carry_order(effect, off, k=20, penalty=penalty, measured=5).tolist()
+        head = _naive_greedy(effect, off, k=5, penalty=penalty)
+        assert order[:5] == head  # the set the choice measured, as measured
+        # past it, the selection continues from that set at the default penalty or the chosen one if higher
+        assert order == _naive_greedy(effect, off, k=20, penalty=max(penalty, CARRY_PENALTY), start=head)
+    # at the default penalty it is the plain selection
+    assert (measured_carry_order(effect, off, k=20, penalty=CARRY_PENALTY, measured=5).tolist()
+            == carry_specific_order(effect, off, k=20, penalty=CARRY_PENALTY).tolist())
+    low = measured_carry_order(effect, off, k=20, penalty=1.0, measured=5).tolist()
+    assert low != carry_specific_order(effect, off, k=20, penalty=1.0).tolist(), "the continuation must differ"

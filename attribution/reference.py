@@ -61,15 +61,21 @@ def reference_prompt_effects(model: SiteModel, concepts: list[Concept], ablate_t
     """Prompt AtP of every neuron on each concept's cloze prompts (the change of mean log p(gold) when the
     neuron is set to the mode's value at every position), per mode: [concepts, n_layers, d_mlp]."""
     from attribution.prompt_effects import prompt_atp
-    from attribution.prompts import concept_prompts
 
     effects = {mode: [] for mode in ablate_to}
     targets = []
     for concept in concepts:
-        ids = resolve_targets(model.tokenizer, concept).ids
-        prompts = concept_prompts(model.tokenizer, concept, ids)
+        ids, prompts = reference_prompts(model.tokenizer, concept)
         for mode, values in ablate_to.items():
             effects[mode].append(prompt_atp(model, prompts, values))
         targets.append(ids)
     return ReferenceEffects(tuple(c.name for c in concepts), tuple(targets),
                             {mode: torch.stack(rows) for mode, rows in effects.items()})
+
+
+def reference_prompts(tokenizer, concept: Concept):
+    """A reference concept's target ids and cloze prompts under this tokenizer: (ids, [Prompt])."""
+    from attribution.prompts import concept_prompts
+
+    ids = resolve_targets(tokenizer, concept).ids
+    return ids, concept_prompts(tokenizer, concept, ids)

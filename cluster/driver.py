@@ -411,7 +411,8 @@ def _measured_choice(plan: JobPlan, effects, contrast: dict | None, actors, prog
     (cluster/measured_step.py), or None where the run has no prompt rows with a reference contrast."""
     if contrast is None or not contrast.get("prompt_effects") or "prompt" not in plan.config.methods:
         return None
-    from cluster.measured_step import MEASURED_K, measured_choices
+    from attribution.specificity import MEASURED_K
+    from cluster.measured_step import measured_choices
     from storage.specificity import prompt_contrasts
 
     contrasts = prompt_contrasts(effects, contrast["prompt_effects"], contrast["concepts"], run_id=plan.run_id)

@@ -24,6 +24,7 @@ def measured_choices(actors, contrasts: list, progress=None) -> dict:
     todo = [(c, candidate_sets(c.effect, c.others, c.neurons, k=MEASURED_K)) for c in contrasts]
     live = list(actors)
     measured: dict[tuple[str, str], list[SetMeasure]] = {}
+    chosen: dict[tuple[str, str], SetMeasure] = {}
     while todo:
         if not live:
             raise RuntimeError("measured choice: every actor died before the candidate sets were measured")
@@ -33,12 +34,13 @@ def measured_choices(actors, contrasts: list, progress=None) -> dict:
         todo = []
         for actor, contrast, sets, ref in tasks:
             try:
-                measures = measured[(contrast.concept, contrast.ablation)] = ray.get(ref)
+                key = (contrast.concept, contrast.ablation)
+                measured[key] = ray.get(ref)
+                best = chosen[key] = choose_set(measured[key])
                 if progress is not None:
-                    chosen = choose_set(measures)
                     progress.message(f"measured choice [{len(measured)}/{len(contrasts)}]: {contrast.concept} "
-                                     f"({contrast.ablation}): penalty {chosen.penalty:g}, its top-{MEASURED_K} lowers "
-                                     f"its gold by {-chosen.own_change:.3f} nats, {chosen.specificity:.1f}x the largest "
+                                     f"({contrast.ablation}): penalty {best.penalty:g}, its top-{MEASURED_K} lowers "
+                                     f"its gold by {-best.own_change:.3f} nats, {best.specificity:.1f}x the largest "
                                      f"change of a contrast concept (held-back prompts)")
             except RayActorError as err:
                 if actor in live:
@@ -49,11 +51,11 @@ def measured_choices(actors, contrasts: list, progress=None) -> dict:
                 todo.append((contrast, sets))
     penalties, metadata = {}, {}
     for (concept, ablation), measures in measured.items():
-        chosen = choose_set(measures)
-        penalties[(concept, ablation)] = chosen.penalty
+        best = chosen[(concept, ablation)]
+        penalties[(concept, ablation)] = best.penalty
         metadata.setdefault(concept, {})[ablation] = {
-            "k": MEASURED_K, "chosen_penalty": chosen.penalty, "neurons": [list(n) for n in chosen.neurons],
-            "specificity": chosen.specificity, "own_change": chosen.own_change,
+            "k": MEASURED_K, "chosen_penalty": best.penalty, "neurons": [list(n) for n in best.neurons],
+            "specificity": best.specificity, "own_change": best.own_change,
             "candidates": [{"penalty": m.penalty, "specificity": m.specificity, "own_change": m.own_change,
                             "most_moved": _most_moved(m.other_changes)} for m in measures]}
     return {"penalties": penalties, "metadata": metadata, "seconds": round(time.perf_counter() - started, 2)}

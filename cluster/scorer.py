@@ -295,21 +295,13 @@ class ShardScorer:
         """The candidate top-k sets of one concept's prompt ranking, each ablated together on its prompts
         and on the held-back prompts of the reference concepts and the run's other concepts
         (attribution/measured_selection.py): [SetMeasure], one per penalty of `sets`."""
-        from attribution.concepts import resolve_targets
-        from attribution.errors import ConceptError
         from attribution.measured_selection import measure_sets
-        from attribution.prompts import concept_prompts
-        from attribution.reference import reference_concepts
+        from attribution.reference import reference_concepts, reference_prompts
 
         mine = next(rc for rc in self.concepts if rc.concept.name == concept)
-        if self._reference_prompts is None:
-            self._reference_prompts = {}
-            for reference in reference_concepts():
-                try:
-                    ids = resolve_targets(self.model.tokenizer, reference).ids
-                except ConceptError:  # a reference target this tokenizer cannot encode: measured without it
-                    continue
-                self._reference_prompts[reference.name] = concept_prompts(self.model.tokenizer, reference, ids)
+        if self._reference_prompts is None:  # the run's reference contrast resolved every one of them
+            self._reference_prompts = {reference.name: reference_prompts(self.model.tokenizer, reference)[1]
+                                       for reference in reference_concepts()}
         contrast = dict(self._reference_prompts)
         contrast.update({rc.concept.name: self._prompts(rc) for rc in self.concepts if rc.concept.name != concept})
         return measure_sets(self.model, sets, self._prompts(mine), contrast, self._ablate_to(mine, mode))

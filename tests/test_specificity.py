@@ -213,7 +213,7 @@ def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_ta
         prompt_ranked = stored.filter(pc_equal("method", "prompt")).filter(pc_equal("concept", concept)).to_pylist()
         assert all(r["effect"] < 0 for r in prompt_ranked if r["specific_rank"] is not None)
         # The measured choice (cluster/measured_step.py): every penalty's set measured, the rule applied,
-        # and the stored ranking is the carry selection at the chosen penalty.
+        # and the stored ranking leads with the chosen set.
         made = on["measured_choice"][concept]["zero"]
         by_penalty = {c["penalty"]: c for c in made["candidates"]}
         assert sorted(by_penalty) == sorted(PENALTIES)

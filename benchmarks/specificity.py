@@ -27,14 +27,18 @@ by |estimate|), two more rankings are built from them:
                    estimates), the carry-specific selection among them
   prompt-measured  what a run's `prompt` method ranks since its measured choice (attribution/measured_selection.py):
                    prompt-run's selection at penalties 1-40, each distinct top-k ablated on the concept's
-                   prompts and on prompts 4.. of the reference concepts and the run's other concepts; the
-                   penalty-10 set when it measures >= 5, else the most specific measured set
+                   prompts and on every prompt of the reference concepts and the run's other concepts (the
+                   panel validate measures on); the penalty-10 set when it measures >= 5, else the most
+                   specific measured set
   prompt-specific-pP, prompt-run-pP  the same with penalty P, for each P of --prompt-penalties
-and every ranking's top-10 is also ablated on the concept's prompts and on `--panel-prompts` prompts of
-each panel concept: prompt specificity = |own change of mean log p(gold)| / max |panel concept's change|.
+and every ranking's top-10 is also ablated on the concept's prompts and on the prompts of each panel
+concept (all, or the first `--panel-prompts`): prompt specificity = |own change of mean log p(gold)| /
+max |panel concept's change|; "against the other group only" divides by the largest change of the
+other group's concepts (held-out for the built-ins, built-ins for the held-out), which no selection of
+the run saw: how far the specificity carries beyond the contrast set.
 
 Usage: python benchmarks/specificity.py [--threads 2] [--k 10] [--screen 2000] [--cache DIR] [--no-neutral]
-       [--prompts [--prompt-screen 100] [--panel-prompts 6] [--prompt-penalties 1,10]] [--rankings a,b]
+       [--prompts [--prompt-screen 100] [--panel-prompts N] [--prompt-penalties 1,10]] [--rankings a,b]
        [--json FILE]
 """
 from __future__ import annotations
@@ -185,7 +189,8 @@ def main() -> None:
     parser.add_argument("--no-neutral", action="store_true")
     parser.add_argument("--prompts", action="store_true", help="also rank and measure on real prompts")
     parser.add_argument("--prompt-screen", type=int, default=100, help="neurons scored exactly on prompts per concept")
-    parser.add_argument("--panel-prompts", type=int, default=6, help="prompts per panel concept on real text")
+    parser.add_argument("--panel-prompts", type=int, default=None,
+                        help="prompts per panel concept on real text (default: all of them, as validate)")
     parser.add_argument("--prompt-penalties", default="", help="also rank prompt-specific with these penalties")
     parser.add_argument("--rankings", default="", help="measure only these rankings (comma-separated; default all)")
     parser.add_argument("--json", type=Path)
@@ -234,8 +239,8 @@ def main() -> None:
                 scored = candidate_effects(model, mine_p, off_p, args.cache, f"{group}-{name}", screen=args.prompt_screen)
                 orders["prompt-run"] = carry_specific_order(scored, off_p, k=args.k, **penalty)
                 if not args.rankings or "prompt-measured" in args.rankings.split(","):
-                    # The penalties' top-k sets measured exactly on the own prompts and on held-back
-                    # prompts of the reference and the run's other concepts (attribution/measured_selection.py).
+                    # The penalties' top-k sets measured exactly on the own prompts and on every prompt of
+                    # the reference and the run's other concepts (attribution/measured_selection.py).
                     contrast = {n: d["prompts"] for n, d in {**reference_p, **prompt_runs[group]}.items() if n != name}
                     all_neurons = [(i // model.d_mlp, i % model.d_mlp) for i in range(scored.numel())]
                     measures = measure_sets(model, candidate_sets(scored, off_p, all_neurons, k=args.k),
@@ -268,6 +273,7 @@ def main() -> None:
                 # Every ranking's top-k on the concept's prompts and on a few prompts of each panel concept.
                 own_prompts = everyone_prompts[name]["prompts"]
                 panel_prompts = {n: d["prompts"][:args.panel_prompts] for n, d in everyone_prompts.items() if n != name}
+                outside_names = {n for g, concepts in prompt_runs.items() if g != group for n in concepts}
                 rows_p = [(p, top) for top in tops.values() for p in own_prompts]
                 rows_p += [(p, top) for top in tops.values() for ps in panel_prompts.values() for p in ps]
                 got = prompt_set_changes(model, rows_p, zeros)
@@ -282,9 +288,12 @@ def main() -> None:
                         changes_p[n] = statistics.fmean(got[at:at + len(ps)])
                         at += len(ps)
                     worst_p = max(changes_p, key=lambda n: abs(changes_p[n]))
+                    # Outside the contrast: the other group's concepts, which no selection of this run saw.
+                    outside = max(abs(v) for n, v in changes_p.items() if n in outside_names)
                     prompt_side[ranking].update(worst=worst_p, worst_change=changes_p[worst_p],
                                                 specificity=abs(prompt_side[ranking]["own"]) / max(abs(changes_p[worst_p]), 1e-9),
-                                                lowers_ratio=-prompt_side[ranking]["own"] / max(max(-v for v in changes_p.values()), 1e-9))
+                                                lowers_ratio=-prompt_side[ranking]["own"] / max(max(-v for v in changes_p.values()), 1e-9),
+                                                outside=abs(prompt_side[ranking]["own"]) / max(outside, 1e-9))
             for j, (ranking, top) in enumerate(tops.items()):
                 mine = changes[j * (len(panel) + 1):(j + 1) * (len(panel) + 1)]
                 own, others = mine[0], mine[1:]
@@ -299,6 +308,7 @@ def main() -> None:
                              "prompt_worst_other_change": prompt_side.get(ranking, {}).get("worst_change"),
                              "prompt_specificity": prompt_side.get(ranking, {}).get("specificity"),
                              "prompt_lowers_ratio": prompt_side.get(ranking, {}).get("lowers_ratio"),
+                             "prompt_specificity_outside": prompt_side.get(ranking, {}).get("outside"),
                              "estimated_prompt_specificity": estimates.get(ranking)})
             print(f"{group}/{name}: " + "  ".join(
                 f"{r['ranking']} {r['specificity']:.2f} ({r['own_change']:+.2f})"
@@ -326,6 +336,8 @@ def main() -> None:
                 table[-1].update(
                     median_prompt_specificity=statistics.median(r["prompt_specificity"] for r in mine),
                     median_prompt_lowers_ratio=statistics.median(r["prompt_lowers_ratio"] for r in mine),
+                    median_prompt_specificity_outside=statistics.median(r["prompt_specificity_outside"] for r in mine),
+                    reaching_5=sum(r["prompt_specificity"] >= 5 for r in mine),
                     median_prompt_own_change=statistics.median(r["prompt_own_change"] for r in mine),
                     share_lowering_at_least_raw=statistics.fmean(
                         float(r["prompt_own_change"] <= min(raw_p[r["concept"]], 0.0)) for r in mine))
@@ -338,11 +350,13 @@ def main() -> None:
               f"{t['median_own_change']:.2f} | {t['median_own_vs_neat']:.2f} | {t['min_own_vs_neat']:.2f} | {loss} |")
     if args.prompts:
         print("\nOn real prompts (mean log p(gold) over each concept's cloze prompts, top-10 ablated together):")
-        print("| concepts | ranking | median prompt specificity | median own lowering / largest other lowering | "
-              "median own change (nats) | share of concepts lowered at least as much as raw NEAT's top-10 |")
-        print("|---|---|---:|---:|---:|---:|")
+        print("| concepts | ranking | median prompt specificity | concepts >= 5 | against the other group only | "
+              "median own lowering / largest other lowering | median own change (nats) | "
+              "share of concepts lowered at least as much as raw NEAT's top-10 |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
         for t in table:
             print(f"| {t['group']} | {t['ranking']} | {t['median_prompt_specificity']:.2f} | "
+                  f"{t['reaching_5']}/{len(runs[t['group']])} | {t['median_prompt_specificity_outside']:.2f} | "
                   f"{t['median_prompt_lowers_ratio']:.2f} | {t['median_prompt_own_change']:+.3f} | "
                   f"{t['share_lowering_at_least_raw']:.2f} |")
     print(f"{time.perf_counter() - started:.0f} s", file=sys.stderr)

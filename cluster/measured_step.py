@@ -41,7 +41,7 @@ def measured_choices(actors, contrasts: list, progress=None) -> dict:
                     progress.message(f"measured choice [{len(measured)}/{len(contrasts)}]: {contrast.concept} "
                                      f"({contrast.ablation}): penalty {best.penalty:g}, its top-{MEASURED_K} lowers "
                                      f"its gold by {-best.own_change:.3f} nats, {best.specificity:.1f}x the largest "
-                                     f"change of a contrast concept (held-back prompts)")
+                                     f"change of a contrast concept")
             except RayActorError as err:
                 if actor in live:
                     live.remove(actor)

@@ -293,7 +293,7 @@ class ShardScorer:
 
     def measure_sets(self, concept: str, mode: str, sets: dict) -> list:
         """The candidate top-k sets of one concept's prompt ranking, each ablated together on its prompts
-        and on the held-back prompts of the reference concepts and the run's other concepts
+        and on every prompt of the reference concepts and the run's other concepts (validate's panel)
         (attribution/measured_selection.py): [SetMeasure], one per penalty of `sets`."""
         from attribution.measured_selection import measure_sets
         from attribution.reference import reference_concepts, reference_prompts

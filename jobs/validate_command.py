@@ -34,9 +34,9 @@ def register(sub) -> None:
                                         "against (always: the run's other concepts and the reference set)")
     parser.add_argument("--k", default="1,5,10,50", help="comma-separated sizes of the ablated top set")
     parser.add_argument("--draws", type=int, default=20, help="random k-neuron sets per k")
-    parser.add_argument("--panel-prompts", type=int, default=4,
-                        help="prompts of each panel concept the top-k is also ablated on (specificity on real text; "
-                             "0: none)")
+    parser.add_argument("--panel-prompts", default="all",
+                        help="how many prompts of each panel concept the top-k is also ablated on (specificity on "
+                             "real text): all (default: the prompts the run's measured choice used), N, or 0: none")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--format", choices=("table", "json"), default="table")
@@ -53,6 +53,21 @@ def _parse_ks(text: str) -> list[int]:
     if not ks or ks[0] < 1:
         raise UsageError(f"--k {text!r}: expected comma-separated positive integers like 1,5,10,50")
     return ks
+
+
+def _parse_panel_prompts(text: str) -> int | None:
+    """--panel-prompts: "all" -> None (every prompt), else a count >= 0."""
+    from jobs.cli import UsageError
+
+    if text.strip().lower() == "all":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise UsageError(f"--panel-prompts {text!r}: expected all, or 0 or more prompts per panel concept")
+    return count
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -75,8 +90,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     resolve_method(args)
     if args.draws < 2:
         raise UsageError(f"--draws {args.draws}: expected at least 2 random draws")
-    if args.panel_prompts < 0:
-        raise UsageError(f"--panel-prompts {args.panel_prompts}: expected 0 or more prompts per panel concept")
+    panel_prompts = _parse_panel_prompts(args.panel_prompts)
     head = top_neurons(args.atlas, concept=args.concept, model=args.model, method=args.method,
                        ablation=args.ablation, run_id=args.run_id, top=1)
     run_id, model_name = head.column("run_id")[0].as_py(), head.column("model")[0].as_py()
@@ -146,8 +160,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         tau = meta["config"].get("method_options", {}).get("range_tau", 2.0)
         lens = neuronlens_scores(model, concept, tau=tau)
         ranges = (lens.extra["range_low"], lens.extra["range_high"])
-    # The panel on real text: each other concept's first --panel-prompts prompts (0: none).
-    others = [replace(p, prompts=p.prompts[:args.panel_prompts]) for n, p in probes.items() if n != args.concept]
+    # The panel on real text: each other concept's prompts, or its first --panel-prompts (0: none).
+    others = [replace(p, prompts=p.prompts[:panel_prompts]) for n, p in probes.items() if n != args.concept]
     results = validate_ranking(
         model, probes[args.concept], neurons, ks, others=others,
         ablate_to=ablate_to, ranges=ranges, layers=list(meta["layers"]), draws=args.draws,

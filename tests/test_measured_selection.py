@@ -1,6 +1,6 @@
 """The measured choice of a concept's top-k set (attribution/measured_selection.py): its measurements
-equal a plain one-prompt-at-a-time loop written without the package, on the own prompts and on the
-contrast concepts' held-back prompts only; the choice keeps the default set when the measurement
+equal a plain one-prompt-at-a-time loop written without the package, on the own prompts and on every
+prompt of the contrast concepts (the panel validate measures on); the choice keeps the default set when the measurement
 confirms it and otherwise takes the most specific one."""
 from __future__ import annotations
 
@@ -9,18 +9,17 @@ import statistics
 import torch
 
 import naive_neat
-from attribution.measured_selection import (HELD_BACK_FROM, SetMeasure, candidate_sets, choose_set,
-                                            measure_sets)
+from attribution.measured_selection import SetMeasure, candidate_sets, choose_set, measure_sets
 from attribution.prompts import Prompt
 from attribution.specificity import CARRY_PENALTY, carry_specific_order
 
 OWN = [("The king wore a golden", ("crown",)), ("The queen sat on her", ("throne",))]
 CONTRAST = {
-    # 6 prompts: the first HELD_BACK_FROM (4) are validate's panel prompts and are never measured here
     "weather": [("Snow covered the quiet", ("hills",)), ("Rain fell on the", ("town",)),
                 ("The wind blew over the", ("sea",)), ("Clouds hid the", ("sun",)),
                 ("Thunder shook the old", ("house",)), ("Fog rolled over the", ("hills",))],
-    "food": [("She ate a slice of", ("bread",))],  # nothing held back: skipped
+    "food": [("She ate a slice of", ("bread",))],
+    "nothing": [],  # a concept without prompts has no measure
 }
 
 
@@ -28,7 +27,7 @@ def _prompts(tokenizer, pairs) -> list[Prompt]:
     return [Prompt(text, tuple(naive_neat.target_ids(tokenizer, words))) for text, words in pairs]
 
 
-def test_measured_sets_equal_a_plain_loop_on_held_back_prompts(tiny_sources, tiny_models):
+def test_measured_sets_equal_a_plain_loop_on_every_contrast_prompt(tiny_sources, tiny_models):
     model = tiny_models["llama"]
     hf, tokenizer = naive_neat.load(tiny_sources["llama"].path)
     own = _prompts(tokenizer, OWN)
@@ -44,8 +43,9 @@ def test_measured_sets_equal_a_plain_loop_on_held_back_prompts(tiny_sources, tin
     assert [m.penalty for m in measures] == [1.0, 10.0, 20.0]
     for measure in measures:
         assert abs(measure.own_change - plain(own, measure.neurons)) < 2e-5
-        assert set(measure.other_changes) == {"weather"}
-        assert abs(measure.other_changes["weather"] - plain(contrast["weather"][HELD_BACK_FROM:], measure.neurons)) < 2e-5
+        assert set(measure.other_changes) == {"weather", "food"}
+        for name in ("weather", "food"):
+            assert abs(measure.other_changes[name] - plain(contrast[name], measure.neurons)) < 2e-5
     assert measures[1].own_change == measures[2].own_change
     assert max(abs(m.own_change) for m in measures) > 1e-3, "the changes compared must be far from zero"
 

@@ -246,6 +246,14 @@ def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_ta
     header = capsys.readouterr().out.splitlines()[0].split()
     assert header[:4] == ["k", "prompt_change", "prompt_random", "prompt_specificity"]
     assert "vector_specificity" in header and "specificity" not in header
+    # What the run measured for its chosen set is what validate measures: the same panel (the reference
+    # set and the run's other concepts), every prompt of each.
+    made = on["measured_choice"]["music"]["zero"]
+    assert main(["validate", "--atlas", str(atlas), "--concept", "music", "--run", "on", "--k",
+                 str(len(made["neurons"])), "--draws", "2", "--device", "cpu", "--format", "json"]) == 0
+    (validated,) = json.loads(capsys.readouterr().out)
+    assert abs(validated["prompt_change"] - made["own_change"]) < 1e-5
+    assert validated["prompt_specificity"] == pytest.approx(made["specificity"], rel=1e-3) or made["own_change"] >= 0
 
 
 def pc_equal(column: str, value):

@@ -92,6 +92,23 @@ def generic_note(atlas, *, run_id: str, method: str, ablation: str | None, stora
             f"concepts; evidence for none of them): {shown}{more}")
 
 
+def measured_set_note(atlas, *, run_id: str, concept: str, ablation: str, storage_options: dict | None = None) -> str:
+    """One line on the run's measured top-k set of a prompt ranking (cluster/measured_step.py), or ''.
+
+    The per-neuron `specificity` column divides one neuron's |effect| by at least 5% of the concept's
+    largest single |effect| (usually a generic neuron's), so each carrier reads below 1; the set is
+    what is specific, and this is its measurement."""
+    from storage.read import run_metadata
+
+    made = run_metadata(atlas, run_id, storage_options).get("measured_choice", {}).get(concept, {}).get(ablation)
+    if not made:
+        return ""
+    return (f"the top-{made['k']} as a set, measured by the run (penalty {made['chosen_penalty']:g}): ablated together "
+            f"they lower {concept}'s gold by {-made['own_change']:.3f} nats, {made['specificity']:.1f}x the largest "
+            f"change of a reference or run concept on its prompts (the per-neuron specificity column is each "
+            f"neuron alone; `validate` re-measures the sets)")
+
+
 def query_specific(args) -> int:
     """`neuron-atlas query` with --rank-by specific (the default)."""
     from jobs.cli import write_table
@@ -106,6 +123,11 @@ def query_specific(args) -> int:
             note = generic_note(args.atlas, run_id=ranked.run_id, method=args.method, ablation=args.ablation)
             if note:
                 print(note, file=sys.stderr)
+            if args.method in PROMPT_METHODS and table.num_rows:
+                measured = measured_set_note(args.atlas, run_id=ranked.run_id, concept=args.concept,
+                                             ablation=table.column("ablation")[0].as_py())
+                if measured:
+                    print(measured, file=sys.stderr)
             table = table.select(SPECIFIC_COLUMNS)
         else:
             table = table.select(["rank", "layer", "neuron", "score", "effect", "activation", "ablation"])

@@ -121,12 +121,12 @@ def validate_ranking_naive(model: SiteModel, probe: ConceptProbe, top: list[Neur
     for k in ks:
         chosen = top[:k]
         top_change = ablation_change(model, probe, chosen, ablate_to, ranges)
-        random_changes, random_prompt_changes = [], []
+        random_changes, random_prompt_deltas = [], []
         for _ in range(draws):
             picks = torch.randperm(population, generator=generator)[:k].tolist()
             neurons = [(layers[p // model.d_mlp], p % model.d_mlp) for p in picks]
             random_changes.append(ablation_change(model, probe, neurons, ablate_to, ranges))
-            random_prompt_changes.append(prompt_change(neurons))
+            random_prompt_deltas.append(prompt_change(neurons))
         changes = torch.tensor(random_changes, dtype=torch.float64)
         mean, std = float(changes.mean()), float(changes.std()) if draws > 1 else 0.0
         as_far = int((changes.abs() >= abs(top_change)).sum())
@@ -138,7 +138,7 @@ def validate_ranking_naive(model: SiteModel, probe: ConceptProbe, top: list[Neur
             other_changes={o.name: ablation_change(model, o, chosen, ablate_to, ranges) for o in others},
             neutral_loss_change=loss - clean_loss,
             prompt_change=prompt_change(chosen),
-            prompt_random_mean=(float(torch.tensor(random_prompt_changes, dtype=torch.float64).mean())
+            prompt_random_mean=(float(torch.tensor(random_prompt_deltas, dtype=torch.float64).mean())
                                 if probe.prompts else None),
             prompt_other_changes={o.name: prompts_log_p(model, o.prompts, layer_masks(chosen, ablate_to, ranges))
                                   - prompts_log_p(model, o.prompts) for o in others if o.prompts},
@@ -334,9 +334,30 @@ def random_sets(generator: torch.Generator, layers: list[int], d_mlp: int, k: in
     return sets
 
 
+def draws_by_k(layers: list[int], d_mlp: int, ks: list[int], draws: int, seed: int) -> dict[int, list[list[Neuron]]]:
+    """validate's random k-neuron sets: `draws` per k, from one generator seeded with `seed`, k in order."""
+    generator = torch.Generator().manual_seed(seed)
+    return {k: random_sets(generator, layers, d_mlp, k, draws) for k in ks}
+
+
+def random_prompt_changes(model: SiteModel, prompts, sets_by_k: dict[int, list[list[Neuron]]], ablate_to: Tensor,
+                          ranges: tuple[Tensor, Tensor] | None = None) -> dict[int, list[float]]:
+    """Each random set's change of mean log p(gold) over the prompts (ablated - clean): k -> [draws].
+
+    The random baseline of validate's prompt measure: it does not depend on the ranking, so it can be
+    computed once per concept, model and intervention and reused (attribution/baseline_cache.py)."""
+    prompts = list(prompts)
+    all_sets = [[]] + [s for k in sets_by_k for s in sets_by_k[k]]
+    starts = clean_starts(model, [p.text for p in prompts], {first_layer(s, model.n_layers) for s in all_sets})
+    values = iter(prompt_log_p_sets(model, prompts, all_sets, ablate_to, ranges, starts=starts))
+    clean = next(values)
+    return {k: [next(values) - clean for _ in sets] for k, sets in sets_by_k.items()}
+
+
 def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], ks: list[int], *,
                      others: list[ConceptProbe], ablate_to: Tensor, layers: list[int], draws: int = 20,
                      ranges: tuple[Tensor, Tensor] | None = None, seed: int = 0, neutral_texts: list[str] = (),
+                     random_prompts: dict[int, list[float]] | None = None,
                      progress: Callable[[str], None] | None = None) -> list[ValidationResult]:
     """For each k: the top-k ablation against `draws` random k-neuron ablations from `layers`.
 
@@ -345,10 +366,12 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
     of the concept's prompts), the other concepts' vectors and prompts are rows too, the clean passes
     run once, and every row on text starts at its set's first ablated layer (attribution/suffix_start.py),
     in forwards grouped by attribution/batching.py.
+
+    random_prompts: the random draws' prompt changes (`random_prompt_changes` of these draws), when
+    known: then the concept's prompts are ablated with the top-k sets only.
     """
     say = progress or (lambda message: None)
-    generator = torch.Generator().manual_seed(seed)
-    draws_by_k = {k: random_sets(generator, layers, model.d_mlp, k, draws) for k in ks}
+    random_by_k = draws_by_k(layers, model.d_mlp, ks, draws, seed)
     losses = [0.0] * (len(ks) + 1)
     if neutral_texts:
         say(f"neutral text: clean and the top-k of {len(ks)} k")
@@ -357,20 +380,26 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
     # forward of the concept's prompts and one of the other concepts' prompts keep the block inputs
     # every row starts from (its set's first ablated layer); the clean rows ([]) read the last block's.
     n_layers = model.n_layers
-    sets_by_k = {k: [top[:k], *draws_by_k[k]] for k in ks}  # row 0: the top-k; rows 1..: the random draws
+    sets_by_k = {k: [top[:k], *random_by_k[k]] for k in ks}  # row 0: the top-k; rows 1..: the random draws
     vector_rows = [row for k in ks for row in [(probe, s) for s in sets_by_k[k]] + [(o, top[:k]) for o in others]]
     say(f"concept vectors: {len(vector_rows)} rows ({len(ks)} k x {draws + 1} sets, the top-k on {len(others)} "
         f"other concepts)")
     vector_values = iter(vector_changes(model, vector_rows, ablate_to, ranges))
-    own_values = iter([])
-    clean_prompts = 0.0
+    top_prompts: dict[int, float] = {}
     if probe.prompts:
-        all_sets = [[]] + [s for k in ks for s in sets_by_k[k]]
-        say(f"own prompts: {len(all_sets) - 1} sets on {len(probe.prompts)} prompts")
-        firsts = {first_layer(s, n_layers) for s in all_sets}
+        # The top-k sets, and the random draws unless their changes are known: one pass, one clean.
+        own_sets = [[]] + [top[:k] for k in ks]
+        if random_prompts is None:
+            own_sets += [s for k in ks for s in random_by_k[k]]
+        say(f"own prompts: {len(own_sets) - 1} sets on {len(probe.prompts)} prompts"
+            + ("" if random_prompts is None else " (the random draws' changes known)"))
+        firsts = {first_layer(s, n_layers) for s in own_sets}
         own_starts = clean_starts(model, [p.text for p in probe.prompts], firsts)
-        own_values = iter(prompt_log_p_sets(model, probe.prompts, all_sets, ablate_to, ranges, starts=own_starts))
+        own_values = iter(prompt_log_p_sets(model, probe.prompts, own_sets, ablate_to, ranges, starts=own_starts))
         clean_prompts = next(own_values)
+        top_prompts = {k: next(own_values) - clean_prompts for k in ks}
+        if random_prompts is None:
+            random_prompts = {k: [next(own_values) - clean_prompts for _ in random_by_k[k]] for k in ks}
     other_rows = [(o.name, p) for o in others for p in o.prompts]
     other_values = iter([])
     if other_rows:
@@ -387,7 +416,7 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
         changes = [next(vector_values) for _ in range(len(sets) + len(others))]
         top_change, random_changes = changes[0], changes[1:len(sets)]
         other_changes = {o.name: change for o, change in zip(others, changes[len(sets):])}
-        prompt_changes = [next(own_values) - clean_prompts for _ in sets] if probe.prompts else None
+        prompt_changes = [top_prompts[k], *random_prompts[k]] if probe.prompts else None
         prompt_others: dict[str, list[float]] = {}
         for (name, _), clean in zip(other_rows, clean_others):
             prompt_others.setdefault(name, []).append(next(other_values) - clean)

@@ -419,8 +419,9 @@ def _measured_choice(plan: JobPlan, effects, contrast: dict | None, actors, prog
     if not contrasts:
         return None
     progress.message(f"measured choice: the top-{MEASURED_K} of {len(contrasts)} concept(s) at several penalties, "
-                     f"ablated on their prompts and the contrast concepts' prompts, on {len(actors)} actors")
-    choices = measured_choices(actors, contrasts, progress)
+                     f"ablated on their prompts and the contrast concepts' prompts, and validate's random baseline "
+                     f"on their prompts (cached on the actors' nodes), on {len(actors)} actors")
+    choices = measured_choices(actors, contrasts, progress, baseline_layers=list(plan.layers))
     progress.message(f"measured choice: {len(contrasts)} concept(s) in {choices['seconds']:.1f} s")
     return choices
 

@@ -13,10 +13,12 @@ from attribution.specificity import MEASURED_K
 from cluster.pool import error_line
 
 
-def measured_choices(actors, contrasts: list, progress=None) -> dict:
+def measured_choices(actors, contrasts: list, progress=None, *, baseline_layers: list[int] | None = None) -> dict:
     """contrasts: storage/specificity.py PromptContrast of each (concept, ablation) -> {"penalties":
     {(concept, ablation): penalty}, "metadata": {concept: {ablation: what was measured and chosen}},
-    "seconds"}. An actor that dies here is left out and its concepts go to the others."""
+    "seconds"}. An actor that dies here is left out and its concepts go to the others. With
+    baseline_layers (the run's layers), each actor also caches validate's random baseline of its
+    concepts (ShardScorer.measure_sets)."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -29,7 +31,8 @@ def measured_choices(actors, contrasts: list, progress=None) -> dict:
         if not live:
             raise RuntimeError("measured choice: every actor died before the candidate sets were measured")
         tasks = [(live[i % len(live)], contrast, sets,
-                  live[i % len(live)].measure_sets.remote(contrast.concept, contrast.ablation, sets))
+                  live[i % len(live)].measure_sets.remote(contrast.concept, contrast.ablation, sets,
+                                                                 baseline_layers))
                  for i, (contrast, sets) in enumerate(todo)]
         todo = []
         for actor, contrast, sets, ref in tasks:

@@ -291,10 +291,14 @@ class ShardScorer:
                 None if on_vectors is None else {mode: t.numpy() for mode, t in on_vectors.effects.items()},
                 None if on_prompts is None else {mode: t.numpy() for mode, t in on_prompts.effects.items()})
 
-    def measure_sets(self, concept: str, mode: str, sets: dict) -> list:
+    def measure_sets(self, concept: str, mode: str, sets: dict, baseline_layers: list[int] | None = None) -> list:
         """The candidate top-k sets of one concept's prompt ranking, each ablated together on its prompts
         and on every prompt of the reference concepts and the run's other concepts (validate's panel)
-        (attribution/measured_selection.py): [SetMeasure], one per penalty of `sets`."""
+        (attribution/measured_selection.py): [SetMeasure], one per penalty of `sets`.
+
+        baseline_layers: the run's layers; then also `validate`'s random baseline on the concept's
+        prompts at its defaults goes into the cache on this node (attribution/baseline_cache.py), so
+        the first validate of the concept ablates only its top-k sets there."""
         from attribution.measured_selection import measure_sets
         from attribution.reference import reference_concepts, reference_prompts
 
@@ -304,7 +308,15 @@ class ShardScorer:
                                        for reference in reference_concepts()}
         contrast = dict(self._reference_prompts)
         contrast.update({rc.concept.name: self._prompts(rc) for rc in self.concepts if rc.concept.name != concept})
-        return measure_sets(self.model, sets, self._prompts(mine), contrast, self._ablate_to(mine, mode))
+        measured = measure_sets(self.model, sets, self._prompts(mine), contrast, self._ablate_to(mine, mode))
+        if baseline_layers is not None and mode in ("zero", "mean"):  # validate's intervention for these rows
+            from attribution.baseline_cache import (DEFAULT_DRAWS, DEFAULT_KS, DEFAULT_SEED,
+                                                    cached_random_prompt_changes)
+
+            cached_random_prompt_changes(self.model, self._prompts(mine), self._ablate_to(mine, mode), None,
+                                         layers=list(baseline_layers), ks=list(DEFAULT_KS), draws=DEFAULT_DRAWS,
+                                         seed=DEFAULT_SEED)
+        return measured
 
     def score(self, shard: Shard) -> ShardResult:
         started = time.perf_counter()

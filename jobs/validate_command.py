@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from attribution.baseline_cache import DEFAULT_DRAWS, DEFAULT_KS, DEFAULT_SEED
 from jobs.specific_query import METHOD_HELP, resolve_method
 
 
@@ -32,12 +33,12 @@ def register(sub) -> None:
                              "reference contrast; else score), raw score, or the contrastive score (see query)")
     parser.add_argument("--panel", help="a concept file whose concepts join the panel the specificity is measured "
                                         "against (always: the run's other concepts and the reference set)")
-    parser.add_argument("--k", default="1,5,10,50", help="comma-separated sizes of the ablated top set")
-    parser.add_argument("--draws", type=int, default=20, help="random k-neuron sets per k")
+    parser.add_argument("--k", default=",".join(map(str, DEFAULT_KS)), help="comma-separated sizes of the ablated top set")
+    parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="random k-neuron sets per k")
     parser.add_argument("--panel-prompts", default="all",
                         help="how many prompts of each panel concept the top-k is also ablated on (specificity on "
                              "real text): all (default: the prompts the run's measured choice used), N, or 0: none")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.set_defaults(handler=cmd_validate)
@@ -162,10 +163,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
         ranges = (lens.extra["range_low"], lens.extra["range_high"])
     # The panel on real text: each other concept's prompts, or its first --panel-prompts (0: none).
     others = [replace(p, prompts=p.prompts[:panel_prompts]) for n, p in probes.items() if n != args.concept]
+    random_prompts = None
+    if probes[args.concept].prompts:
+        # The random draws on the concept's prompts do not depend on the ranking: from the cache the
+        # run's measured choice (or an earlier validate) filled, else computed and stored.
+        from attribution.baseline_cache import cached_random_prompt_changes
+
+        random_prompts, cached = cached_random_prompt_changes(
+            model, probes[args.concept].prompts, ablate_to, ranges, layers=list(meta["layers"]), ks=ks,
+            draws=args.draws, seed=args.seed)
+        say(f"own prompts: the random draws' changes ({len(ks)} k x {args.draws}) "
+            + ("from the cache (NEURON_ATLAS_CACHE/validate-baselines)" if cached else "computed and cached"))
     results = validate_ranking(
         model, probes[args.concept], neurons, ks, others=others,
         ablate_to=ablate_to, ranges=ranges, layers=list(meta["layers"]), draws=args.draws,
-        seed=args.seed, neutral_texts=texts, progress=say,
+        seed=args.seed, neutral_texts=texts, random_prompts=random_prompts, progress=say,
     )
     shared = _shared_top_k(args.atlas, neurons, ks, concept=args.concept,
                            others=[n for n in run_concepts if n != args.concept],

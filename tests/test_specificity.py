@@ -3,12 +3,15 @@ contrast equals AtP, and a run stores a specificity table that query, validate a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from attribution.measured_selection import CONFIRMED, PENALTIES
 from attribution.specificity import CARRY_PENALTY, generic_mask, specific_order, specificity_ratio
+
+UNSEEN = Path(__file__).parent / "data" / "unseen_concepts.yaml"
 
 
 def test_specific_order_prefers_neurons_that_move_only_the_concept():
@@ -181,6 +184,10 @@ def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_ta
     from storage.read import open_neurons, run_metadata
 
     atlas = tmp_path / "atlas"
+    # validate's random baseline of music's prompts, which the run's measured choice caches: removed
+    # first, so that finding it below shows this run made it.
+    baseline = _music_baseline(tiny_sources["gpt2"].path)
+    baseline["path"].unlink(missing_ok=True)
     # "off" has one actor: it is there for its metadata and its absence from the specificity table (the
     # reference contrast is dealt to 2 actors in "on"); a second actor would only add its start-up.
     for run_id, extra in (("on", {"methods": ["neat", "prompt"], "method_options": {"prompt_screen": 4}}),
@@ -256,6 +263,38 @@ def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_ta
     (validated,) = json.loads(capsys.readouterr().out)
     assert abs(validated["prompt_change"] - made["own_change"]) < 1e-5
     assert validated["prompt_specificity"] == pytest.approx(made["specificity"], rel=1e-3) or made["own_change"] >= 0
+    # validate with its defaults reads the random draws' prompt changes the run cached, and they are
+    # the ones computed here.
+    assert baseline["path"].exists()
+    assert main(["validate", "--atlas", str(atlas), "--concept", "music", "--run", "on", "--device", "cpu",
+                 "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "random draws' changes (4 k x 20) from the cache" in captured.err
+    direct = baseline["compute"]()
+    rows = json.loads(captured.out)  # k 1, 5, 10, 50 (a row's k is its set's size: the ranking may be shorter)
+    assert len(rows) == 4
+    for k, row in zip((1, 5, 10, 50), rows):
+        assert row["prompt_random_mean"] == pytest.approx(sum(direct[k]) / 20, abs=2e-5)
+
+
+def _music_baseline(model_path: str) -> dict:
+    """The cache file of validate's default random baseline on music's prompts (zero, layer 1), and a
+    function computing those changes afresh."""
+    from attribution.baseline_cache import DEFAULT_DRAWS, DEFAULT_KS, DEFAULT_SEED, baseline_key
+    from attribution.concepts import load_concept_file, resolve_targets
+    from attribution.models import cache_dir, load_model, resolve_model_source
+    from attribution.prompts import concept_prompts
+    from attribution.validation import draws_by_k, random_prompt_changes
+
+    model = load_model(resolve_model_source(model_path), device="cpu")
+    music = next(c for c in load_concept_file(str(UNSEEN)) if c.name == "music")
+    prompts = concept_prompts(model.tokenizer, music, resolve_targets(model.tokenizer, music).ids)
+    zeros = torch.zeros(model.n_layers, model.d_mlp)
+    key = baseline_key(model, prompts, zeros, None, [1], list(DEFAULT_KS), DEFAULT_DRAWS, DEFAULT_SEED)
+    assert key is not None
+    return {"path": cache_dir() / "validate-baselines" / f"{key}.json",
+            "compute": lambda: random_prompt_changes(model, prompts, draws_by_k([1], model.d_mlp, list(DEFAULT_KS),
+                                                                               DEFAULT_DRAWS, DEFAULT_SEED), zeros)}
 
 
 def pc_equal(column: str, value):

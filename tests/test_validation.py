@@ -158,6 +158,14 @@ def test_batched_validate_ranking_equals_the_naive_loop(tiny_models, family, int
     assert any(abs(r.top_change) > 1e-3 for r in naive) and any(abs(r.prompt_change) > 1e-3 for r in naive)
     assert any(abs(r.neutral_loss_change) > 1e-3 for r in naive)  # texts of 3 lengths share length-sorted batches
     assert any(abs(r.prompt_other_changes["weather"]) > 1e-3 for r in naive)
+    # The random draws' prompt changes computed apart (what the baseline cache holds) give the same results.
+    from attribution.validation import draws_by_k, random_prompt_changes
+
+    apart = random_prompt_changes(model, probe.prompts, draws_by_k(layers, model.d_mlp, [1, 12], 4, 4), ablate_to, ranges)
+    known = validate_ranking(model, probe, top, [1, 12], random_prompts=apart, **kwargs)
+    for fast, slow in zip(known, naive):
+        for name in ("prompt_change", "prompt_random_mean", "top_change", "random_mean"):
+            assert getattr(fast, name) == pytest.approx(getattr(slow, name), abs=2e-5), name
 
 
 def test_concept_vectors_of_many_concepts_equal_one_at_a_time(tiny_models):
@@ -174,6 +182,38 @@ def test_concept_vectors_of_many_concepts_equal_one_at_a_time(tiny_models):
         alone = concept_vector(model, texts)
         assert torch.allclose(together[name], alone, atol=1e-5), name
     assert not torch.allclose(together["royalty"], together["food"], atol=1e-2)
+
+
+def test_the_random_baseline_cache_returns_what_was_computed_and_follows_its_key(tiny_models, tmp_path, monkeypatch):
+    """validate's random draws on the prompts: computed and stored on a miss, read back on a hit; a
+    changed prompt, layer set, intervention or seed is another key; a corrupt file is recomputed."""
+    from attribution.baseline_cache import baseline_key, cached_random_prompt_changes
+    from attribution.prompts import Prompt
+    from attribution.validation import draws_by_k, random_prompt_changes
+
+    monkeypatch.setenv("NEURON_ATLAS_CACHE", str(tmp_path))
+    model = tiny_models["llama"]
+    ids = tuple(model.tokenizer.encode(" king", add_special_tokens=False)[:1])
+    prompts = [Prompt("The old", ids), Prompt("She bowed to the", ids)]
+    zeros = torch.zeros(model.n_layers, model.d_mlp)
+    args = dict(layers=[0, 1], ks=[1, 3], draws=3, seed=0)
+    if baseline_key(model, prompts, zeros, None, **args) is None:
+        pytest.skip("the tiny model has no weights revision to key a cache on")
+    first, hit = cached_random_prompt_changes(model, prompts, zeros, None, **args)
+    assert not hit and len(list((tmp_path / "validate-baselines").glob("*.json"))) == 1
+    again, hit = cached_random_prompt_changes(model, prompts, zeros, None, **args)
+    assert hit and again == first
+    direct = random_prompt_changes(model, prompts, draws_by_k([0, 1], model.d_mlp, [1, 3], 3, 0), zeros)
+    assert all(a == pytest.approx(b, abs=1e-6) for k in (1, 3) for a, b in zip(first[k], direct[k]))
+    assert any(abs(v) > 1e-4 for values in first.values() for v in values)
+    key = baseline_key(model, prompts, zeros, None, **args)
+    for changed in (dict(args, layers=[1]), dict(args, seed=1)):
+        assert baseline_key(model, prompts, zeros, None, **changed) != key
+    assert baseline_key(model, prompts[:1], zeros, None, **args) != key
+    assert baseline_key(model, prompts, zeros + 0.5, None, **args) != key
+    (tmp_path / "validate-baselines" / f"{key}.json").write_text("{not json")
+    repaired, hit = cached_random_prompt_changes(model, prompts, zeros, None, **args)
+    assert not hit and all(a == pytest.approx(b, abs=1e-6) for k in (1, 3) for a, b in zip(repaired[k], first[k]))
 
 
 def test_cached_concept_vectors_are_the_computed_ones_and_follow_the_examples(tiny_models, tmp_path):

@@ -377,6 +377,11 @@ def _top_table(data: ReportData, top: list[dict]) -> str:
         headers = ["specific rank"] + headers + ["specificity", "most moved other concept"]
         note = (f"the {len(top)} neurons of the specific ranking ({data.method}, {data.ablation}): a set that moves "
                 f"{data.concept} much more than any reference or other run concept; rank: the raw {data.method} rank")
+        from jobs.specific_query import measured_set_text
+
+        measured = measured_set_text(data.metadata or {}, concept=data.concept, ablation=data.ablation)
+        if measured:
+            note += f"; {measured}"
     if names:
         note += "; statistics from methods selectivity and neuronlens when the run holds them"
     return _section(f"Top {len(top)} neurons", _table(headers, rows), note)

@@ -100,7 +100,12 @@ def measured_set_note(atlas, *, run_id: str, concept: str, ablation: str, storag
     what is specific, and this is its measurement."""
     from storage.read import run_metadata
 
-    made = run_metadata(atlas, run_id, storage_options).get("measured_choice", {}).get(concept, {}).get(ablation)
+    return measured_set_text(run_metadata(atlas, run_id, storage_options), concept=concept, ablation=ablation)
+
+
+def measured_set_text(metadata: dict, *, concept: str, ablation: str) -> str:
+    """`measured_set_note` from a run's metadata dict (the report holds it already)."""
+    made = metadata.get("measured_choice", {}).get(concept, {}).get(ablation)
     if not made:
         return ""
     return (f"the top-{made['k']} as a set, measured by the run (penalty {made['chosen_penalty']:g}): ablated together "

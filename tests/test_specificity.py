@@ -246,6 +246,9 @@ def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_ta
     assert "method prompt (ablation on the concept's own prompts" in err and "that carry music" in err
     made = on["measured_choice"]["music"]["zero"]
     assert f"{made['specificity']:.1f}x the largest change of a reference or run concept" in err
+    page = tmp_path / "music.html"  # the report's top table says the same
+    assert main(["report", "--atlas", str(atlas), "--concept", "music", "--run", "on", "--out", str(page)]) == 0
+    assert f"{made['specificity']:.1f}x the largest change of a reference or run concept" in page.read_text()
     # Each concept's own candidates: no cross-concept contrast of raw scores exists for method prompt.
     assert main(["query", "--atlas", str(atlas), "--concept", "music", "--run", "on", "--rank-by", "contrastive"]) == 2
     assert "method prompt scores each concept's own candidates only" in capsys.readouterr().err

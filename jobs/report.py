@@ -381,7 +381,7 @@ def _top_table(data: ReportData, top: list[dict]) -> str:
 
         measured = measured_set_text(data.metadata or {}, concept=data.concept, ablation=data.ablation)
         if measured:
-            note += f"; {measured}"
+            note += "; " + measured.replace("`", "")  # no markdown in the page
     if names:
         note += "; statistics from methods selectivity and neuronlens when the run holds them"
     return _section(f"Top {len(top)} neurons", _table(headers, rows), note)

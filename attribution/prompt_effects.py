@@ -24,7 +24,8 @@ from torch import Tensor
 from attribution.models import SiteModel
 from attribution.neat import log_p_targets
 from attribution.prompts import Prompt, prompt_batch
-from attribution.suffix_start import clean_starts, first_layer
+from attribution.clean_cache import cached_clean_starts
+from attribution.suffix_start import first_layer
 from attribution.validation import PROMPT_BATCH_ROWS, Neuron, prompt_rows_log_p
 
 
@@ -81,7 +82,7 @@ def prompt_set_changes(model: SiteModel, rows: list[tuple[Prompt, list[Neuron]]]
     # One clean forward keeps the block inputs each row starts from (its set's first ablated layer, see
     # attribution/suffix_start.py) and the last block's output, which gives the clean values.
     layers = {first_layer(list(neurons), model.n_layers) for _, neurons in rows} | {model.n_layers}
-    starts = clean_starts(model, [p.text for p in prompts], layers, batch_rows=batch_rows)
+    starts = cached_clean_starts(model, [p.text for p in prompts], layers, batch_rows=batch_rows)
     clean = dict(zip(prompts, prompt_rows_log_p(model, [(p, []) for p in prompts], ablate_to, batch_rows=batch_rows,
                                                 starts=starts)))
     ablated = prompt_rows_log_p(model, rows, ablate_to, batch_rows=batch_rows, starts=starts)

@@ -18,7 +18,8 @@ from attribution.masking import NeuronMask, layer_masks, masked
 from attribution.models import SiteModel
 from attribution.neat import CleanPass, log_p_targets, text_batches
 from attribution.batching import forward_chunks, token_lengths
-from attribution.suffix_start import CleanStarts, clean_starts, first_layer, starting_at
+from attribution.clean_cache import cached_clean_starts
+from attribution.suffix_start import CleanStarts, first_layer, starting_at
 
 Neuron = tuple[int, int]  # (layer, neuron)
 # Rows of short prompts per forward on a CPU: 64 rows (a few hundred tokens) ran the 21 sets x 25
@@ -247,7 +248,8 @@ def prompt_rows_log_p(model: SiteModel, rows: list[tuple[object, list[Neuron]]],
     the same text and the same set share one forward row (royalty's 25 cloze prompts are 12 texts:
     "The" comes before " king", " queen", " crown", ...), each reading its own gold from the logits.
     Each forward row starts at its set's first ablated layer (attribution/suffix_start.py) from
-    `starts`, the clean block inputs of the rows' texts (default: made here, one clean forward).
+    `starts`, the clean block inputs of the rows' texts (default: attribution/clean_cache.py, one clean
+    forward of the texts it does not hold).
     """
     from attribution.prompts import Prompt, prompt_batch
 
@@ -259,7 +261,7 @@ def prompt_rows_log_p(model: SiteModel, rows: list[tuple[object, list[Neuron]]],
     keys = list(forward_rows)
     firsts = [first_layer(list(neurons), model.n_layers) for _, neurons in keys]
     if starts is None:
-        starts = clean_starts(model, [text for text, _ in keys], set(firsts), batch_rows=batch_rows)
+        starts = cached_clean_starts(model, [text for text, _ in keys], set(firsts), batch_rows=batch_rows)
     lengths = token_lengths(model, [text for text, _ in keys])
     out = [0.0] * len(rows)
     for layer, chunk in forward_chunks(firsts, lengths, model.n_layers, batch_rows):
@@ -304,7 +306,7 @@ def neutral_losses(model: SiteModel, texts: list[str], sets: list[list[Neuron]],
     texts = list(texts)
     lengths = token_lengths(model, texts)
     firsts = [first_layer(list(neurons), model.n_layers) for neurons in sets]
-    starts = clean_starts(model, texts, set(firsts), batch_rows=batch_rows)
+    starts = cached_clean_starts(model, texts, set(firsts), batch_rows=batch_rows)
     total = torch.zeros(len(sets), dtype=torch.float64)
     count = torch.zeros(len(sets), dtype=torch.float64)
     rows = [(j, t) for j in range(len(sets)) for t in range(len(texts))]
@@ -348,7 +350,7 @@ def random_prompt_changes(model: SiteModel, prompts, sets_by_k: dict[int, list[l
     computed once per concept, model and intervention and reused (attribution/baseline_cache.py)."""
     prompts = list(prompts)
     all_sets = [[]] + [s for k in sets_by_k for s in sets_by_k[k]]
-    starts = clean_starts(model, [p.text for p in prompts], {first_layer(s, model.n_layers) for s in all_sets})
+    starts = cached_clean_starts(model, [p.text for p in prompts], {first_layer(s, model.n_layers) for s in all_sets})
     values = iter(prompt_log_p_sets(model, prompts, all_sets, ablate_to, ranges, starts=starts))
     clean = next(values)
     return {k: [next(values) - clean for _ in sets] for k, sets in sets_by_k.items()}
@@ -364,8 +366,8 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
     Equals `validate_ranking_naive` (same draws, same numbers up to batched rounding): the top-k sets
     and every random draw of every k are rows of shared batched forwards (of the concept vectors, and
     of the concept's prompts), the other concepts' vectors and prompts are rows too, the clean passes
-    run once, and every row on text starts at its set's first ablated layer (attribution/suffix_start.py),
-    in forwards grouped by attribution/batching.py.
+    run once (or come from attribution/clean_cache.py), and every row on text starts at its set's first
+    ablated layer (attribution/suffix_start.py), in forwards grouped by attribution/batching.py.
 
     random_prompts: the random draws' prompt changes (`random_prompt_changes` of these draws), when
     known: then the concept's prompts are ablated with the top-k sets only.
@@ -394,7 +396,7 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
         say(f"own prompts: {len(own_sets) - 1} sets on {len(probe.prompts)} prompts"
             + ("" if random_prompts is None else " (the random draws' changes known)"))
         firsts = {first_layer(s, n_layers) for s in own_sets}
-        own_starts = clean_starts(model, [p.text for p in probe.prompts], firsts)
+        own_starts = cached_clean_starts(model, [p.text for p in probe.prompts], firsts)
         own_values = iter(prompt_log_p_sets(model, probe.prompts, own_sets, ablate_to, ranges, starts=own_starts))
         clean_prompts = next(own_values)
         top_prompts = {k: next(own_values) - clean_prompts for k in ks}
@@ -406,7 +408,7 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
         say(f"panel prompts: the top-k of {len(ks)} k on {len(other_rows)} prompts of the other concepts")
         panel_sets = [[]] + [top[:k] for k in ks]
         firsts = {first_layer(s, n_layers) for s in panel_sets}
-        other_starts = clean_starts(model, [p.text for _, p in other_rows], firsts)
+        other_starts = cached_clean_starts(model, [p.text for _, p in other_rows], firsts)
         other_values = iter(prompt_rows_log_p(model, [(p, s) for s in panel_sets for _, p in other_rows], ablate_to,
                                               ranges, starts=other_starts))
     clean_others = [next(other_values) for _ in other_rows]

@@ -298,7 +298,9 @@ class ShardScorer:
 
         baseline_layers: the run's layers; then also `validate`'s random baseline on the concept's
         prompts at its defaults goes into the cache on this node (attribution/baseline_cache.py), so
-        the first validate of the concept ablates only its top-k sets there."""
+        the first validate of the concept ablates only its top-k sets there; and the clean states of
+        the panel's prompts and of the neutral text (attribution/clean_cache.py), so it runs no clean
+        forward."""
         from attribution.measured_selection import measure_sets
         from attribution.reference import reference_concepts, reference_prompts
 
@@ -316,6 +318,11 @@ class ShardScorer:
             cached_random_prompt_changes(self.model, self._prompts(mine), self._ablate_to(mine, mode), None,
                                          layers=list(baseline_layers), ks=list(DEFAULT_KS), draws=DEFAULT_DRAWS,
                                          seed=DEFAULT_SEED)
+            # validate's neutral text: its clean states join the panel's (filled by measure_sets above)
+            from attribution.ablation import read_reference_texts
+            from attribution.clean_cache import cached_clean_starts
+
+            cached_clean_starts(self.model, read_reference_texts(), set())
         return measured
 
     def score(self, shard: Shard) -> ShardResult:

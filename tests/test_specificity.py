@@ -188,6 +188,8 @@ def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_ta
     # first, so that finding it below shows this run made it.
     baseline = _music_baseline(tiny_sources["gpt2"].path)
     baseline["path"].unlink(missing_ok=True)
+    for state in baseline["neutral_states"]:
+        state.unlink(missing_ok=True)
     # "off" has one actor: it is there for its metadata and its absence from the specificity table (the
     # reference contrast is dealt to 2 actors in "on"); a second actor would only add its start-up.
     for run_id, extra in (("on", {"methods": ["neat", "prompt"], "method_options": {"prompt_screen": 4}}),
@@ -269,6 +271,7 @@ def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_ta
     # validate with its defaults reads the random draws' prompt changes the run cached, and they are
     # the ones computed here.
     assert baseline["path"].exists()
+    assert all(state.exists() for state in baseline["neutral_states"])  # and the neutral text's clean states
     assert main(["validate", "--atlas", str(atlas), "--concept", "music", "--run", "on", "--device", "cpu",
                  "--format", "json"]) == 0
     captured = capsys.readouterr()
@@ -281,9 +284,11 @@ def test_the_driver_records_the_reference_contrast_and_writes_the_specificity_ta
 
 
 def _music_baseline(model_path: str) -> dict:
-    """The cache file of validate's default random baseline on music's prompts (zero, layer 1), and a
-    function computing those changes afresh."""
+    """The cache file of validate's default random baseline on music's prompts (zero, layer 1), a
+    function computing those changes afresh, and the clean-state files of the neutral text."""
+    from attribution.ablation import read_reference_texts
     from attribution.baseline_cache import DEFAULT_DRAWS, DEFAULT_KS, DEFAULT_SEED, baseline_key
+    from attribution.clean_cache import states_key
     from attribution.concepts import load_concept_file, resolve_targets
     from attribution.models import cache_dir, load_model, resolve_model_source
     from attribution.prompts import concept_prompts
@@ -296,6 +301,8 @@ def _music_baseline(model_path: str) -> dict:
     key = baseline_key(model, prompts, zeros, None, [1], list(DEFAULT_KS), DEFAULT_DRAWS, DEFAULT_SEED)
     assert key is not None
     return {"path": cache_dir() / "validate-baselines" / f"{key}.json",
+            "neutral_states": [cache_dir() / "clean-states" / f"{states_key(model, ids)}.npy"
+                               for ids in model.tokenizer(read_reference_texts())["input_ids"]],
             "compute": lambda: random_prompt_changes(model, prompts, draws_by_k([1], model.d_mlp, list(DEFAULT_KS),
                                                                                DEFAULT_DRAWS, DEFAULT_SEED), zeros)}
 

@@ -108,8 +108,10 @@ def test_prompt_change_is_the_change_of_mean_log_p_gold_on_the_prompts(tiny_mode
 
 
 @pytest.mark.parametrize("family,intervention", [("llama", "zero"), ("gpt2", "range")])
-def test_batched_validate_ranking_equals_the_naive_loop(tiny_models, family, intervention):
-    """Every set of one k as a row of one forward gives the naive loop's draws and numbers."""
+def test_batched_validate_ranking_equals_the_naive_loop(tiny_models, family, intervention, tmp_path, monkeypatch):
+    """Every set of one k as a row of one forward gives the naive loop's draws and numbers, with the
+    clean states computed (an empty cache) and read back (the same cache, full)."""
+    monkeypatch.setenv("NEURON_ATLAS_CACHE", str(tmp_path))
     from attribution.prompts import Prompt, concept_prompts
     from attribution.concepts import Concept
     from attribution.validation import validate_ranking_naive
@@ -158,6 +160,10 @@ def test_batched_validate_ranking_equals_the_naive_loop(tiny_models, family, int
     assert any(abs(r.top_change) > 1e-3 for r in naive) and any(abs(r.prompt_change) > 1e-3 for r in naive)
     assert any(abs(r.neutral_loss_change) > 1e-3 for r in naive)  # texts of 3 lengths share length-sorted batches
     assert any(abs(r.prompt_other_changes["weather"]) > 1e-3 for r in naive)
+    # The clean states the first call stored give the same numbers, to the bit.
+    assert list((tmp_path / "clean-states").glob("*.npy"))
+    warm = validate_ranking(model, probe, top, [1, 12], **kwargs)
+    assert [vars(r) for r in warm] == [vars(r) for r in batched]
     # The random draws' prompt changes computed apart (what the baseline cache holds) give the same results.
     from attribution.validation import draws_by_k, random_prompt_changes
 
@@ -214,6 +220,47 @@ def test_the_random_baseline_cache_returns_what_was_computed_and_follows_its_key
     (tmp_path / "validate-baselines" / f"{key}.json").write_text("{not json")
     repaired, hit = cached_random_prompt_changes(model, prompts, zeros, None, **args)
     assert not hit and all(a == pytest.approx(b, abs=1e-6) for k in (1, 3) for a, b in zip(repaired[k], first[k]))
+
+
+def test_cached_clean_states_are_the_computed_ones_and_a_hit_runs_no_forward(tiny_models, tmp_path):
+    """Each text's clean block inputs: computed at every block and stored on a miss (equal to
+    clean_starts), read back on a hit without a forward; another text is another file, a corrupt file
+    is recomputed, and a model without a weights revision is never cached."""
+    from attribution.clean_cache import cached_clean_starts, states_key
+    from attribution.suffix_start import clean_starts
+
+    model = tiny_models["llama"]
+    texts = ["The king wore a crown.", "Rain fell.", "The king wore a crown."]
+    layers = {0, 1, model.n_layers}
+    forwards = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        direct = clean_starts(model, texts, layers)
+        forwards.clear()
+        first = cached_clean_starts(model, texts, layers, directory=tmp_path)
+        assert forwards and len(list(tmp_path.glob("*.npy"))) == 2  # one file per distinct text
+        forwards.clear()
+        again = cached_clean_starts(model, texts, {1}, directory=tmp_path)
+        assert not forwards  # every text was held: no forward at all
+    finally:
+        handle.remove()
+    for layer in layers:
+        for text in texts:
+            assert torch.equal(first.by_layer[layer][text], direct.by_layer[layer][text])
+    assert all(torch.equal(again.by_layer[1][t], first.by_layer[1][t]) for t in texts)
+    assert not torch.equal(first.by_layer[1][texts[0]], first.by_layer[0][texts[0]])
+    cached_clean_starts(model, ["Snow covered the hills."], layers, directory=tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 3
+    key = states_key(model, model.tokenizer(texts[1])["input_ids"])
+    (tmp_path / f"{key}.npy").write_bytes(b"not an array")
+    repaired = cached_clean_starts(model, texts, layers, directory=tmp_path)
+    # recomputed alone, not in a batch with the other text: equal up to batched rounding
+    assert torch.allclose(repaired.by_layer[1][texts[1]], first.by_layer[1][texts[1]], atol=1e-5)
+    assert (tmp_path / f"{key}.npy").stat().st_size > 100
+    planned = replace(model, source=replace(model.source, revision="planned-only"))
+    elsewhere = tmp_path / "planned"
+    cached_clean_starts(planned, texts, layers, directory=elsewhere)
+    assert not elsewhere.exists()
 
 
 def test_cached_concept_vectors_are_the_computed_ones_and_follow_the_examples(tiny_models, tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +37,9 @@ def _tensor_digest(values: Tensor | None) -> str | None:
 def baseline_key(model: SiteModel, prompts, ablate_to: Tensor, ranges: tuple[Tensor, Tensor] | None,
                  layers: list[int], ks: list[int], draws: int, seed: int) -> str | None:
     """The cache file's name, or None for a model without a weights revision to key on."""
-    if not model.source.revision.startswith(("sha256:", "hub:")):
+    from attribution.cache_files import has_weights_revision
+
+    if not has_weights_revision(model):
         return None
     identity = [DRAWING_VERSION, model.source.revision, str(model.dtype), model.device.type,
                 [[p.text, list(p.target_ids)] for p in prompts], _tensor_digest(ablate_to),
@@ -64,18 +65,13 @@ def read_baseline(key: str | None, ks: list[int], draws: int, *, directory: Path
 
 
 def write_baseline(key: str | None, changes: dict[int, list[float]], *, directory: Path | None = None) -> None:
+    from attribution.cache_files import write_whole
     from attribution.models import cache_dir
 
     if key is None:
         return
-    folder = directory or cache_dir() / "validate-baselines"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / f"{key}.{os.getpid()}.partial"
-        partial.write_text(json.dumps({str(k): list(values) for k, values in changes.items()}))
-        os.replace(partial, folder / f"{key}.json")  # readers see the whole file or none
-    except OSError:
-        pass  # a read-only or full cache costs time, never the result
+    text = json.dumps({str(k): list(values) for k, values in changes.items()})
+    write_whole((directory or cache_dir() / "validate-baselines") / f"{key}.json", lambda partial: partial.write_text(text))
 
 
 def cached_random_prompt_changes(model: SiteModel, prompts, ablate_to: Tensor, ranges, *, layers: list[int],

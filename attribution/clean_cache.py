@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from attribution.cache_files import has_weights_revision, write_whole
 from attribution.models import SiteModel, cache_dir
 from attribution.suffix_start import CleanStarts, clean_starts
 
@@ -38,7 +38,7 @@ def _d_model(model: SiteModel) -> int:
 
 def cacheable(model: SiteModel) -> bool:
     """A float32 CPU model with a weights revision to key on, whose states fit MAX_BYTES_PER_TOKEN."""
-    return (model.source.revision.startswith(("sha256:", "hub:")) and model.dtype == torch.float32
+    return (has_weights_revision(model) and model.dtype == torch.float32
             and model.device.type == "cpu" and (model.n_layers + 1) * _d_model(model) * 4 <= MAX_BYTES_PER_TOKEN)
 
 
@@ -93,11 +93,10 @@ def _read(path: Path, layers: set[int], shape: tuple[int, int, int]) -> dict[int
 
 
 def _write(path: Path, states: torch.Tensor) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        with open(partial, "wb") as handle:
-            np.save(handle, states.detach().cpu().float().contiguous().numpy())
-        os.replace(partial, path)  # readers see the whole file or none
-    except OSError:
-        pass  # a read-only or full cache costs time, never the result
+    array = states.detach().cpu().float().contiguous().numpy()
+
+    def save(partial: Path) -> None:
+        with open(partial, "wb") as handle:  # a handle: np.save would append .npy to a bare name
+            np.save(handle, array)
+
+    write_whole(path, save)

@@ -342,18 +342,22 @@ def draws_by_k(layers: list[int], d_mlp: int, ks: list[int], draws: int, seed: i
     return {k: random_sets(generator, layers, d_mlp, k, draws) for k in ks}
 
 
+def prompt_set_deltas(model: SiteModel, prompts, sets: list[list[Neuron]], ablate_to: Tensor,
+                      ranges: tuple[Tensor, Tensor] | None = None) -> list[float]:
+    """Each set's change of mean log p(gold) over the prompts (ablated - clean): the clean row is one
+    more row of the same pass."""
+    values = prompt_log_p_sets(model, prompts, [[]] + list(sets), ablate_to, ranges)
+    return [value - values[0] for value in values[1:]]
+
+
 def random_prompt_changes(model: SiteModel, prompts, sets_by_k: dict[int, list[list[Neuron]]], ablate_to: Tensor,
                           ranges: tuple[Tensor, Tensor] | None = None) -> dict[int, list[float]]:
     """Each random set's change of mean log p(gold) over the prompts (ablated - clean): k -> [draws].
 
     The random baseline of validate's prompt measure: it does not depend on the ranking, so it can be
     computed once per concept, model and intervention and reused (attribution/baseline_cache.py)."""
-    prompts = list(prompts)
-    all_sets = [[]] + [s for k in sets_by_k for s in sets_by_k[k]]
-    starts = cached_clean_starts(model, [p.text for p in prompts], {first_layer(s, model.n_layers) for s in all_sets})
-    values = iter(prompt_log_p_sets(model, prompts, all_sets, ablate_to, ranges, starts=starts))
-    clean = next(values)
-    return {k: [next(values) - clean for _ in sets] for k, sets in sets_by_k.items()}
+    deltas = iter(prompt_set_deltas(model, list(prompts), [s for k in sets_by_k for s in sets_by_k[k]], ablate_to, ranges))
+    return {k: [next(deltas) for _ in sets] for k, sets in sets_by_k.items()}
 
 
 def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], ks: list[int], *,
@@ -378,10 +382,9 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
     if neutral_texts:
         say(f"neutral text: clean and the top-k of {len(ks)} k")
         losses = neutral_losses(model, list(neutral_texts), [[]] + [top[:k] for k in ks], ablate_to, ranges)
-    # Every k's rows share forwards: fewer, fuller forwards (each streams the weights once). One clean
-    # forward of the concept's prompts and one of the other concepts' prompts keep the block inputs
-    # every row starts from (its set's first ablated layer); the clean rows ([]) read the last block's.
-    n_layers = model.n_layers
+    # Every k's rows share forwards: fewer, fuller forwards (each streams the weights once). The clean
+    # block inputs every row starts from (its set's first ablated layer) come from the clean-state
+    # cache, or one clean forward per text group; the clean rows ([]) read the last block's output.
     sets_by_k = {k: [top[:k], *random_by_k[k]] for k in ks}  # row 0: the top-k; rows 1..: the random draws
     vector_rows = [row for k in ks for row in [(probe, s) for s in sets_by_k[k]] + [(o, top[:k]) for o in others]]
     say(f"concept vectors: {len(vector_rows)} rows ({len(ks)} k x {draws + 1} sets, the top-k on {len(others)} "
@@ -390,27 +393,22 @@ def validate_ranking(model: SiteModel, probe: ConceptProbe, top: list[Neuron], k
     top_prompts: dict[int, float] = {}
     if probe.prompts:
         # The top-k sets, and the random draws unless their changes are known: one pass, one clean.
-        own_sets = [[]] + [top[:k] for k in ks]
+        own_sets = [top[:k] for k in ks]
         if random_prompts is None:
             own_sets += [s for k in ks for s in random_by_k[k]]
-        say(f"own prompts: {len(own_sets) - 1} sets on {len(probe.prompts)} prompts"
+        say(f"own prompts: {len(own_sets)} sets on {len(probe.prompts)} prompts"
             + ("" if random_prompts is None else " (the random draws' changes known)"))
-        firsts = {first_layer(s, n_layers) for s in own_sets}
-        own_starts = cached_clean_starts(model, [p.text for p in probe.prompts], firsts)
-        own_values = iter(prompt_log_p_sets(model, probe.prompts, own_sets, ablate_to, ranges, starts=own_starts))
-        clean_prompts = next(own_values)
-        top_prompts = {k: next(own_values) - clean_prompts for k in ks}
+        own_deltas = iter(prompt_set_deltas(model, probe.prompts, own_sets, ablate_to, ranges))
+        top_prompts = {k: next(own_deltas) for k in ks}
         if random_prompts is None:
-            random_prompts = {k: [next(own_values) - clean_prompts for _ in random_by_k[k]] for k in ks}
+            random_prompts = {k: [next(own_deltas) for _ in random_by_k[k]] for k in ks}
     other_rows = [(o.name, p) for o in others for p in o.prompts]
     other_values = iter([])
     if other_rows:
         say(f"panel prompts: the top-k of {len(ks)} k on {len(other_rows)} prompts of the other concepts")
         panel_sets = [[]] + [top[:k] for k in ks]
-        firsts = {first_layer(s, n_layers) for s in panel_sets}
-        other_starts = cached_clean_starts(model, [p.text for _, p in other_rows], firsts)
         other_values = iter(prompt_rows_log_p(model, [(p, s) for s in panel_sets for _, p in other_rows], ablate_to,
-                                              ranges, starts=other_starts))
+                                              ranges))
     clean_others = [next(other_values) for _ in other_rows]
     results = []
     for step, k in enumerate(ks, start=1):

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from attribution.cache_files import has_weights_revision, write_whole
 from attribution.models import SiteModel, cache_dir
 from attribution.neat import concept_vectors
 
@@ -23,11 +23,6 @@ from attribution.neat import concept_vectors
 def vector_key(model: SiteModel, examples: tuple[str, ...]) -> str:
     identity = [model.source.revision, str(model.dtype), model.device.type, list(examples)]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
-
-
-def _cacheable(model: SiteModel) -> bool:
-    # A model planned from its architecture alone has no weights revision to key on.
-    return model.source.revision.startswith(("sha256:", "hub:"))
 
 
 def cached_concept_vectors(model: SiteModel, examples_by_concept: dict[str, tuple[str, ...]], *,
@@ -39,7 +34,7 @@ def cached_concept_vectors(model: SiteModel, examples_by_concept: dict[str, tupl
     missing: dict[str, tuple[str, ...]] = {}
     for name, examples in examples_by_concept.items():
         path = folder / f"{vector_key(model, tuple(examples))}.pt"
-        vector = _read(path, model) if _cacheable(model) else None
+        vector = _read(path, model) if has_weights_revision(model) else None
         if vector is None:
             missing[name] = tuple(examples)
         else:
@@ -47,7 +42,7 @@ def cached_concept_vectors(model: SiteModel, examples_by_concept: dict[str, tupl
     if missing:
         computed = concept_vectors(model, missing)
         for name, vector in computed.items():
-            if _cacheable(model):
+            if has_weights_revision(model):
                 _write(folder / f"{vector_key(model, missing[name])}.pt", vector)
         out.update(computed)
     return {name: out[name] for name in examples_by_concept}
@@ -65,10 +60,4 @@ def _read(path: Path, model: SiteModel) -> Tensor | None:
 
 
 def _write(path: Path, vector: Tensor) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        torch.save(vector.detach().cpu().clone(), partial)
-        os.replace(partial, path)  # readers see the whole file or none
-    except OSError:
-        pass  # a read-only or full cache costs time, never the result
+    write_whole(path, lambda partial: torch.save(vector.detach().cpu().clone(), partial))
